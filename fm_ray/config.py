@@ -1,0 +1,168 @@
+"""One typed, frozen config tree: built from CLI flags or a dict, passed unchanged to workers and trials."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from fm_ray.errors import UserError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion_mnist"  # fashion_mnist | cifar10 | imagefolder:<path>
+    setting: str = (
+        "setting2"  # setting1 | setting2 | balanced | custom (with class_counts)
+    )
+    class_counts: tuple[tuple[int, int], ...] | None = None  # ((class, count), ...)
+    data_dir: str | None = None  # else $FM_RAY_DATA, else the user cache
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cnn"  # cnn | mlp | resnet18
+    pretrained: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    target_train_acc: float = (
+        0.99  # stop early once an epoch's training accuracy reaches this
+    )
+    warm_start: bool = (
+        False  # default: weights reset every round, as the reference code does
+    )
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "random"
+    sparsity: float = 0.002  # FisherMask: fraction of all weights kept in the mask
+    fisher_samples: int | None = (
+        1024  # pool samples for the Fisher diagonal; None = the whole pool
+    )
+    lam: float = 1.0  # lambda in M_0 = lambda*I + n_L/(n_L+K) F_L
+    backward_steps: int = (
+        0  # BAIT's backward pruning: (1+b)K forward picks, then prune to K
+    )
+    labeled_init: bool = True  # start M from the labeled Fisher
+    include_last_layer: bool = (
+        True  # the reference code always keeps the final layer in the mask
+    )
+    greedy: str = "fast"  # fast | reference
+    chunk_size: int = 64  # samples per batched gradient chunk
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    backend: str = "local"  # local | ray
+    shards: int = 1
+    cpus_per_shard: float = 1.0
+    gpus_per_shard: float = 0.0
+    ray_address: str | None = None  # else $RAY_ADDRESS, else an embedded local instance
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    init: int = 100  # initial labeled set size (seeded random)
+    batch: int = 100  # samples queried per round
+    rounds: int | None = None  # query rounds (round 0 is the initial set); None = until budget or pool
+    budget: int | None = (
+        None  # max labeled samples in all; None = no cap besides rounds and pool
+    )
+    seed: int = 0
+    preset: str | None = None
+
+
+# The paper's regimes (fishermask.md section 5). The paper gives setting 1's low regime only as
+# "575 labels in all (10%)"; we start from 115 and add 115 a round (4 rounds), our choice.
+PRESETS: dict[str, dict[str, Any]] = {
+    "s1-low": {"setting": "setting1", "init": 115, "batch": 115, "budget": 575},
+    "s1-high": {"setting": "setting1", "init": 250, "batch": 250, "budget": 5750},
+    "s2": {"setting": "setting2", "init": 500, "batch": 500, "budget": 6500},
+}
+
+
+def rounds_for_budget(init: int, batch: int, budget: int) -> int:
+    """Query rounds needed to go from `init` to `budget` labels, `batch` a round (last may be partial)."""
+    return max(0, -(-(budget - init) // batch))
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> RunConfig:
+    """Inverse of `to_dict` (JSON round trip turns tuples into lists; undo that)."""
+    data = dict(d["data"])
+    if data.get("class_counts") is not None:
+        data["class_counts"] = tuple((int(c), int(n)) for c, n in data["class_counts"])
+    top = {
+        k: v
+        for k, v in d.items()
+        if k not in ("data", "model", "train", "strategy", "pool")
+    }
+    return RunConfig(
+        data=DataConfig(**data),
+        model=ModelConfig(**d["model"]),
+        train=TrainConfig(**d["train"]),
+        strategy=StrategyConfig(**d["strategy"]),
+        pool=PoolConfig(**d["pool"]),
+        **top,
+    )
+
+
+def parse_class_counts(spec: str) -> tuple[tuple[int, int], ...]:
+    """'0:250,1:5000' -> ((0, 250), (1, 5000))."""
+    try:
+        pairs = [item.split(":") for item in spec.split(",") if item.strip()]
+        counts = tuple((int(c), int(n)) for c, n in pairs)
+    except ValueError:
+        raise UserError(
+            f"--class-counts {spec!r} is not valid: give class:count pairs, e.g. --class-counts 0:250,1:5000"
+        ) from None
+    if not counts or any(n <= 0 or c < 0 for c, n in counts):
+        raise UserError(
+            f"--class-counts {spec!r}: classes must be >= 0 and counts positive, e.g. 0:250,1:5000"
+        )
+    if len({c for c, _ in counts}) != len(counts):
+        raise UserError(
+            f"--class-counts {spec!r} names a class twice: give each class once"
+        )
+    return counts
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no data; data-dependent checks (pool size, class counts) live in data.py."""
+    for name in ("init", "batch", "rounds"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise UserError(
+                f"--{name} must be positive, got {value}: pass a number >= 1"
+            )
+    if cfg.budget is not None and cfg.budget < cfg.init:
+        raise UserError(
+            f"--budget {cfg.budget} is below --init {cfg.init}: raise --budget or lower --init"
+        )
+    if cfg.train.epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {cfg.train.epochs}")
+    if not 0 < cfg.strategy.sparsity <= 1:
+        raise UserError(f"--sparsity must be in (0, 1], got {cfg.strategy.sparsity}")
+    if cfg.strategy.greedy not in ("fast", "reference"):
+        raise UserError(
+            f"--greedy must be fast or reference, got {cfg.strategy.greedy!r}"
+        )
+    if cfg.pool.shards <= 0:
+        raise UserError(f"--shards must be positive, got {cfg.pool.shards}")
+    if cfg.pool.backend not in ("local", "ray"):
+        raise UserError(f"--backend must be local or ray, got {cfg.pool.backend!r}")

@@ -1,0 +1,143 @@
+"""The active-learning recipe: set up -> rounds (train -> evaluate -> query) -> results per round.
+
+`fm-ray run` and every Ray Tune trial call `run_experiment` with one `RunConfig`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fm_ray import data as fdata
+from fm_ray.config import RunConfig, rounds_for_budget, validate
+from fm_ray.errors import UserError
+from fm_ray.models import build_model
+from fm_ray.pool import ShardedPool
+from fm_ray.pool.shard import ShardSpec
+from fm_ray.results import RunDir, run_id
+from fm_ray.strategies import STRATEGIES, QueryContext, Selection
+from fm_ray.train import Normalizer, evaluate, resolve_device, train_model
+
+RoundHook = Callable[[dict], None]  # called with each finished round's row (Tune reports through it)
+
+
+def log(msg: str) -> None:
+    print(f"[fm-ray {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def initial_labeled(pool_size: int, init: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng([seed, 1]).choice(pool_size, size=init, replace=False))
+
+
+def planned_rounds(cfg: RunConfig, pool_size: int) -> int:
+    """Query rounds: --rounds, capped by the budget and by the pool running out."""
+    cap = min(cfg.budget or pool_size, pool_size)
+    n = rounds_for_budget(cfg.init, cfg.batch, cap)
+    return n if cfg.rounds is None else min(cfg.rounds, n)
+
+
+def make_sharded_pool(cfg: RunConfig, spec: ShardSpec, x_pool: torch.Tensor) -> ShardedPool:
+    if cfg.pool.backend == "ray":
+        from fm_ray.pool.ray_pool import RayPool  # Ray stays optional for the numeric core
+
+        return RayPool(cfg.pool, spec, x_pool)
+    from fm_ray.pool.local import LocalPool
+
+    return LocalPool(spec, x_pool, cfg.pool.shards)
+
+
+def check(cfg: RunConfig) -> None:
+    """Every check that needs no data, so bad input fails before anything is loaded."""
+    validate(cfg)
+    if cfg.strategy.name not in STRATEGIES:
+        raise UserError(f"unknown strategy {cfg.strategy.name!r}: choose one of {', '.join(STRATEGIES)}")
+
+
+def run_experiment(cfg: RunConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+                   on_round: RoundHook | None = None) -> Path:
+    check(cfg)
+    data = fdata.load_dataset(cfg.data)
+    pool = fdata.make_pool(cfg.data, data, cfg.seed)
+    T = len(pool.train_index)
+    for name, value in (("--init", cfg.init), ("--budget", cfg.budget or 0)):
+        if value > T:
+            raise UserError(f"{name} {value} is beyond the pool of {T} samples: lower it or enlarge the pool")
+    strategy = STRATEGIES[cfg.strategy.name]
+    n_rounds = planned_rounds(cfg, T)
+    device = resolve_device(cfg.train.device)
+    norm = Normalizer(data.mean, data.std)
+    x_pool = data.train_x[torch.from_numpy(pool.train_index)]
+    y_pool = torch.from_numpy(pool.labels)
+    x_test = data.test_x[torch.from_numpy(pool.test_index)]
+    channels, side, C = x_pool.shape[1], x_pool.shape[-1], len(pool.classes)
+
+    rundir = RunDir(out)
+    rows, queries = rundir.open(cfg, resume, overwrite)
+    rid = run_id(cfg)
+    labeled = np.union1d(initial_labeled(T, cfg.init, cfg.seed), [q["pool_index"] for q in queries]).astype(np.int64)
+    log(f"run {rid}: pool {T} ({C} classes), {len(labeled)} labeled, {n_rounds} query rounds of {cfg.batch}, "
+        f"strategy {cfg.strategy.name}, {cfg.pool.backend} pool x{cfg.pool.shards}, device {device}"
+        + (f", resuming after round {rows[-1]['round']}" if rows else ""))
+    spec = ShardSpec(cfg.model, channels, side, C, norm, str(device))
+    sharded = make_sharded_pool(cfg, spec, x_pool)
+    try:
+        for r in range(len(rows), n_rounds + 1):
+            torch.manual_seed(cfg.seed * 1_000_003 + r)  # weight init
+            model = build_model(cfg.model, channels, side, C)
+            if cfg.train.warm_start and r > 0:
+                model.load_state_dict(torch.load(rundir.checkpoint_path))
+            lab_t = torch.from_numpy(labeled)
+            log(f"round {r}/{n_rounds}: training on {len(labeled)} labels")
+            fit = train_model(model, x_pool[lab_t], y_pool[lab_t], norm, data.augment, cfg.train, device,
+                              seed=cfg.seed * 1_000_003 + r)
+            start = time.perf_counter()
+            ev = evaluate(model, x_test, pool.test_labels, norm, device, C)
+            eval_s = time.perf_counter() - start
+            torch.save(model.state_dict(), rundir.checkpoint_path)
+            k = min(cfg.batch, (cfg.budget or T) - len(labeled), T - len(labeled)) if r < n_rounds else 0
+            sel, query_s = Selection([]), 0.0
+            if k > 0:
+                log(f"round {r}/{n_rounds}: test acc {ev['accuracy']:.4f}; querying {k} with {cfg.strategy.name}")
+                start = time.perf_counter()
+                weights = {n: t.cpu() for n, t in model.state_dict().items()} if strategy.needs_model else None
+                sharded.map("set_round", weights, labeled)
+                ctx = QueryContext(r, k, cfg.seed, labeled, T, cfg.strategy, model)
+                sel = strategy.select(sharded, ctx)
+                query_s = time.perf_counter() - start
+                _check_selection(sel, labeled, k, cfg.strategy.name)
+            picked = np.array(sel.indices, dtype=np.int64)
+            queries += [
+                {"run_id": rid, "round": r + 1, "pool_index": int(i), "dataset_index": int(pool.train_index[i]),
+                 "label": int(pool.classes[pool.labels[i]])}
+                for i in picked
+            ]
+            row = {
+                "run_id": rid, "dataset": cfg.data.dataset, "setting": cfg.data.setting,
+                "strategy": cfg.strategy.name, "model": cfg.model.name, "seed": cfg.seed, "round": r,
+                "n_labeled": len(labeled), **ev, "classes": list(pool.classes), "n_queried": len(picked),
+                "queried_class_counts": np.bincount(pool.labels[picked], minlength=C).tolist() if k else None,
+                "train_epochs": fit["epochs"], "train_accuracy": fit["train_accuracy"],
+                "train_seconds": fit["train_seconds"], "eval_seconds": eval_s, "query_seconds": query_s,
+                **sel.timings, **sel.info, "backend": cfg.pool.backend, "shards": cfg.pool.shards,
+            }
+            rows.append(row)
+            rundir.write_round(rows, queries)
+            labeled = np.union1d(labeled, picked)
+            log(f"round {r}/{n_rounds} done: n_labeled {row['n_labeled']}, test acc {ev['accuracy']:.4f}, "
+                f"balanced {ev['balanced_accuracy']:.4f} | train {fit['train_seconds']:.1f}s "
+                f"({fit['epochs']} ep, train acc {fit['train_accuracy']:.3f}), query {query_s:.1f}s")
+            if on_round is not None:
+                on_round(row)
+    finally:
+        sharded.close()
+    return rundir.path
+
+
+def _check_selection(sel: Selection, labeled: np.ndarray, k: int, name: str) -> None:
+    picks = np.array(sel.indices)
+    if len(picks) != k or len(np.unique(picks)) != k or np.isin(picks, labeled).any():
+        raise RuntimeError(f"strategy {name} returned an invalid batch ({len(picks)} picks, {k} asked)")

@@ -1,0 +1,147 @@
+"""One shard of the pool: its images, their global pool positions, and the per-sample state a
+strategy builds. The local pool calls it in-process; the Ray pool wraps the same class in an actor."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from fm_ray.config import ModelConfig
+from fm_ray.core import badge, fisher, kcenter, scores
+from fm_ray.core.greedy import GreedyState
+from fm_ray.models import build_model
+from fm_ray.train import Normalizer, predict
+
+BLOCK = 256  # inference batch; shards are cut on multiples of it (see pool.partition)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    """Everything a shard needs to rebuild the model: plain data, cheap to ship to an actor."""
+
+    model: ModelConfig
+    channels: int
+    side: int
+    n_classes: int
+    norm: Normalizer
+    device: str
+
+
+class PoolShard:
+    def __init__(self, spec: ShardSpec, x_u8: torch.Tensor, index_N: np.ndarray):
+        self.spec = spec
+        self.x_u8 = x_u8
+        self.index_N = torch.as_tensor(index_N, dtype=torch.long)
+        self.device = torch.device(spec.device)
+        self.model = build_model(
+            dataclasses.replace(spec.model, pretrained=False),
+            spec.channels,
+            spec.side,
+            spec.n_classes,
+        )
+        self.labeled_N = torch.zeros(len(index_N), dtype=torch.bool)
+        self.state: Any = None
+        self._preds: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- round set-up ---------------------------------------------------------------------------
+    def set_round(
+        self, weights: dict[str, torch.Tensor] | None, labeled: np.ndarray
+    ) -> None:
+        """New model weights (None: keep) and the labeled set (global positions); clears caches."""
+        if weights is not None:
+            self.model.load_state_dict(weights)
+        self.model.to(self.device).eval()
+        self.labeled_N = torch.from_numpy(np.isin(self.index_N.numpy(), labeled))
+        self.state, self._preds = None, None
+
+    def _predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._preds is None:
+            self._preds = predict(
+                self.model, self.x_u8, self.spec.norm, self.device, batch=BLOCK
+            )
+        return self._preds
+
+    def _inputs(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.spec.norm(self.x_u8[rows]).to(self.device)
+
+    # -- uncertainty ----------------------------------------------------------------------------
+    def top_scores(self, score: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        probs, _ = self._predictions()
+        free = ~self.labeled_N
+        return scores.top_k(scores.SCORES[score](probs[free]), self.index_N[free], k)
+
+    # -- Fisher ---------------------------------------------------------------------------------
+    def fisher_diag_sum(
+        self, positions: np.ndarray, chunk_size: int
+    ) -> tuple[torch.Tensor, int]:
+        """Partial sum over this shard's members among `positions` (for the driver to add up)."""
+        rows = torch.from_numpy(
+            np.flatnonzero(np.isin(self.index_N.numpy(), positions))
+        )
+        total = torch.zeros(
+            sum(p.numel() for p in self.model.parameters()), dtype=torch.float64
+        )
+        for chunk in rows.split(BLOCK):
+            total += fisher.fisher_diag_sum(
+                self.model, self._inputs(chunk), chunk_size=chunk_size
+            ).cpu()
+        return total, len(rows)
+
+    def build_greedy(
+        self, mask_idx: torch.Tensor | None, method: str, chunk_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Fisher embeddings of every member (`mask_idx` None: last layer, i.e. BAIT); keeps the
+        unlabeled ones as greedy candidates and returns partial (pool sum, labeled sum, count) of V^T V."""
+        if mask_idx is None:
+            probs, feats = self._predictions()
+            emb_N_C_D = fisher.last_layer_embeddings(probs, feats)
+        else:
+            parts = [
+                fisher.fisher_embeddings(
+                    self.model, self._inputs(chunk), mask_idx, chunk_size=chunk_size
+                ).cpu()
+                for chunk in torch.arange(len(self.index_N)).split(BLOCK)
+            ]
+            emb_N_C_D = torch.cat(parts)
+        emb64 = emb_N_C_D.double()
+        flat = emb64.reshape(-1, emb64.shape[-1])
+        pool_sum = flat.T @ flat
+        lab = emb64[self.labeled_N].reshape(-1, emb64.shape[-1])
+        labeled_sum = lab.T @ lab
+        free = ~self.labeled_N
+        self.state = GreedyState(emb_N_C_D[free], self.index_N[free], method=method)
+        return pool_sum, labeled_sum, len(self.index_N)
+
+    # -- diversity ------------------------------------------------------------------------------
+    def labeled_feats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        _, feats = self._predictions()
+        return feats[self.labeled_N], self.index_N[self.labeled_N]
+
+    def build_kcenter(self) -> None:
+        _, feats = self._predictions()
+        free = ~self.labeled_N
+        self.state = kcenter.KCenterState(feats[free], self.index_N[free])
+
+    def build_badge(self) -> None:
+        probs, feats = self._predictions()
+        free = ~self.labeled_N
+        self.state = badge.KMeansPPState(
+            badge.badge_embeddings(probs[free], feats[free]), self.index_N[free]
+        )
+
+    # -- the selection drivers talk to the state through this -----------------------------------
+    def state_call(self, method: str, *args: Any) -> Any:
+        return getattr(self.state, method)(*args)
+
+    def state_bytes(self) -> int:
+        """Bytes of tensors held by the current selection state (per-shard memory report)."""
+        if self.state is None:
+            return 0
+        return sum(
+            v.numel() * v.element_size()
+            for v in vars(self.state).values()
+            if isinstance(v, torch.Tensor)
+        )

@@ -1,0 +1,57 @@
+"""Query strategies: one dict registry; each declares what it needs from the pool.
+
+A strategy is a function `(pool, ctx) -> Selection`; the loop never looks at which one it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fm_ray.config import StrategyConfig
+from fm_ray.pool import ShardedPool
+
+
+@dataclass(frozen=True)
+class QueryContext:
+    round: int
+    k: int  # samples to pick this round
+    seed: int
+    labeled: np.ndarray  # global pool positions already labeled
+    pool_size: int
+    cfg: StrategyConfig
+    model: (
+        torch.nn.Module
+    )  # the driver's copy (for parameter layout; shards hold their own)
+
+
+@dataclass
+class Selection:
+    indices: list[int]  # global pool positions, in pick order
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. the mask profile
+
+
+@dataclass(frozen=True)
+class Strategy:
+    select: Callable[[ShardedPool, QueryContext], Selection]
+    needs_model: bool = True  # False: shards need no weights this round (random)
+    doc: str = ""
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(name: str, strategy: Strategy) -> None:
+    STRATEGIES[name] = strategy
+
+
+def _load_builtins() -> None:
+    from fm_ray.strategies import diversity, fisher, uncertainty  # noqa: F401  (they register)
+
+
+_load_builtins()

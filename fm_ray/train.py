@@ -1,0 +1,143 @@
+"""Training (Adam, the paper's augmentation, early stop at a training accuracy) and evaluation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fm_ray.config import TrainConfig
+from fm_ray.errors import UserError
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """uint8 images -> normalized float inputs, optionally with RandomCrop(pad 4) + flip."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, x_u8: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        x = x_u8.float().div_(255)
+        if augment:
+            x = _augment(x)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+def _augment(x_N_Ch_H_W: torch.Tensor) -> torch.Tensor:
+    from torchvision.transforms import v2
+
+    side = x_N_Ch_H_W.shape[-1]
+    tf = v2.Compose([v2.RandomCrop(side, padding=4), v2.RandomHorizontalFlip()])
+    return torch.stack(
+        [tf(img) for img in x_N_Ch_H_W]
+    )  # per image: each gets its own crop and flip
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"--device {name} asked but CUDA is not available here: use --device cpu or auto"
+        )
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(
+            f"--device {name!r} is not a torch device: use auto, cpu, cuda or cuda:N"
+        ) from None
+
+
+def _batches(n: int, size: int, perm: torch.Tensor) -> list[torch.Tensor]:
+    parts = list(perm.split(size))
+    if (
+        len(parts) > 1 and len(parts[-1]) == 1
+    ):  # BatchNorm cannot train on a batch of one
+        parts[-2] = torch.cat(parts[-2:])
+        parts.pop()
+    return parts
+
+
+def train_model(
+    model: nn.Module,
+    x_u8: torch.Tensor,
+    y: torch.Tensor,
+    norm: Normalizer,
+    augment: bool,
+    cfg: TrainConfig,
+    device: torch.device,
+    seed: int,
+) -> dict[str, float]:
+    """Adam until `cfg.epochs` or an epoch's training accuracy reaches `cfg.target_train_acc`."""
+    torch.manual_seed(seed)  # batch order and augmentation
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    start, acc, epoch = time.perf_counter(), 0.0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        correct = 0
+        for idx in _batches(len(y), cfg.batch_size, torch.randperm(len(y))):
+            xb = norm(x_u8[idx], augment).to(device)
+            yb = y[idx].to(device)
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += int((logits.argmax(1) == yb).sum())
+        acc = correct / len(y)
+        if acc >= cfg.target_train_acc:
+            break
+    model.eval()
+    return {
+        "epochs": epoch,
+        "train_accuracy": acc,
+        "train_seconds": time.perf_counter() - start,
+    }
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    x_u8: torch.Tensor,
+    norm: Normalizer,
+    device: torch.device,
+    batch: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (probs_N_C, feats_N_E) on the CPU, model in eval mode."""
+    model.to(device).eval()
+    probs, feats = [], []
+    for chunk in x_u8.split(batch):
+        logits, f = model.embed(norm(chunk).to(device))  # type: ignore[operator]
+        probs.append(logits.softmax(1).cpu())
+        feats.append(f.cpu())
+    return torch.cat(probs), torch.cat(feats)
+
+
+def evaluate(
+    model: nn.Module,
+    x_u8: torch.Tensor,
+    y: np.ndarray,
+    norm: Normalizer,
+    device: torch.device,
+    n_classes: int,
+) -> dict[str, object]:
+    """Accuracy, balanced accuracy (mean per-class recall) and per-class accuracy on a test split."""
+    probs, _ = predict(model, x_u8, norm, device)
+    pred = probs.argmax(1).numpy()
+    per_class = [
+        float((pred[y == c] == c).mean()) if (y == c).any() else float("nan")
+        for c in range(n_classes)
+    ]
+    present = [a for a in per_class if not np.isnan(a)]
+    return {
+        "accuracy": float((pred == y).mean()),
+        "balanced_accuracy": float(np.mean(present)),
+        "per_class_accuracy": per_class,
+    }
