@@ -1,0 +1,283 @@
+"""Shard-wise greedy Fisher selection (FisherMask arXiv 2411.05752 eqs. 10-12; BAIT, NeurIPS 2021).
+
+The driver holds the running inverse ``B = M^-1`` (d x d) and the pool Fisher ``F``; each shard
+holds its candidates' Fisher embeddings ``V_x`` (C x d). One round trip per step: the driver
+broadcasts the previous pick's small factors, every shard applies them and answers its best
+candidate. Two shard implementations give the same picks:
+
+- ``reference``: eq. 12 literally, ``tr(V B F B V^T (I + V B V^T)^-1)`` from the full ``B`` each
+  step, O(S C d^2) per step.
+- ``fast``: per-candidate ``A_x = I + V_x B V_x^T`` and ``N_x = V_x B F B V_x^T`` (C x C) kept
+  exact under the Woodbury update ``B' = B - W G W^T`` (``W = B U^T``, ``G = (+-I + U W)^-1``):
+  with ``P_x = V_x W``, ``Q_x = V_x B F W``,
+  ``A' = A - P G P^T`` and ``N' = N - P G Q^T - Q G P^T + P G (W^T F W) G P^T``, O(S C^2 d) per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+ShardCall = Callable[..., list]
+"""``call(method_name, *args) -> [getattr(state, method_name)(*args) for each shard]``."""
+
+_CHUNK_ROWS = 1 << 16  # rows of V (candidates x C) multiplied by a d x d matrix at once
+
+
+def local_call(states: Sequence[Any]) -> ShardCall:
+    """In-process ShardCall over ``states`` (the Ray pool provides the same callable over actors)."""
+
+    def call(method: str, *args: Any) -> list:
+        return [getattr(s, method)(*args) for s in states]
+
+    return call
+
+
+@dataclass(frozen=True)
+class ShardBest:
+    """A shard's answer: best score, its global index (-1: none left) and its embedding."""
+
+    score: float
+    index: int
+    emb: Tensor | None = None
+
+
+def best_of(answers: Sequence[ShardBest]) -> ShardBest:
+    """Highest score over shard answers, ties to the lowest global index; index -1 if none."""
+    valid = [a for a in answers if a.index >= 0]
+    if not valid:
+        return ShardBest(-math.inf, -1)
+    return min(valid, key=lambda a: (-a.score, a.index))
+
+
+def local_best(score_N: Tensor, eligible_N: Tensor, index_N: Tensor) -> int:
+    """Local position of the best eligible score, ties to the lowest global index; -1 if none."""
+    if not bool(eligible_N.any()):
+        return -1
+    score_N = torch.where(eligible_N, score_N, torch.full_like(score_N, -math.inf))
+    top = score_N[eligible_N].max()
+    tied_N = eligible_N & (score_N == top)
+    big = torch.iinfo(torch.int64).max
+    return int(torch.where(tied_N, index_N, torch.full_like(index_N, big)).argmin())
+
+
+def trace_solve(A_S_C_C: Tensor, N_S_C_C: Tensor) -> Tensor:
+    """``tr(A^-1 N)`` per candidate (= ``tr(N A^-1)``), NaN -> -inf; singular ``A`` via pinv."""
+    X_S_C_C, info_S = torch.linalg.solve_ex(A_S_C_C, N_S_C_C)
+    bad_S = info_S != 0
+    if bool(bad_S.any()):  # BAIT clamps inf in innerInv; a pseudo-inverse keeps it finite
+        X_S_C_C[bad_S] = torch.linalg.pinv(A_S_C_C[bad_S]) @ N_S_C_C[bad_S]
+    score_S = X_S_C_C.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return torch.nan_to_num(score_S, nan=-math.inf)
+
+
+def literal_state(emb_S_C_D: Tensor, B_D_D: Tensor, F_D_D: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``A = I + V B V^T`` and ``N = V B F B V^T`` with ``V = scale * emb``, literally (O(S C d^2)).
+
+    Scaled in chunks, so the state never holds a second copy of the embeddings.
+    """
+    S, C, _ = emb_S_C_D.shape
+    A_S_C_C = emb_S_C_D.new_empty(S, C, C)
+    N_S_C_C = emb_S_C_D.new_empty(S, C, C)
+    step = max(1, _CHUNK_ROWS // max(C, 1))
+    for lo in range(0, S, step):
+        V = emb_S_C_D[lo : lo + step] * scale
+        VB = V @ B_D_D  # (s, C, D)
+        A_S_C_C[lo : lo + step] = VB @ V.transpose(1, 2)
+        N_S_C_C[lo : lo + step] = (VB @ F_D_D) @ VB.transpose(1, 2)
+    A_S_C_C += torch.eye(C, dtype=A_S_C_C.dtype, device=A_S_C_C.device)
+    return A_S_C_C, N_S_C_C
+
+
+@dataclass(frozen=True)
+class GreedyUpdate:
+    """Factors of one Woodbury step ``B' = B - W G W^T`` for the sample ``U`` added/removed.
+
+    Attributes:
+        index: global index of the sample added (``sign=+1``) or removed (``sign=-1``).
+        sign: +1 forward (``G = (I + U B U^T)^-1``), -1 backward (``-I`` in place of ``I``).
+        W_D_C: ``B U^T`` with the old ``B``.
+        Z_D_C: ``B F W``.
+        G_C_C: ``(sign I + U B U^T)^-1``.
+        WFW_C_C: ``W^T F W``.
+        inverse_D_D: the new ``B``, sent only when a reference state asked for it.
+    """
+
+    index: int
+    sign: float
+    W_D_C: Tensor
+    Z_D_C: Tensor
+    G_C_C: Tensor
+    WFW_C_C: Tensor
+    inverse_D_D: Tensor | None = None
+
+
+class GreedyState:
+    """One shard's candidates for greedy Fisher selection.
+
+    Args:
+        emb_N_C_D: Fisher embeddings ``V_x`` of this shard's candidates (unscaled).
+        index_N: their global pool indices (int64).
+        method: ``"fast"`` (incremental C x C state) or ``"reference"`` (literal eq. 12).
+    """
+
+    def __init__(
+        self,
+        emb_N_C_D: Tensor,
+        index_N: Tensor,
+        method: Literal["fast", "reference"] = "fast",
+    ) -> None:
+        if method not in ("fast", "reference"):
+            raise ValueError(f"unknown greedy method {method!r}")
+        self.emb_N_C_D = emb_N_C_D
+        self.index_N = torch.as_tensor(index_N, dtype=torch.int64, device=emb_N_C_D.device)
+        self.method = method
+        # 0: candidate, 1: in the selected set, 2: removed by backward pruning
+        self.status_N = torch.zeros(len(self.index_N), dtype=torch.int8, device=emb_N_C_D.device)
+
+    def init(self, inverse_D_D: Tensor, fisher_D_D: Tensor, scale: float) -> bool:
+        """Set the embedding scale and ``B = M_0^-1``; returns whether ``B`` is needed every step."""
+        like = self.emb_N_C_D
+        self.scale = scale
+        self.status_N.zero_()
+        if self.method == "reference":
+            self.F_D_D, self.B_D_D = fisher_D_D.to(like), inverse_D_D.to(like)
+            return True
+        # the fast state never touches a d x d matrix again; its C x C sums accumulate in float64
+        A_N_C_C, N_N_C_C = literal_state(like, inverse_D_D.to(like), fisher_D_D.to(like), scale)
+        self.A_N_C_C, self.N_N_C_C = A_N_C_C.double(), N_N_C_C.double()
+        return False
+
+    def step(self, update: GreedyUpdate | None, backward: bool) -> ShardBest:
+        """Apply the previous pick's ``update`` (if any), then answer this shard's best candidate.
+
+        Forward steps rank not-yet-chosen candidates; backward steps rank chosen ones for removal.
+        """
+        if update is not None:
+            self._apply(update)
+        score_N = self.scores(backward)
+        pos = local_best(score_N, self.status_N == (1 if backward else 0), self.index_N)
+        if pos < 0:
+            return ShardBest(-math.inf, -1)
+        return ShardBest(float(score_N[pos]), int(self.index_N[pos]), self.emb_N_C_D[pos] * self.scale)
+
+    def scores(self, backward: bool = False) -> Tensor:
+        """Current eq. 12 score of every local candidate (chosen ones included), shape (N,)."""
+        if self.method == "reference":
+            A_N_C_C, N_N_C_C = literal_state(self.emb_N_C_D, self.B_D_D, self.F_D_D, self.scale)
+        else:
+            A_N_C_C, N_N_C_C = self.A_N_C_C, self.N_N_C_C
+        if backward:  # -I + V B V^T = A - 2I
+            eye = torch.eye(A_N_C_C.shape[-1], dtype=A_N_C_C.dtype, device=A_N_C_C.device)
+            A_N_C_C = A_N_C_C - 2 * eye
+        return trace_solve(A_N_C_C, N_N_C_C)
+
+    def _apply(self, update: GreedyUpdate) -> None:
+        mine_N = self.index_N == update.index
+        self.status_N[mine_N] = 1 if update.sign > 0 else 2
+        if self.method == "reference":
+            assert update.inverse_D_D is not None, "reference states need the full inverse"
+            self.B_D_D = update.inverse_D_D.to(self.emb_N_C_D)
+            return
+        emb_N_C_D = self.emb_N_C_D
+        N, C, D = emb_N_C_D.shape
+        WZ_D_2C = torch.cat([update.W_D_C, update.Z_D_C], dim=1).to(emb_N_C_D) * self.scale
+        G, WFW = update.G_C_C.to(self.A_N_C_C), update.WFW_C_C.to(self.A_N_C_C)
+        # the only O(C^2 d) work: P = V W, Q = V Z (V = scale * emb) as one (2C x d)(d x NC) GEMM
+        PQ_2C_NC = (WZ_D_2C.T @ emb_N_C_D.reshape(N * C, D).T).to(self.A_N_C_C)
+        P_NC_C, Q_NC_C = PQ_2C_NC[:C].T, PQ_2C_NC[C:].T
+        PG_NC_C = P_NC_C @ G
+        # N' = N + PG Y^T + Y PG^T with Y = PG (W^T F W) / 2 - Q  (= N - PG Q^T - Q PG^T + PG WFW PG^T)
+        Y_NC_C = PG_NC_C @ (WFW / 2) - Q_NC_C
+        PG = PG_NC_C.reshape(N, C, C)
+        self.A_N_C_C -= torch.bmm(PG, P_NC_C.reshape(N, C, C).transpose(1, 2))
+        X = torch.bmm(PG, Y_NC_C.reshape(N, C, C).transpose(1, 2))
+        self.N_N_C_C += X + X.transpose(1, 2)
+
+
+def woodbury_update(
+    B_D_D: Tensor, F_D_D: Tensor, best: ShardBest, sign: float, send_inverse: bool
+) -> tuple[Tensor, GreedyUpdate]:
+    """New ``B`` after adding (``sign=+1``) or removing (``-1``) ``best.emb`` and the shard message."""
+    assert best.emb is not None
+    U_C_D = best.emb.to(B_D_D)
+    C = U_C_D.shape[0]
+    W = B_D_D @ U_C_D.T
+    eye = torch.eye(C, dtype=B_D_D.dtype, device=B_D_D.device)
+    G, info = torch.linalg.inv_ex(sign * eye + U_C_D @ W)
+    if int(info) != 0:
+        G = torch.linalg.pinv(sign * eye + U_C_D @ W)
+    FW = F_D_D @ W
+    B_new = torch.addmm(B_D_D, W @ G, W.T, alpha=-1)  # B - W G W^T, one pass over d x d
+    update = GreedyUpdate(
+        index=best.index,
+        sign=sign,
+        W_D_C=W,
+        Z_D_C=B_D_D @ FW,
+        G_C_C=G,
+        WFW_C_C=W.T @ FW,
+        inverse_D_D=B_new if send_inverse else None,
+    )
+    return B_new, update
+
+
+def greedy_select(
+    call: ShardCall,
+    fisher_D_D: Tensor,
+    K: int,
+    *,
+    n_labeled: int,
+    labeled_sum_D_D: Tensor | None = None,
+    lam: float = 1.0,
+    backward_steps: int = 0,
+) -> list[int]:
+    """Greedy FisherMask/BAIT batch selection over shard states (``GreedyState``).
+
+    Setup as in BAIT's code: ``M_0 = lam I + labeled_sum / (n_labeled + K)`` (the labeled term is
+    omitted when ``labeled_sum_D_D`` is None) and every ``V_x`` is scaled by
+    ``sqrt(K / (n_labeled + K))``. ``(1 + backward_steps) K`` forward picks maximize eq. 12; then
+    backward pruning removes, while more than ``K`` are chosen, the one whose removal raises
+    ``tr(M^-1 F)`` least.
+
+    Args:
+        call: ShardCall over ``GreedyState`` shards.
+        fisher_D_D: pool Fisher ``F``.
+        K: batch size.
+        n_labeled: number of labeled samples ``n_L`` (used by the scaling even without labeled_sum).
+        labeled_sum_D_D: ``sum_{x in L} V_x^T V_x``, or None for no labeled initialization.
+        lam: ridge ``lambda``.
+        backward_steps: ``b``; oversample ``(1 + b) K`` then prune back to ``K``.
+
+    Returns:
+        ``K`` global indices (fewer if the pool runs out) in the order they were chosen.
+    """
+    if K <= 0:
+        return []
+    D = fisher_D_D.shape[0]
+    M0_D_D = lam * torch.eye(D, dtype=fisher_D_D.dtype, device=fisher_D_D.device)
+    if labeled_sum_D_D is not None:
+        M0_D_D = M0_D_D + labeled_sum_D_D.to(fisher_D_D) / (n_labeled + K)
+    B_D_D = torch.linalg.inv(M0_D_D)
+    scale = math.sqrt(K / (n_labeled + K))
+    send_inverse = any(call("init", B_D_D, fisher_D_D, scale))
+
+    chosen: list[int] = []
+    update: GreedyUpdate | None = None
+    for backward in (False, True):
+        while len(chosen) > K if backward else len(chosen) < (1 + backward_steps) * K:
+            best = best_of(call("step", update, backward))
+            update = None
+            if best.index < 0:
+                break
+            if backward:
+                chosen.remove(best.index)
+            else:
+                chosen.append(best.index)
+            sign = -1.0 if backward else 1.0
+            B_D_D, update = woodbury_update(B_D_D, fisher_D_D, best, sign, send_inverse)
+    return chosen

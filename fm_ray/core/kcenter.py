@@ -1,0 +1,88 @@
+"""Shard-wise k-center greedy (Coreset; Sener & Savarese, ICLR 2018).
+
+Repeatedly add the candidate farthest (squared Euclidean) from its nearest labeled or chosen
+center. Squared distances are summed elementwise, ``sum_e (x_e - c_e)^2``, not via
+``|x|^2 + |c|^2 - 2 x.c``, so a candidate's distance does not depend on how the pool is batched.
+Without labeled points every distance is ``+inf`` and the first pick is the lowest global index.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fm_ray.core.greedy import ShardBest, ShardCall, best_of, local_best
+
+_CHUNK_ELEMS = 1 << 22
+
+
+def min_sq_dist(feats_N_E: Tensor, centers_L_E: Tensor) -> Tensor:
+    """``min_l sum_e (x_e - c_le)^2`` per row of ``feats_N_E`` (``+inf`` if no centers), shape (N,)."""
+    N, E = feats_N_E.shape
+    out_N = torch.full((N,), math.inf, dtype=feats_N_E.dtype, device=feats_N_E.device)
+    L = centers_L_E.shape[0]
+    rows = max(1, _CHUNK_ELEMS // max(L * E, 1))
+    for lo in range(0, N if L else 0, rows):
+        diff = feats_N_E[lo : lo + rows, None, :] - centers_L_E[None, :, :]
+        out_N[lo : lo + rows] = (diff * diff).sum(-1).min(dim=1).values
+    return out_N
+
+
+class KCenterState:
+    """One shard's candidates for k-center greedy.
+
+    Args:
+        feats_N_E: penultimate-layer features of this shard's candidates.
+        index_N: their global pool indices (int64).
+    """
+
+    def __init__(self, feats_N_E: Tensor, index_N: Tensor) -> None:
+        self.feats_N_E = feats_N_E
+        self.index_N = torch.as_tensor(index_N, dtype=torch.int64, device=feats_N_E.device)
+        self.chosen_N = torch.zeros(len(self.index_N), dtype=torch.bool, device=feats_N_E.device)
+        self.dist_N = torch.full(
+            (len(self.index_N),),
+            math.inf,
+            dtype=feats_N_E.dtype,
+            device=feats_N_E.device,
+        )
+
+    def init(self, labeled_feats_L_E: Tensor) -> None:
+        """Distance of every candidate to its nearest labeled point."""
+        self.chosen_N.zero_()
+        self.dist_N = min_sq_dist(self.feats_N_E, labeled_feats_L_E.to(self.feats_N_E))
+
+    def step(self, chosen: tuple[int, Tensor] | None) -> ShardBest:
+        """Add the previous pick ``(global index, feature)`` as a center; answer the farthest."""
+        if chosen is not None:
+            index, feat_E = chosen
+            self.chosen_N |= self.index_N == index
+            new_N = min_sq_dist(self.feats_N_E, feat_E.to(self.feats_N_E)[None])
+            self.dist_N = torch.minimum(self.dist_N, new_N)
+        pos = local_best(self.dist_N, ~self.chosen_N, self.index_N)
+        if pos < 0:
+            return ShardBest(-math.inf, -1)
+        return ShardBest(float(self.dist_N[pos]), int(self.index_N[pos]), self.feats_N_E[pos].clone())
+
+
+def kcenter_select(call: ShardCall, K: int, labeled_feats_L_E: Tensor) -> list[int]:
+    """k-center greedy over ``KCenterState`` shards; ``K`` global indices in selection order.
+
+    Args:
+        call: ShardCall over ``KCenterState`` shards.
+        K: batch size.
+        labeled_feats_L_E: features of the labeled set (may have zero rows).
+    """
+    call("init", labeled_feats_L_E)
+    chosen: list[int] = []
+    message: tuple[int, Tensor] | None = None
+    while len(chosen) < K:
+        best = best_of(call("step", message))
+        if best.index < 0:
+            break
+        assert best.emb is not None
+        chosen.append(best.index)
+        message = (best.index, best.emb)
+    return chosen

@@ -1,0 +1,145 @@
+"""k-center greedy, BADGE k-means++ seeding and hash uniforms: brute force and partition invariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fm_ray.core import kcenter
+from fm_ray.core.badge import KMeansPPState, badge_embeddings, badge_select
+from fm_ray.core.greedy import local_call
+from fm_ray.core.kcenter import KCenterState, kcenter_select, min_sq_dist
+from fm_ray.core.random import hash_uniform
+
+
+def feats(seed: int, N: int, E: int, dup: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, E, generator=g, dtype=torch.float64) * (0.5 + torch.rand(N, 1, generator=g, dtype=torch.float64))
+    if dup:
+        x[N - dup :] = x[:dup]  # exact duplicates: ties must go to the lowest global index
+    return x
+
+
+def sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return ((x - c) ** 2).sum(-1)
+
+
+def brute_kcenter(x: np.ndarray, lab: np.ndarray, K: int) -> list[int]:
+    d = np.full(len(x), np.inf)
+    for c in lab:
+        d = np.minimum(d, sqdist(x, c))
+    chosen: list[int] = []
+    for _ in range(K):
+        s = d.copy()
+        s[chosen] = -np.inf
+        i = int(np.argmax(s))
+        chosen.append(i)
+        d = np.minimum(d, sqdist(x, x[i]))
+    return chosen
+
+
+def brute_badge(x: np.ndarray, K: int, seed: int) -> list[int]:
+    """k-means++ with the same hash uniforms: first = max norm, then argmin -log(U) / D^2."""
+    chosen = [int(np.argmax((x * x).sum(-1)))]
+    d2 = sqdist(x, x[chosen[0]])
+    while len(chosen) < K:
+        u = hash_uniform(seed, len(chosen), torch.arange(len(x))).numpy()
+        with np.errstate(divide="ignore"):
+            key = -np.log(u) / d2
+        key[chosen] = np.inf
+        i = int(np.argmin(key))
+        chosen.append(i)
+        d2 = np.minimum(d2, sqdist(x, x[i]))
+    return chosen
+
+
+def sharded(states_cls, x: torch.Tensor, parts: list[np.ndarray]):
+    return local_call([states_cls(x[torch.from_numpy(p)], torch.from_numpy(p)) for p in parts])
+
+
+def partitions(N: int) -> list[list[np.ndarray]]:
+    perm = np.random.default_rng(1).permutation(N)
+    out = [[np.arange(N)]]
+    for k in (2, 3):
+        out += [np.array_split(perm, k), np.array_split(perm, k)[::-1]]
+    out.append([perm[:10], perm[10:10], perm[10:]])  # with an empty shard
+    return out
+
+
+@pytest.mark.parametrize("n_labeled", [0, 1, 15])
+def test_kcenter_matches_bruteforce_any_partition(n_labeled: int) -> None:
+    x = feats(0, 120, 7, dup=20)
+    lab = feats(1, n_labeled, 7)
+    want = brute_kcenter(x.numpy(), lab.numpy(), 25)
+    if n_labeled == 0:
+        assert want[0] == 0  # documented rule: no labeled points -> lowest global index first
+    for parts in partitions(120):
+        assert kcenter_select(sharded(KCenterState, x, parts), 25, lab) == want
+
+
+def test_kcenter_pool_smaller_than_batch() -> None:
+    x = feats(2, 5, 3)
+    assert sorted(kcenter_select(sharded(KCenterState, x, [np.arange(5)]), 9, x[:0])) == list(range(5))
+
+
+def test_min_sq_dist_does_not_depend_on_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, c = feats(3, 97, 11), feats(4, 13, 11)
+    whole = min_sq_dist(x, c)
+    monkeypatch.setattr(kcenter, "_CHUNK_ELEMS", 50)
+    assert torch.equal(min_sq_dist(x, c), whole)
+    assert torch.equal(torch.cat([min_sq_dist(x[i : i + 1], c) for i in range(97)]), whole)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_badge_matches_bruteforce_any_partition(seed: int) -> None:
+    x = feats(10 + seed, 110, 6, dup=15)
+    want = brute_badge(x.numpy(), 20, seed)
+    assert len(set(want)) == 20
+    for parts in partitions(110):
+        assert badge_select(sharded(KMeansPPState, x, parts), 20, seed) == want
+
+
+def test_badge_never_repeats_when_only_duplicates_remain() -> None:
+    x = torch.ones(6, 3, dtype=torch.float64)  # every D^2 is 0 after the first pick
+    assert badge_select(sharded(KMeansPPState, x, [np.arange(6)]), 6, 0) == list(range(6))
+
+
+def test_badge_race_samples_proportional_to_d2() -> None:
+    # first center = the largest norm, point 0; D^2 of the others to it: 1, 2, 3, 4
+    x = torch.tensor([[10.0], [9.0], [10.0 - 2**0.5], [10.0 - 3**0.5], [8.0]], dtype=torch.float64)
+    n = 4000
+    call = sharded(KMeansPPState, x, [np.arange(5)])
+    counts = np.bincount([badge_select(call, 2, s)[1] for s in range(n)], minlength=5)
+    assert counts[0] == 0
+    p = np.array([1, 2, 3, 4]) / 10
+    sd = np.sqrt(n * p * (1 - p))
+    assert np.all(np.abs(counts[1:] - n * p) < 4 * sd), counts
+
+
+def test_badge_embeddings_are_cross_entropy_gradients() -> None:
+    g = torch.Generator().manual_seed(0)
+    N, E, C = 9, 5, 4
+    h = torch.randn(N, E, generator=g, dtype=torch.float64)
+    W = torch.randn(C, E, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = h @ W.T
+    probs = logits.softmax(-1)
+    emb = badge_embeddings(probs.detach(), h)
+    assert emb.shape == (N, C * E)
+    for i in range(N):
+        (grad,) = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(logits[i], probs[i].argmax()), W, retain_graph=True
+        )
+        torch.testing.assert_close(emb[i], grad.reshape(-1))
+
+
+def test_hash_uniform_properties() -> None:
+    idx = torch.arange(20000)
+    u = hash_uniform(3, 5, idx)
+    assert u.dtype == torch.float64 and bool(((u > 0) & (u < 1)).all())
+    assert torch.equal(u[torch.tensor([7, 3])], hash_uniform(3, 5, torch.tensor([7, 3])))
+    assert not torch.equal(u, hash_uniform(3, 6, idx)) and not torch.equal(u, hash_uniform(4, 5, idx))
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    hist = torch.histc(u, bins=10, min=0, max=1)
+    assert bool((hist - 2000).abs().max() < 200)
+    assert bool((hash_uniform(-1, 2**70, idx) > 0).all())  # any Python ints are folded into 64 bits
