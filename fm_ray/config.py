@@ -12,9 +12,7 @@ from fm_ray.errors import UserError
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "fashion_mnist"  # fashion_mnist | cifar10 | imagefolder:<path>
-    setting: str = (
-        "setting2"  # setting1 | setting2 | balanced | custom (with class_counts)
-    )
+    setting: str = "setting2"  # setting1 | setting2 | balanced | custom (with class_counts)
     class_counts: tuple[tuple[int, int], ...] | None = None  # ((class, count), ...)
     data_dir: str | None = None  # else $FM_RAY_DATA, else the user cache
 
@@ -30,12 +28,8 @@ class TrainConfig:
     epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 64
-    target_train_acc: float = (
-        0.99  # stop early once an epoch's training accuracy reaches this
-    )
-    warm_start: bool = (
-        False  # default: weights reset every round, as the reference code does
-    )
+    target_train_acc: float = 0.99  # stop early once an epoch's training accuracy reaches this
+    warm_start: bool = False  # default: weights reset every round, as the reference code does
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
@@ -43,17 +37,11 @@ class TrainConfig:
 class StrategyConfig:
     name: str = "random"
     sparsity: float = 0.002  # FisherMask: fraction of all weights kept in the mask
-    fisher_samples: int | None = (
-        1024  # pool samples for the Fisher diagonal; None = the whole pool
-    )
+    fisher_samples: int | None = 1024  # pool samples for the Fisher diagonal; None = the whole pool
     lam: float = 1.0  # lambda in M_0 = lambda*I + n_L/(n_L+K) F_L
-    backward_steps: int = (
-        0  # BAIT's backward pruning: (1+b)K forward picks, then prune to K
-    )
+    backward_steps: int = 0  # BAIT's backward pruning: (1+b)K forward picks, then prune to K
     labeled_init: bool = True  # start M from the labeled Fisher
-    include_last_layer: bool = (
-        True  # the reference code always keeps the final layer in the mask
-    )
+    include_last_layer: bool = False  # the reference code keeps the whole final layer; the paper does not
     greedy: str = "fast"  # fast | reference
     chunk_size: int = 64  # samples per batched gradient chunk
 
@@ -77,9 +65,7 @@ class RunConfig:
     init: int = 100  # initial labeled set size (seeded random)
     batch: int = 100  # samples queried per round
     rounds: int | None = None  # query rounds (round 0 is the initial set); None = until budget or pool
-    budget: int | None = (
-        None  # max labeled samples in all; None = no cap besides rounds and pool
-    )
+    budget: int | None = None  # max labeled samples in all; None = no cap besides rounds and pool
     seed: int = 0
     preset: str | None = None
 
@@ -107,11 +93,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     data = dict(d["data"])
     if data.get("class_counts") is not None:
         data["class_counts"] = tuple((int(c), int(n)) for c, n in data["class_counts"])
-    top = {
-        k: v
-        for k, v in d.items()
-        if k not in ("data", "model", "train", "strategy", "pool")
-    }
+    top = {k: v for k, v in d.items() if k not in ("data", "model", "train", "strategy", "pool")}
     return RunConfig(
         data=DataConfig(**data),
         model=ModelConfig(**d["model"]),
@@ -132,13 +114,9 @@ def parse_class_counts(spec: str) -> tuple[tuple[int, int], ...]:
             f"--class-counts {spec!r} is not valid: give class:count pairs, e.g. --class-counts 0:250,1:5000"
         ) from None
     if not counts or any(n <= 0 or c < 0 for c, n in counts):
-        raise UserError(
-            f"--class-counts {spec!r}: classes must be >= 0 and counts positive, e.g. 0:250,1:5000"
-        )
+        raise UserError(f"--class-counts {spec!r}: classes must be >= 0 and counts positive, e.g. 0:250,1:5000")
     if len({c for c, _ in counts}) != len(counts):
-        raise UserError(
-            f"--class-counts {spec!r} names a class twice: give each class once"
-        )
+        raise UserError(f"--class-counts {spec!r} names a class twice: give each class once")
     return counts
 
 
@@ -147,21 +125,15 @@ def validate(cfg: RunConfig) -> None:
     for name in ("init", "batch", "rounds"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
-            raise UserError(
-                f"--{name} must be positive, got {value}: pass a number >= 1"
-            )
+            raise UserError(f"--{name} must be positive, got {value}: pass a number >= 1")
     if cfg.budget is not None and cfg.budget < cfg.init:
-        raise UserError(
-            f"--budget {cfg.budget} is below --init {cfg.init}: raise --budget or lower --init"
-        )
+        raise UserError(f"--budget {cfg.budget} is below --init {cfg.init}: raise --budget or lower --init")
     if cfg.train.epochs <= 0:
         raise UserError(f"--epochs must be positive, got {cfg.train.epochs}")
     if not 0 < cfg.strategy.sparsity <= 1:
         raise UserError(f"--sparsity must be in (0, 1], got {cfg.strategy.sparsity}")
     if cfg.strategy.greedy not in ("fast", "reference"):
-        raise UserError(
-            f"--greedy must be fast or reference, got {cfg.strategy.greedy!r}"
-        )
+        raise UserError(f"--greedy must be fast or reference, got {cfg.strategy.greedy!r}")
     if cfg.pool.shards <= 0:
         raise UserError(f"--shards must be positive, got {cfg.pool.shards}")
     if cfg.pool.backend not in ("local", "ray"):

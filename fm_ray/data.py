@@ -92,9 +92,7 @@ def load_dataset(cfg: DataConfig) -> ImageData:
         return _cifar10(root)
     if cfg.dataset.startswith("imagefolder:"):
         return _imagefolder(Path(cfg.dataset.split(":", 1)[1]).expanduser())
-    raise UserError(
-        f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}"
-    )
+    raise UserError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
 
 
 def _fashion_mnist(root: Path) -> ImageData:
@@ -112,10 +110,7 @@ def _fashion_mnist(root: Path) -> ImageData:
     if not have_all and _offline():
         raise _missing("fashion_mnist", src, ", ".join(FMNIST_FILES))
     try:
-        splits = [
-            torchvision.datasets.FashionMNIST(str(cache), train=t, download=True)
-            for t in (True, False)
-        ]
+        splits = [torchvision.datasets.FashionMNIST(str(cache), train=t, download=True) for t in (True, False)]
     except Exception as e:  # network down, bad archive, ...
         raise _missing("fashion_mnist", src, ", ".join(FMNIST_FILES), e) from None
     (tr, te) = splits
@@ -142,9 +137,7 @@ def _cifar10(root: Path) -> ImageData:
         # ImageFolder sorts class folders alphabetically: the standard CIFAR-10 label order.
         train_x, train_y = _decode_folder(jpg / "train")
         test_x, test_y = _decode_folder(jpg / "test")
-        return ImageData(
-            "cifar10", train_x, train_y, test_x, test_y, mean, std, augment=True
-        )
+        return ImageData("cifar10", train_x, train_y, test_x, test_y, mean, std, augment=True)
     elif _offline():
         raise _missing(
             "cifar10",
@@ -154,12 +147,7 @@ def _cifar10(root: Path) -> ImageData:
     else:
         tv_root = str(_work_dir(root))
     try:
-        tr, te = (
-            torchvision.datasets.CIFAR10(
-                tv_root, train=t, download=tv_root != str(root)
-            )
-            for t in (True, False)
-        )
+        tr, te = (torchvision.datasets.CIFAR10(tv_root, train=t, download=tv_root != str(root)) for t in (True, False))
     except Exception as e:
         raise _missing(
             "cifar10",
@@ -171,9 +159,7 @@ def _cifar10(root: Path) -> ImageData:
     def to_tensor(
         ds: torchvision.datasets.CIFAR10,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(
-            ds.targets
-        )
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
 
     return ImageData("cifar10", *to_tensor(tr), *to_tensor(te), mean, std, augment=True)
 
@@ -189,9 +175,7 @@ def _imagefolder(path: Path) -> ImageData:
     dims = (0, 2, 3)
     mean = tuple(float(v) for v in scaled.mean(dims))
     std = tuple(float(v) for v in scaled.std(dims))
-    return ImageData(
-        f"imagefolder:{path}", train_x, train_y, test_x, test_y, mean, std, augment=True
-    )
+    return ImageData(f"imagefolder:{path}", train_x, train_y, test_x, test_y, mean, std, augment=True)
 
 
 def _decode_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,18 +184,14 @@ def _decode_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     ds = ImageFolder(str(folder))
-    key = hashlib.sha256(
-        f"{folder.resolve()}|{len(ds.samples)}|{ds.classes}".encode()
-    ).hexdigest()[:16]
+    key = hashlib.sha256(f"{folder.resolve()}|{len(ds.samples)}|{ds.classes}".encode()).hexdigest()[:16]
     cached = cache_dir() / "decoded" / f"{folder.name}-{key}.pt"
     if cached.is_file():
         blob = torch.load(cached)
         return blob["x"], blob["y"]
     images = [decode_image(read_file(p), mode=ImageReadMode.RGB) for p, _ in ds.samples]
     if len({tuple(im.shape) for im in images}) > 1:
-        raise UserError(
-            f"images under {folder} differ in size: resize them to one size first"
-        )
+        raise UserError(f"images under {folder} differ in size: resize them to one size first")
     x = torch.stack(images)
     y = torch.tensor(ds.targets, dtype=torch.long)
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -221,9 +201,7 @@ def _decode_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _missing(
-    name: str, where: Path, expected: str, err: Exception | None = None
-) -> UserError:
+def _missing(name: str, where: Path, expected: str, err: Exception | None = None) -> UserError:
     why = f" ({type(err).__name__}: {str(err).splitlines()[0][:120]})" if err else ""
     return UserError(
         f"dataset {name} not found under {where} and not downloadable{why}: put {expected} there, "
@@ -240,12 +218,7 @@ def class_counts_for(cfg: DataConfig, train_y: torch.Tensor) -> dict[int, int]:
         )
     counts = SETTINGS[cfg.setting]
     if counts is None:
-        return {
-            int(c): int(n)
-            for c, n in zip(
-                *np.unique(train_y.numpy(), return_counts=True), strict=True
-            )
-        }
+        return {int(c): int(n) for c, n in zip(*np.unique(train_y.numpy(), return_counts=True), strict=True)}
     return counts
 
 
@@ -272,7 +245,5 @@ def make_pool(cfg: DataConfig, data: ImageData, seed: int) -> Pool:
         labels=np.array([remap[int(c)] for c in train_y[train_index]], dtype=np.int64),
         classes=classes,
         test_index=test_index,
-        test_labels=np.array(
-            [remap[int(c)] for c in test_y[test_index]], dtype=np.int64
-        ),
+        test_labels=np.array([remap[int(c)] for c in test_y[test_index]], dtype=np.int64),
     )

@@ -57,8 +57,9 @@ def check(cfg: RunConfig) -> None:
         raise UserError(f"unknown strategy {cfg.strategy.name!r}: choose one of {', '.join(STRATEGIES)}")
 
 
-def run_experiment(cfg: RunConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
-                   on_round: RoundHook | None = None) -> Path:
+def run_experiment(
+    cfg: RunConfig, out: str | Path, resume: bool = False, overwrite: bool = False, on_round: RoundHook | None = None
+) -> Path:
     check(cfg)
     data = fdata.load_dataset(cfg.data)
     pool = fdata.make_pool(cfg.data, data, cfg.seed)
@@ -79,9 +80,11 @@ def run_experiment(cfg: RunConfig, out: str | Path, resume: bool = False, overwr
     rows, queries = rundir.open(cfg, resume, overwrite)
     rid = run_id(cfg)
     labeled = np.union1d(initial_labeled(T, cfg.init, cfg.seed), [q["pool_index"] for q in queries]).astype(np.int64)
-    log(f"run {rid}: pool {T} ({C} classes), {len(labeled)} labeled, {n_rounds} query rounds of {cfg.batch}, "
+    log(
+        f"run {rid}: pool {T} ({C} classes), {len(labeled)} labeled, {n_rounds} query rounds of {cfg.batch}, "
         f"strategy {cfg.strategy.name}, {cfg.pool.backend} pool x{cfg.pool.shards}, device {device}"
-        + (f", resuming after round {rows[-1]['round']}" if rows else ""))
+        + (f", resuming after round {rows[-1]['round']}" if rows else "")
+    )
     spec = ShardSpec(cfg.model, channels, side, C, norm, str(device))
     sharded = make_sharded_pool(cfg, spec, x_pool)
     try:
@@ -92,8 +95,16 @@ def run_experiment(cfg: RunConfig, out: str | Path, resume: bool = False, overwr
                 model.load_state_dict(torch.load(rundir.checkpoint_path))
             lab_t = torch.from_numpy(labeled)
             log(f"round {r}/{n_rounds}: training on {len(labeled)} labels")
-            fit = train_model(model, x_pool[lab_t], y_pool[lab_t], norm, data.augment, cfg.train, device,
-                              seed=cfg.seed * 1_000_003 + r)
+            fit = train_model(
+                model,
+                x_pool[lab_t],
+                y_pool[lab_t],
+                norm,
+                data.augment,
+                cfg.train,
+                device,
+                seed=cfg.seed * 1_000_003 + r,
+            )
             start = time.perf_counter()
             ev = evaluate(model, x_test, pool.test_labels, norm, device, C)
             eval_s = time.perf_counter() - start
@@ -111,25 +122,46 @@ def run_experiment(cfg: RunConfig, out: str | Path, resume: bool = False, overwr
                 _check_selection(sel, labeled, k, cfg.strategy.name)
             picked = np.array(sel.indices, dtype=np.int64)
             queries += [
-                {"run_id": rid, "round": r + 1, "pool_index": int(i), "dataset_index": int(pool.train_index[i]),
-                 "label": int(pool.classes[pool.labels[i]])}
+                {
+                    "run_id": rid,
+                    "round": r + 1,
+                    "pool_index": int(i),
+                    "dataset_index": int(pool.train_index[i]),
+                    "label": int(pool.classes[pool.labels[i]]),
+                }
                 for i in picked
             ]
             row = {
-                "run_id": rid, "dataset": cfg.data.dataset, "setting": cfg.data.setting,
-                "strategy": cfg.strategy.name, "model": cfg.model.name, "seed": cfg.seed, "round": r,
-                "n_labeled": len(labeled), **ev, "classes": list(pool.classes), "n_queried": len(picked),
+                "run_id": rid,
+                "dataset": cfg.data.dataset,
+                "setting": cfg.data.setting,
+                "strategy": cfg.strategy.name,
+                "model": cfg.model.name,
+                "seed": cfg.seed,
+                "round": r,
+                "n_labeled": len(labeled),
+                **ev,
+                "classes": list(pool.classes),
+                "n_queried": len(picked),
                 "queried_class_counts": np.bincount(pool.labels[picked], minlength=C).tolist() if k else None,
-                "train_epochs": fit["epochs"], "train_accuracy": fit["train_accuracy"],
-                "train_seconds": fit["train_seconds"], "eval_seconds": eval_s, "query_seconds": query_s,
-                **sel.timings, **sel.info, "backend": cfg.pool.backend, "shards": cfg.pool.shards,
+                "train_epochs": fit["epochs"],
+                "train_accuracy": fit["train_accuracy"],
+                "train_seconds": fit["train_seconds"],
+                "eval_seconds": eval_s,
+                "query_seconds": query_s,
+                **sel.timings,
+                **sel.info,
+                "backend": cfg.pool.backend,
+                "shards": cfg.pool.shards,
             }
             rows.append(row)
             rundir.write_round(rows, queries)
             labeled = np.union1d(labeled, picked)
-            log(f"round {r}/{n_rounds} done: n_labeled {row['n_labeled']}, test acc {ev['accuracy']:.4f}, "
+            log(
+                f"round {r}/{n_rounds} done: n_labeled {row['n_labeled']}, test acc {ev['accuracy']:.4f}, "
                 f"balanced {ev['balanced_accuracy']:.4f} | train {fit['train_seconds']:.1f}s "
-                f"({fit['epochs']} ep, train acc {fit['train_accuracy']:.3f}), query {query_s:.1f}s")
+                f"({fit['epochs']} ep, train acc {fit['train_accuracy']:.3f}), query {query_s:.1f}s"
+            )
             if on_round is not None:
                 on_round(row)
     finally:

@@ -16,9 +16,7 @@ class Classifier(nn.Module):
     def __init__(self, features: nn.Module, head: nn.Linear):
         super().__init__()
         self.features = features
-        self.head = (
-            head  # the final layer: BAIT's mask and FisherMask's always-included layer
-        )
+        self.head = head  # the final layer: BAIT's mask and FisherMask's always-included layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -72,9 +70,7 @@ def _resnet18(channels: int, n_classes: int, pretrained: bool) -> Classifier:
         ) from None
     if channels != 3:
         old = net.conv1
-        net.conv1 = nn.Conv2d(
-            channels, 64, kernel_size=7, stride=2, padding=3, bias=False
-        )
+        net.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         if pretrained:  # grey inputs: the sum of the RGB filters sees the same image
             with torch.no_grad():
                 net.conv1.weight.copy_(old.weight.sum(dim=1, keepdim=True))
@@ -90,15 +86,9 @@ MODELS: dict[str, Callable[[ModelConfig, int, int, int], Classifier]] = {
 }
 
 
-def build_model(
-    cfg: ModelConfig, channels: int, side: int, n_classes: int
-) -> Classifier:
+def build_model(cfg: ModelConfig, channels: int, side: int, n_classes: int) -> Classifier:
     if cfg.name not in MODELS:
-        raise UserError(
-            f"unknown model {cfg.name!r}: choose one of {', '.join(MODELS)}"
-        )
+        raise UserError(f"unknown model {cfg.name!r}: choose one of {', '.join(MODELS)}")
     if cfg.pretrained and cfg.name != "resnet18":
-        raise UserError(
-            f"--pretrained applies to resnet18 only, not {cfg.name!r}: drop --pretrained"
-        )
+        raise UserError(f"--pretrained applies to resnet18 only, not {cfg.name!r}: drop --pretrained")
     return MODELS[cfg.name](cfg, channels, side, n_classes)

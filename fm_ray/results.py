@@ -46,7 +46,13 @@ ROUND_SCHEMA = pa.schema(
     ]
 )
 QUERY_SCHEMA = pa.schema(
-    [("run_id", pa.string()), ("round", pa.int64()), ("pool_index", pa.int64()), ("dataset_index", pa.int64()), ("label", pa.int64())]
+    [
+        ("run_id", pa.string()),
+        ("round", pa.int64()),
+        ("pool_index", pa.int64()),
+        ("dataset_index", pa.int64()),
+        ("label", pa.int64()),
+    ]
 )
 TIMING_COLUMNS = tuple(n for n in ROUND_SCHEMA.names if n.endswith("_seconds")) + ("selection_state_bytes",)
 
@@ -82,7 +88,9 @@ class RunDir:
                 p.unlink(missing_ok=True)
             exists = False
         if exists and not resume:
-            raise UserError(f"{self.path} already holds a run: pass --resume to continue it or --overwrite to replace it")
+            raise UserError(
+                f"{self.path} already holds a run: pass --resume to continue it or --overwrite to replace it"
+            )
         if exists:
             return self._load(cfg)
         self.path.mkdir(parents=True, exist_ok=True)

@@ -34,31 +34,23 @@ def _augment(x_N_Ch_H_W: torch.Tensor) -> torch.Tensor:
 
     side = x_N_Ch_H_W.shape[-1]
     tf = v2.Compose([v2.RandomCrop(side, padding=4), v2.RandomHorizontalFlip()])
-    return torch.stack(
-        [tf(img) for img in x_N_Ch_H_W]
-    )  # per image: each gets its own crop and flip
+    return torch.stack([tf(img) for img in x_N_Ch_H_W])  # per image: each gets its own crop and flip
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(
-            f"--device {name} asked but CUDA is not available here: use --device cpu or auto"
-        )
+        raise UserError(f"--device {name} asked but CUDA is not available here: use --device cpu or auto")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(
-            f"--device {name!r} is not a torch device: use auto, cpu, cuda or cuda:N"
-        ) from None
+        raise UserError(f"--device {name!r} is not a torch device: use auto, cpu, cuda or cuda:N") from None
 
 
 def _batches(n: int, size: int, perm: torch.Tensor) -> list[torch.Tensor]:
     parts = list(perm.split(size))
-    if (
-        len(parts) > 1 and len(parts[-1]) == 1
-    ):  # BatchNorm cannot train on a batch of one
+    if len(parts) > 1 and len(parts[-1]) == 1:  # BatchNorm cannot train on a batch of one
         parts[-2] = torch.cat(parts[-2:])
         parts.pop()
     return parts
@@ -79,9 +71,9 @@ def train_model(
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loss_fn = nn.CrossEntropyLoss()
-    start, acc, epoch = time.perf_counter(), 0.0, 0
+    start, acc, epochs_run = time.perf_counter(), 0.0, 0
     for epoch in range(1, cfg.epochs + 1):
-        correct = 0
+        epochs_run, correct = epoch, 0
         for idx in _batches(len(y), cfg.batch_size, torch.randperm(len(y))):
             xb = norm(x_u8[idx], augment).to(device)
             yb = y[idx].to(device)
@@ -96,7 +88,7 @@ def train_model(
             break
     model.eval()
     return {
-        "epochs": epoch,
+        "epochs": epochs_run,
         "train_accuracy": acc,
         "train_seconds": time.perf_counter() - start,
     }
@@ -131,10 +123,7 @@ def evaluate(
     """Accuracy, balanced accuracy (mean per-class recall) and per-class accuracy on a test split."""
     probs, _ = predict(model, x_u8, norm, device)
     pred = probs.argmax(1).numpy()
-    per_class = [
-        float((pred[y == c] == c).mean()) if (y == c).any() else float("nan")
-        for c in range(n_classes)
-    ]
+    per_class = [float((pred[y == c] == c).mean()) if (y == c).any() else float("nan") for c in range(n_classes)]
     present = [a for a in per_class if not np.isnan(a)]
     return {
         "accuracy": float((pred == y).mean()),

@@ -19,3 +19,33 @@ def fmnist():
     from fm_ray.data import load_dataset
 
     return load_dataset(DataConfig(dataset="fashion_mnist"))
+
+
+@pytest.fixture(scope="session")
+def trained(fmnist):
+    """A small CNN trained briefly on real FashionMNIST, and a 560-image pool with 60 labeled."""
+    import numpy as np
+    import torch
+
+    from fm_ray.config import ModelConfig, StrategyConfig, TrainConfig
+    from fm_ray.models import build_model
+    from fm_ray.pool.shard import ShardSpec
+    from fm_ray.strategies import QueryContext
+    from fm_ray.train import Normalizer, train_model
+
+    norm = Normalizer((0.2860,), (0.3530,))
+    x_pool = fmnist.train_x[:560]
+    labeled = np.arange(0, 560, 10)  # 56 labeled, spread over the pool
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("cnn"), 1, 28, 10)
+    lab = torch.from_numpy(labeled)
+    train_model(
+        model, x_pool[lab], fmnist.train_y[:560][lab], norm, False, TrainConfig(epochs=3), torch.device("cpu"), 0
+    )
+    spec = ShardSpec(ModelConfig("cnn"), 1, 28, 10, norm, "cpu")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def context(strategy: str, k: int = 8, **kw) -> QueryContext:
+        return QueryContext(1, k, 0, labeled, 560, StrategyConfig(name=strategy, **kw), model)
+
+    return {"spec": spec, "x_pool": x_pool, "weights": weights, "labeled": labeled, "context": context}

@@ -62,8 +62,29 @@ def test_help_documents_every_flag(capsys):
         main(["run", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--dataset", "--setting", "--class-counts", "--preset", "--model", "--strategy", "--init",
-                 "--batch", "--rounds", "--budget", "--epochs", "--seed", "--shards", "--device", "--data-dir",
-                 "--out", "--resume", "--overwrite", "--sparsity", "--fisher-samples", "--lam",
-                 "--backward-steps", "--labeled-init"):
+    for flag in (
+        "--dataset",
+        "--setting",
+        "--class-counts",
+        "--preset",
+        "--model",
+        "--strategy",
+        "--init",
+        "--batch",
+        "--rounds",
+        "--budget",
+        "--epochs",
+        "--seed",
+        "--shards",
+        "--device",
+        "--data-dir",
+        "--out",
+        "--resume",
+        "--overwrite",
+        "--sparsity",
+        "--fisher-samples",
+        "--lam",
+        "--backward-steps",
+        "--labeled-init",
+    ):
         assert flag in text

@@ -26,7 +26,9 @@ def test_settings_have_exact_counts_and_are_seeded(fmnist, setting):
     assert len(np.unique(pool.train_index)) == len(pool.train_index)
     # test split restricted to the same classes, labels remapped consistently
     assert set(np.unique(fmnist.test_y[torch.from_numpy(pool.test_index)].numpy())) == set(expected)
-    assert np.array_equal(np.array(pool.classes)[pool.labels], fmnist.train_y[torch.from_numpy(pool.train_index)].numpy())
+    assert np.array_equal(
+        np.array(pool.classes)[pool.labels], fmnist.train_y[torch.from_numpy(pool.train_index)].numpy()
+    )
     again = make_pool(cfg, fmnist, seed=3)
     other = make_pool(cfg, fmnist, seed=4)
     assert np.array_equal(pool.train_index, again.train_index)

@@ -8,7 +8,11 @@ P = torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0], [0.4, 0.4, 0.2]], dtype=to
 
 
 def test_entropy_by_hand():
-    expected = [-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)), 0.0, -(2 * 0.4 * math.log(0.4) + 0.2 * math.log(0.2))]
+    expected = [
+        -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)),
+        0.0,
+        -(2 * 0.4 * math.log(0.4) + 0.2 * math.log(0.2)),
+    ]
     assert torch.allclose(entropy(P), torch.tensor(expected, dtype=torch.float64))
 
 

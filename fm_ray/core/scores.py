@@ -31,9 +31,7 @@ SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def top_k(
-    scores_N: torch.Tensor, index_N: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k(scores_N: torch.Tensor, index_N: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k highest scores, ties to the lowest global index; (scores_k, index_k) in that order.
 
     Shard-wise top-k followed by the same top-k over the concatenated answers equals the top-k

@@ -47,9 +47,7 @@ class PoolShard:
         self._preds: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- round set-up ---------------------------------------------------------------------------
-    def set_round(
-        self, weights: dict[str, torch.Tensor] | None, labeled: np.ndarray
-    ) -> None:
+    def set_round(self, weights: dict[str, torch.Tensor] | None, labeled: np.ndarray) -> None:
         """New model weights (None: keep) and the labeled set (global positions); clears caches."""
         if weights is not None:
             self.model.load_state_dict(weights)
@@ -59,9 +57,7 @@ class PoolShard:
 
     def _predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._preds is None:
-            self._preds = predict(
-                self.model, self.x_u8, self.spec.norm, self.device, batch=BLOCK
-            )
+            self._preds = predict(self.model, self.x_u8, self.spec.norm, self.device, batch=BLOCK)
         return self._preds
 
     def _inputs(self, rows: torch.Tensor) -> torch.Tensor:
@@ -74,20 +70,12 @@ class PoolShard:
         return scores.top_k(scores.SCORES[score](probs[free]), self.index_N[free], k)
 
     # -- Fisher ---------------------------------------------------------------------------------
-    def fisher_diag_sum(
-        self, positions: np.ndarray, chunk_size: int
-    ) -> tuple[torch.Tensor, int]:
+    def fisher_diag_sum(self, positions: np.ndarray, chunk_size: int) -> tuple[torch.Tensor, int]:
         """Partial sum over this shard's members among `positions` (for the driver to add up)."""
-        rows = torch.from_numpy(
-            np.flatnonzero(np.isin(self.index_N.numpy(), positions))
-        )
-        total = torch.zeros(
-            sum(p.numel() for p in self.model.parameters()), dtype=torch.float64
-        )
+        rows = torch.from_numpy(np.flatnonzero(np.isin(self.index_N.numpy(), positions)))
+        total = torch.zeros(sum(p.numel() for p in self.model.parameters()), dtype=torch.float64)
         for chunk in rows.split(BLOCK):
-            total += fisher.fisher_diag_sum(
-                self.model, self._inputs(chunk), chunk_size=chunk_size
-            ).cpu()
+            total += fisher.fisher_diag_sum(self.model, self._inputs(chunk), chunk_size=chunk_size).cpu()
         return total, len(rows)
 
     def build_greedy(
@@ -100,9 +88,7 @@ class PoolShard:
             emb_N_C_D = fisher.last_layer_embeddings(probs, feats)
         else:
             parts = [
-                fisher.fisher_embeddings(
-                    self.model, self._inputs(chunk), mask_idx, chunk_size=chunk_size
-                ).cpu()
+                fisher.fisher_embeddings(self.model, self._inputs(chunk), mask_idx, chunk_size=chunk_size).cpu()
                 for chunk in torch.arange(len(self.index_N)).split(BLOCK)
             ]
             emb_N_C_D = torch.cat(parts)
@@ -128,9 +114,7 @@ class PoolShard:
     def build_badge(self) -> None:
         probs, feats = self._predictions()
         free = ~self.labeled_N
-        self.state = badge.KMeansPPState(
-            badge.badge_embeddings(probs[free], feats[free]), self.index_N[free]
-        )
+        self.state = badge.KMeansPPState(badge.badge_embeddings(probs[free], feats[free]), self.index_N[free])
 
     # -- the selection drivers talk to the state through this -----------------------------------
     def state_call(self, method: str, *args: Any) -> Any:
@@ -140,8 +124,4 @@ class PoolShard:
         """Bytes of tensors held by the current selection state (per-shard memory report)."""
         if self.state is None:
             return 0
-        return sum(
-            v.numel() * v.element_size()
-            for v in vars(self.state).values()
-            if isinstance(v, torch.Tensor)
-        )
+        return sum(v.numel() * v.element_size() for v in vars(self.state).values() if isinstance(v, torch.Tensor))

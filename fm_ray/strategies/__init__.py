@@ -24,9 +24,7 @@ class QueryContext:
     labeled: np.ndarray  # global pool positions already labeled
     pool_size: int
     cfg: StrategyConfig
-    model: (
-        torch.nn.Module
-    )  # the driver's copy (for parameter layout; shards hold their own)
+    model: torch.nn.Module  # the driver's copy (for parameter layout; shards hold their own)
 
 
 @dataclass

@@ -15,9 +15,7 @@ from fm_ray.strategies import QueryContext, Selection, Strategy, register
 def random_select(pool: ShardedPool, ctx: QueryContext) -> Selection:
     free = np.setdiff1d(np.arange(ctx.pool_size), ctx.labeled)
     rng = np.random.default_rng([ctx.seed, 2, ctx.round])
-    return Selection(
-        sorted(int(i) for i in rng.choice(free, size=ctx.k, replace=False))
-    )
+    return Selection(sorted(int(i) for i in rng.choice(free, size=ctx.k, replace=False)))
 
 
 def _uncertainty(score: str):
@@ -27,9 +25,7 @@ def _uncertainty(score: str):
         scores_all = torch.cat([s for s, _ in answers])
         index_all = torch.cat([i for _, i in answers])
         _, picked = top_k(scores_all, index_all, ctx.k)
-        return Selection(
-            [int(i) for i in picked], {"select_seconds": time.perf_counter() - start}
-        )
+        return Selection([int(i) for i in picked], {"select_seconds": time.perf_counter() - start})
 
     return select
 
