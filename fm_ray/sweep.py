@@ -1,0 +1,561 @@
+"""`fm-ray sweep`: a grid of active-learning runs as Ray Tune trials, resumable, one Parquet dataset.
+
+Each trial is one `run_experiment` call (the same recipe as `fm-ray run`). It reports to Tune after
+every round, with a Tune `Checkpoint` holding the run directory (config.json + per-round Parquet),
+so a restored trial continues after its last finished round. Finished trials are never rerun.
+
+A sweep directory (`--out`, a local path or an s3:// / gs:// URI used as Tune's storage_path):
+
+    sweep.json                                   the expanded grid: one RunConfig per trial
+    results/rounds/dataset=<d>/setting=<s>/<run_id>.parquet    round rows (hive-partitioned)
+    results/queries/dataset=<d>/setting=<s>/<run_id>.parquet   queried samples
+    results/configs/<run_id>.json                each trial's config
+    runs/<run_id>/                               each trial's run dir (local --out only; else node-local temp)
+    tune/                                        Tune's experiment state, trial dirs and checkpoints
+
+Examples:
+    fm-ray sweep --out sweeps/a --strategies random,entropy,fishermask --seeds 0,1,2 --preset s2 --epochs 5
+    fm-ray sweep --out s3://bucket/sweeps/b --spec sweep.yaml --ray-address auto --max-concurrent 8
+    fm-ray sweep --out sweeps/c --preset cpu-paper-fmnist-s2      # a sweep preset (SWEEP_PRESETS)
+    fm-ray sweep --out sweeps/a --resume                             # after Ctrl+C, a crash or failed trials
+    fm-ray report sweeps/a
+
+Determinism: a trial computes the same rows as `fm-ray run` with the same flags. On CPU, torch's
+float sums depend on its thread count, and Ray gives a trial `--cpus-per-trial` threads
+(OMP_NUM_THREADS): reproduce a trial bit for bit with `OMP_NUM_THREADS=<cpus per trial> fm-ray run ...`.
+Remote --out (s3://, gs://): every node needs the credentials; run dirs then live in node-local temp
+dirs and a restored trial rebuilds its run dir from its latest Tune checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from fm_ray.config import PRESETS, RunConfig, from_dict, to_dict
+from fm_ray.errors import UserError
+from fm_ray.results import QUERY_SCHEMA, ROUND_SCHEMA, RunDir, run_id
+
+# Grid axes: list flag -> (the `fm-ray run` flag's attribute it sweeps, value type).
+GRID_AXES: dict[str, tuple[str, type]] = {
+    "strategies": ("strategy", str),
+    "seeds": ("seed", int),
+    "datasets": ("dataset", str),
+    "settings": ("setting", str),
+    "presets": ("preset", str),
+    "sparsities": ("sparsity", float),
+    "lams": ("lam", float),
+    "batches": ("batch", int),
+    "models": ("model", str),
+}
+SWEEP_KEYS = ("max_concurrent", "cpus_per_trial", "gpus_per_trial")
+PARTITIONS = ("dataset", "setting")  # hive partition columns of the results dataset
+EXPERIMENT = "tune"  # Tune's experiment name, under --out
+METRICS = ("round", "n_labeled", "accuracy", "balanced_accuracy", "train_seconds", "query_seconds")
+
+# ---------------------------------------------------------------------------------------------
+# Presets: the paper's grid (FisherMask arXiv 2411.05752, section 5) and CPU-sized variants.
+
+PAPER_STRATEGIES = ["random", "entropy", "margin", "bait", "kcenter", "badge", "fishermask"]
+# What a `cpu-` variant changes: the small CNN, a few short rounds, 4 strategies. Sized for a 2-core
+# machine in about 20 minutes (a fishermask round on FashionMNIST setting2's 7250-image pool takes ~30 s
+# on one thread, most of it the pool's Fisher embeddings). Tune here.
+CPU_BASE = {
+    "model": "cnn",
+    "epochs": 10,
+    "init": 100,
+    "batch": 100,
+    "rounds": 4,
+    "fisher_samples": 512,
+    "device": "cpu",
+}
+CPU_GRID = {"strategies": ["random", "entropy", "margin", "fishermask"], "seeds": [0, 1, 2]}
+
+
+def _paper(dataset: str, regime: str) -> dict[str, Any]:
+    return {
+        "base": {"dataset": dataset, "model": "resnet18", "preset": regime},
+        "grid": {"strategies": PAPER_STRATEGIES, "seeds": [0, 1, 2]},
+    }
+
+
+def _cpu(spec: dict[str, Any]) -> dict[str, Any]:
+    # budget None: the CPU variant stops after CPU_BASE's rounds, the regime only names the setting
+    return {"base": {**spec["base"], **CPU_BASE}, "grid": {**spec["grid"], **CPU_GRID}}
+
+
+SWEEP_PRESETS: dict[str, dict[str, Any]] = {}
+for _ds, _short in (("cifar10", "cifar10"), ("fashion_mnist", "fmnist")):
+    for _regime in PRESETS:
+        SWEEP_PRESETS[f"paper-{_short}-{_regime}"] = _paper(_ds, _regime)
+        SWEEP_PRESETS[f"cpu-paper-{_short}-{_regime}"] = _cpu(_paper(_ds, _regime))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the grid: spec file / preset / flags -> list of RunConfig.
+
+
+def parse_list(text: str, typ: type, flag: str) -> list[Any]:
+    """'0,1,2' -> [0, 1, 2]; a bad or empty list is a UserError naming the flag."""
+    items = [s.strip() for s in str(text).split(",") if s.strip()]
+    try:
+        values = [typ(s) for s in items]
+    except ValueError:
+        raise UserError(
+            f"--{flag} {text!r} is not a comma-separated list of {typ.__name__}s: e.g. --{flag} {_example(typ)}"
+        ) from None
+    if not values:
+        raise UserError(f"--{flag} is empty: give a comma-separated list, e.g. --{flag} {_example(typ)}")
+    return values
+
+
+def _example(typ: type) -> str:
+    return {int: "0,1,2", float: "0.002,0.01"}.get(typ, "random,entropy")
+
+
+def load_spec(path: str | Path) -> dict[str, Any]:
+    """A YAML/JSON sweep spec: {base: {<run flag>: value}, grid: {<axis>: [values]}, sweep: {...}}."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(path).read_text())  # JSON is YAML
+    except (OSError, yaml.YAMLError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--spec {path}: cannot read it ({first}): give a readable YAML or JSON file") from None
+    if not isinstance(spec, dict) or not set(spec) <= {"base", "grid", "sweep"}:
+        raise UserError(f"--spec {path}: expected a mapping with keys base, grid and/or sweep")
+    for key in spec:
+        if not isinstance(spec[key] or {}, dict):
+            raise UserError(f"--spec {path}: `{key}` must be a mapping, e.g. {key}: {{...}}")
+    return {k: dict(v or {}) for k, v in spec.items()}
+
+
+def _grid_values(axis: str, values: Any) -> list[Any]:
+    if axis not in GRID_AXES:
+        raise UserError(f"unknown grid axis {axis!r}: choose from {', '.join(GRID_AXES)}")
+    typ = GRID_AXES[axis][1]
+    if isinstance(values, str | int | float):
+        return parse_list(str(values), typ, axis)
+    if not isinstance(values, list) or not values:
+        raise UserError(f"grid axis {axis}: give a non-empty list, e.g. {axis}: [{_example(typ)}]")
+    return parse_list(",".join(str(v) for v in values), typ, axis)
+
+
+def base_argv(base: dict[str, Any]) -> list[str]:
+    """Spec `base` mapping -> `fm-ray run` flags, so a spec means exactly what the flags mean."""
+    argv: list[str] = []
+    for key, value in base.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is None:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + flag[2:])
+        elif key == "class_counts" and isinstance(value, dict):
+            argv += [flag, ",".join(f"{c}:{n}" for c, n in value.items())]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_flags_namespace(argv: Sequence[str]) -> argparse.Namespace:
+    from fm_ray.cli import _Parser, add_run_flags
+
+    p = _Parser(prog="fm-ray sweep (spec base)", add_help=False)
+    add_run_flags(p)
+    return p.parse_args(list(argv))
+
+
+def expand(base: argparse.Namespace, grid: dict[str, list[Any]]) -> list[RunConfig]:
+    """The cross product of the grid over a base of `fm-ray run` flags; duplicates dropped.
+
+    Each point goes through `cli.config_from_args`, so precedence matches `fm-ray run`: explicit
+    flags (and the settings axis) win over a regime preset's setting/init/batch/budget.
+    """
+    from fm_ray.cli import config_from_args
+    from fm_ray.loop import check
+
+    axes = [a for a in GRID_AXES if a in grid]
+    configs: dict[str, RunConfig] = {}
+    for point in itertools.product(*(grid[a] for a in axes)):
+        ns = argparse.Namespace(**vars(base))
+        for axis, value in zip(axes, point, strict=True):
+            setattr(ns, GRID_AXES[axis][0], value)
+        cfg = _absolute_data_dir(config_from_args(ns))
+        check(cfg)
+        configs.setdefault(run_id(cfg), cfg)
+    return list(configs.values())
+
+
+def _absolute_data_dir(cfg: RunConfig) -> RunConfig:
+    # Tune runs trials in their own working directory: a relative --data-dir must not move.
+    if cfg.data.data_dir is None or "://" in cfg.data.data_dir:
+        return cfg
+    data = dataclasses.replace(cfg.data, data_dir=str(Path(cfg.data.data_dir).resolve()))
+    return dataclasses.replace(cfg, data=data)
+
+
+def sweep_from_args(args: argparse.Namespace) -> tuple[list[RunConfig], SweepOptions]:
+    """`fm-ray sweep` flags -> (configs, options). Precedence: sweep preset < --spec file < flags."""
+    spec: dict[str, Any] = {"base": {}, "grid": {}, "sweep": {}}
+    preset = args.preset
+    if preset is not None and preset not in PRESETS:
+        if preset not in SWEEP_PRESETS:
+            raise UserError(
+                f"unknown preset {preset!r}: choose a sweep preset ({', '.join(SWEEP_PRESETS)}) "
+                f"or a regime ({', '.join(PRESETS)})"
+            )
+        spec = _merge(spec, SWEEP_PRESETS[preset])
+        args = argparse.Namespace(**{**vars(args), "preset": None})
+    if args.spec is not None:
+        spec = _merge(spec, load_spec(args.spec))
+    base = run_flags_namespace(base_argv(spec["base"]))
+    for key, value in vars(args).items():
+        if hasattr(base, key) and value is not None:
+            setattr(base, key, value)
+    grid = {axis: _grid_values(axis, values) for axis, values in spec["grid"].items()}
+    for axis in GRID_AXES:
+        if getattr(args, axis, None) is not None:
+            grid[axis] = _grid_values(axis, getattr(args, axis))
+    sweep = {**spec["sweep"], **{k: getattr(args, k) for k in SWEEP_KEYS if getattr(args, k, None) is not None}}
+    unknown = set(sweep) - set(SWEEP_KEYS)
+    if unknown:
+        raise UserError(f"unknown sweep option(s) {', '.join(sorted(unknown))}: use {', '.join(SWEEP_KEYS)}")
+    opts = SweepOptions(out=args.out, resume=args.resume, **sweep)
+    given = preset is not None or args.spec is not None or grid or any(v is not None for v in vars(base).values())
+    if args.resume and not given:
+        return [], opts  # --resume alone: the stored grid
+    return expand(base, grid), opts
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {k: {**a.get(k, {}), **b.get(k, {})} for k in ("base", "grid", "sweep")}
+
+
+def add_sweep_flags(p: argparse.ArgumentParser) -> None:
+    """The grid and Tune flags of `fm-ray sweep` (every `fm-ray run` flag comes from cli.add_run_flags)."""
+    g = p.add_argument_group("grid (comma-separated lists; each replaces the single-value run flag)")
+    for axis, (flag, typ) in GRID_AXES.items():
+        g.add_argument(f"--{axis}", metavar="LIST", help=f"values of --{flag}, e.g. {_example(typ)}")
+    g.add_argument(
+        "--spec", help="YAML/JSON file: {base: {<run flag>: value}, grid: {<axis>: [...]}, sweep: {max_concurrent: 2}}"
+    )
+    g = p.add_argument_group("Ray Tune")
+    g.add_argument(
+        "--out",
+        required=True,
+        help="sweep directory: a local path or an s3:// / gs:// URI (Tune storage_path; needs the cloud "
+        "credentials and pyarrow filesystem support on every node)",
+    )
+    g.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (redoes nothing)")
+    g.add_argument("--max-concurrent", type=int, help="most trials running at once (default: as resources allow)")
+    g.add_argument("--cpus-per-trial", type=float, help="CPUs reserved for each trial's driver (default 1)")
+    g.add_argument("--gpus-per-trial", type=float, help="GPUs reserved for each trial's driver (default 0)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage: the sweep root on a local disk or a pyarrow filesystem (s3://, gs://).
+
+
+def _is_uri(out: str | Path) -> bool:
+    return "://" in str(out)
+
+
+def storage_root(out: str | Path) -> str:
+    return str(out).rstrip("/") if _is_uri(out) else str(Path(out).resolve())
+
+
+def _fs(root: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(root)
+
+
+def _write_bytes(root: str, rel: str, data: bytes) -> None:
+    fs, base = _fs(root)
+    path = f"{base}/{rel}"
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)  # a reader never sees half a file
+
+
+def _write_table(root: str, rel: str, rows: list[dict], schema: pa.Schema) -> None:
+    table = pa.Table.from_pylist(rows, schema=schema).drop_columns(
+        [c for c in PARTITIONS if c in schema.names]
+    )  # hive: partition values live in the path, not the file
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    _write_bytes(root, rel, sink.getvalue().to_pybytes())
+
+
+def partition_dir(cfg: RunConfig) -> str:
+    return "/".join(f"{k}={quote(getattr(cfg.data, k), safe='')}" for k in PARTITIONS)
+
+
+def publish(root: str, rundir: Path, cfg: RunConfig) -> None:
+    """Copy a run directory's rows and queries into the sweep's partitioned results dataset."""
+    rid, part = run_id(cfg), partition_dir(cfg)
+    rows = pq.read_table(rundir / "rounds.parquet").to_pylist()
+    queries = pq.read_table(rundir / "queries.parquet").to_pylist()
+    queries = [{**q, "dataset": cfg.data.dataset, "setting": cfg.data.setting} for q in queries]
+    _write_table(root, f"results/queries/{part}/{rid}.parquet", queries, _with_partitions(QUERY_SCHEMA))
+    _write_table(root, f"results/rounds/{part}/{rid}.parquet", rows, ROUND_SCHEMA)
+    config = json.dumps({"run_id": rid, "config": to_dict(cfg)}, indent=2)
+    _write_bytes(root, f"results/configs/{rid}.json", config.encode())
+
+
+def _with_partitions(schema: pa.Schema) -> pa.Schema:
+    return schema.append(pa.field("dataset", pa.string())).append(pa.field("setting", pa.string()))
+
+
+def local_run_dir(root: str, rid: str) -> Path:
+    if not _is_uri(root):
+        return Path(root) / "runs" / rid
+    tag = hashlib.sha1(root.encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / "fm_ray_runs" / tag / rid
+
+
+# ---------------------------------------------------------------------------------------------
+# The Tune trial: one active-learning run, a report and a checkpoint per round.
+
+
+def _n_rows(path: Path) -> int:
+    return pq.read_metadata(path).num_rows if path.exists() else 0
+
+
+def _restore(checkpoint: Any, rundir: Path) -> None:
+    """Bring the run dir up to the checkpoint, unless the run dir is already at or past it."""
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as d:
+        if _n_rows(Path(d) / "rounds.parquet") > _n_rows(rundir / "rounds.parquet"):
+            rundir.mkdir(parents=True, exist_ok=True)
+            for f in Path(d).iterdir():
+                shutil.copy2(f, rundir / f.name)
+
+
+def _snapshot(rundir: Path, warm_start: bool) -> Path:
+    """A copy of the run dir's durable state for a Tune checkpoint (weights only if the next round needs them)."""
+    d = Path(tempfile.mkdtemp(prefix="fm_ray_ckpt_"))
+    names = ["config.json", "rounds.parquet", "queries.parquet"] + (["checkpoint.pt"] if warm_start else [])
+    for name in names:
+        if (rundir / name).exists():
+            shutil.copy2(rundir / name, d / name)
+    return d
+
+
+def trial(config: dict[str, Any]) -> None:
+    """Tune trainable: `run_experiment` on the trial's config, resumed from its run dir / checkpoint."""
+    from ray import tune
+
+    from fm_ray.loop import run_experiment
+
+    cfg, root = from_dict(config["cfg"]), config["root"]
+    rundir = local_run_dir(root, run_id(cfg))
+    _restore(tune.get_checkpoint(), rundir)
+
+    def report(row: dict[str, Any]) -> None:
+        publish(root, rundir, cfg)
+        snap = _snapshot(rundir, cfg.train.warm_start)
+        try:
+            metrics = {k: row[k] for k in METRICS} | {"run_id": row["run_id"]}
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(snap)))
+        finally:
+            shutil.rmtree(snap, ignore_errors=True)
+
+    reported: list[int] = []
+    run_experiment(
+        cfg,
+        rundir,
+        resume=RunDir(rundir).config_path.exists(),
+        on_round=lambda row: (report(row), reported.append(row["round"])),
+    )
+    if not reported:  # everything was already done (e.g. the run dir outlived Tune's state)
+        report(pq.read_table(rundir / "rounds.parquet").to_pylist()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver.
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    out: str
+    resume: bool = False
+    max_concurrent: int | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise UserError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise UserError(
+                f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {self.cpus_per_trial}, {self.gpus_per_trial}"
+            )
+
+
+def trial_resources(cfg: dict[str, Any], cpus: float, gpus: float) -> Any:
+    """One bundle for the trial driver + one per Ray shard actor, so a full cluster queues trials."""
+    from ray import tune
+
+    def bundle(c: float, g: float) -> dict[str, float]:
+        return {"CPU": c, **({"GPU": g} if g > 0 else {})}
+
+    pool = cfg["cfg"]["pool"]
+    shards = pool["shards"] if pool["backend"] == "ray" else 0
+    return tune.PlacementGroupFactory(
+        [bundle(cpus, gpus)] + [bundle(pool["cpus_per_shard"], pool["gpus_per_shard"])] * shards
+    )
+
+
+class Progress:
+    """A concise progress line per result: trials done/running/errored and the latest accuracy."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def line(self, trials: list[Any], trial: Any, result: dict[str, Any] | None, event: str) -> str:
+        states = [t.status for t in trials]
+        head = (
+            f"[sweep {time.strftime('%H:%M:%S')}] {states.count('TERMINATED')}/{self.total} done, "
+            f"{states.count('RUNNING')} running, {states.count('ERROR')} errored"
+        )
+        name = run_id(from_dict(trial.config["cfg"])) if "cfg" in trial.config else str(trial)
+        if result is not None and "accuracy" in result:
+            return f"{head} | {name} round {result['round']}: acc {result['accuracy']:.4f}"
+        return f"{head} | {name} {event}"
+
+
+def _progress_callback(total: int) -> Any:
+    from ray import tune
+
+    progress = Progress(total)
+
+    class _Callback(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            print(progress.line(trials, trial, result, "result"), flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            print(progress.line(trials, trial, None, "finished"), flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(progress.line(trials, trial, None, "failed (resume with --resume)"), flush=True)
+
+    return _Callback()
+
+
+def _ensure_ray(address: str | None) -> bool:
+    """Join `address` (auto | ray://...) or start local Ray; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {k: v for k, v in os.environ.items() if k.startswith("FM_RAY_")}
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    return True
+
+
+def run_sweep(
+    configs: list[RunConfig],
+    opts: SweepOptions,
+    callbacks: Sequence[Any] = (),
+    ray_address: str | None = None,
+) -> Any:
+    """Run (or with `opts.resume`, continue) the sweep; returns Tune's ResultGrid.
+
+    Raises:
+        UserError: --out already holds a sweep and --resume is missing, or --resume finds none, or
+            the flags given with --resume describe a different grid.
+    """
+    from ray import tune
+
+    # num_to_keep forces a state snapshot per checkpoint; cheap here (small files), so no warning
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    root = storage_root(opts.out)
+    exp_path = f"{root}/{EXPERIMENT}"
+    started = _ensure_ray(ray_address)
+    try:
+        exists = tune.Tuner.can_restore(exp_path)
+        if opts.resume and not exists:
+            raise UserError(f"--resume: no sweep to continue in {opts.out}: drop --resume to start one there")
+        if exists and not opts.resume:
+            raise UserError(f"{opts.out} already holds a sweep: pass --resume to continue it, or another --out")
+        if opts.resume:
+            stored = {run_id(from_dict(c)) for c in _read_sweep(root)["configs"]}
+            if configs and {run_id(c) for c in configs} != stored:
+                raise UserError(
+                    f"--resume: the grid given differs from the sweep in {opts.out}: "
+                    "pass only --out and --resume (plus the same grid flags)"
+                )
+            trainable = _trainable(_read_sweep(root)["options"])
+            tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
+            total = len(stored)
+        else:
+            if not configs:
+                raise UserError("the sweep grid is empty: give --strategies/--seeds/... or --spec or --preset")
+            options = {k: v for k, v in dataclasses.asdict(opts).items() if k in SWEEP_KEYS}
+            sweep = {"configs": [to_dict(c) for c in configs], "options": options}
+            _write_bytes(root, "sweep.json", json.dumps(sweep, indent=1).encode())
+            tuner = tune.Tuner(
+                _trainable(options),
+                param_space={"cfg": tune.grid_search([to_dict(c) for c in configs]), "root": root},
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=opts.max_concurrent,
+                    trial_dirname_creator=lambda t: run_id(from_dict(t.config["cfg"])),
+                ),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT,
+                    storage_path=root,
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    callbacks=[_progress_callback(len(configs)), *callbacks],
+                    verbose=0,
+                ),
+            )
+            total = len(configs)
+        print(f"[sweep] {total} trials -> {opts.out}", flush=True)
+        results = tuner.fit()
+        errors = [r for r in results if r.error is not None]
+        if errors:
+            print(f"[sweep] {len(errors)} trial(s) failed; continue with `fm-ray sweep --out {opts.out} --resume`")
+        return results
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _trainable(options: dict[str, Any]) -> Callable[..., Any]:
+    from ray import tune
+
+    cpus, gpus = options.get("cpus_per_trial") or 1.0, options.get("gpus_per_trial") or 0.0
+    return tune.with_resources(trial, lambda config: trial_resources(config, cpus, gpus))
+
+
+def _read_sweep(root: str) -> dict[str, Any]:
+    fs, base = _fs(root)
+    try:
+        with fs.open_input_stream(f"{base}/sweep.json") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        raise UserError(
+            f"{root}/sweep.json is missing or unreadable: start the sweep afresh in another --out"
+        ) from None

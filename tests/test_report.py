@@ -1,0 +1,90 @@
+"""`fm-ray report` and the results loaders: hand-checked numbers on tiny tables, figures from real runs."""
+
+import pandas as pd
+import pytest
+
+from fm_ray.cli import main
+from fm_ray.config import DataConfig, RunConfig, StrategyConfig, TrainConfig
+from fm_ray.loop import run_experiment
+from fm_ray.report import aulc, class_histogram, load_queries, load_rounds, method_labels, summarize
+from fm_ray.sweep import publish
+
+SMALL = DataConfig(dataset="fashion_mnist", setting="custom", class_counts=((0, 60), (1, 300), (2, 60)))
+
+
+def test_aulc_is_the_normalised_trapezoid():
+    assert aulc([20, 30, 40], [0.5, 0.7, 0.9]) == pytest.approx((10 * 0.6 + 10 * 0.8) / 20)
+    assert aulc([40, 20, 30], [0.9, 0.5, 0.7]) == pytest.approx(0.7)  # order of rows does not matter
+    assert aulc([20], [0.4]) == pytest.approx(0.4)
+
+
+def synthetic_rounds() -> pd.DataFrame:
+    # two methods x two seeds x rounds 0..1; a beats b except in (seed 1, round 0), where they tie
+    acc = {("a", 0): [0.5, 0.8], ("a", 1): [0.4, 0.9], ("b", 0): [0.3, 0.6], ("b", 1): [0.4, 0.7]}
+    rows = []
+    for (m, seed), accs in acc.items():
+        for r, a in enumerate(accs):
+            rows.append({"run_id": f"{m}{seed}", "dataset": "d", "setting": "s", "strategy": m, "method": m,
+                         "seed": seed, "round": r, "n_labeled": 10 + 10 * r, "accuracy": a, "n_queried": 10 - 10 * r,
+                         "train_seconds": 1.0 + r, "query_seconds": 2.0, "mask_seconds": None, "embed_seconds": None,
+                         "select_seconds": None, "classes": [0, 1], "queried_class_counts": [3, 7] if r == 0 else None})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_summary_numbers_by_hand():
+    table = summarize(synthetic_rounds()).set_index("method")
+    assert table.loc["a", "final_accuracy"] == pytest.approx(0.85)
+    assert table.loc["a", "final_accuracy_std"] == pytest.approx(0.05)
+    assert table.loc["b", "aulc"] == pytest.approx(((0.3 + 0.6) / 2 + (0.4 + 0.7) / 2) / 2)
+    assert table.loc["a", "mean_rank"] == pytest.approx((1 + 1 + 1.5 + 1) / 4)
+    assert table.loc["b", "mean_rank"] == pytest.approx((2 + 2 + 1.5 + 2) / 4)
+    assert table.loc["a", "train_s"] == pytest.approx(1.5) and table.loc["a", "query_s"] == pytest.approx(2.0)
+    assert pd.isna(table.loc["a", "mask_s"]) and (table["seeds"] == 2).all() and (table["rounds"] == 2).all()
+    hist = class_histogram(synthetic_rounds()).set_index(["method", "cls"])["count"]
+    assert hist.to_dict() == {("a", 0): 6, ("a", 1): 14, ("b", 0): 6, ("b", 1): 14}
+
+
+def test_method_labels_name_what_varies():
+    base = {"strategy": {"name": "fishermask", "sparsity": 0.01, "lam": 1.0}, "seed": 0, "data": {"setting": "x"}}
+    other = {"strategy": {"name": "fishermask", "sparsity": 0.1, "lam": 1.0}, "seed": 1, "data": {"setting": "y"}}
+    assert method_labels({"r1": base, "r2": other}) == {
+        "r1": "fishermask sparsity=0.01",
+        "r2": "fishermask sparsity=0.1",
+    }
+    assert method_labels({"r1": base}) == {"r1": "fishermask"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two real runs (random, fishermask) as run dirs, published into a sweep-style results dataset."""
+    root = tmp_path_factory.mktemp("report")
+    for name in ("random", "fishermask"):
+        cfg = RunConfig(data=SMALL, train=TrainConfig(epochs=1, device="cpu"), strategy=StrategyConfig(name=name),
+                        init=20, batch=10, rounds=1, seed=0)  # fmt: skip
+        publish(str(root / "sweep"), run_experiment(cfg, root / name), cfg)
+    return root
+
+
+def test_loaders_read_a_sweep_and_a_run_dir(runs):
+    sweep, run = load_rounds(runs / "sweep"), load_rounds(runs / "fishermask")
+    assert len(sweep) == 4 and len(run) == 2 and set(sweep["strategy"]) == {"random", "fishermask"}
+    assert list(sweep.columns) == list(run.columns)
+    assert len(load_queries(runs / "sweep")) == 20 and set(load_queries(runs / "random")["setting"]) == {"custom"}
+    assert len(pd.read_parquet(runs / "sweep" / "results" / "rounds")) == 4  # plain pandas reads it too
+
+
+def test_report_writes_figures_and_tables(runs, tmp_path):
+    assert main(["report", str(runs / "sweep"), "--out", str(tmp_path)]) == 0
+    for name in ("learning_curves.png", "class_histogram.png", "mask_profile.png", "summary.md", "summary.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+    table = pd.read_csv(tmp_path / "summary.csv").set_index("method")
+    rounds = load_rounds(runs / "sweep")
+    assert sorted(table.index) == ["fishermask", "random"]
+    for method, g in rounds.groupby("strategy"):
+        g = g.sort_values("round")
+        assert table.loc[method, "final_accuracy"] == pytest.approx(g["accuracy"].iloc[-1])
+        assert table.loc[method, "aulc"] == pytest.approx(aulc(g["n_labeled"].to_numpy(), g["accuracy"].to_numpy()))
+    assert pd.isna(table.loc["random", "mask_s"]) and table.loc["fishermask", "mask_s"] > 0
+    # a single run dir reports too
+    assert main(["report", str(runs / "random")]) == 0 and (runs / "random" / "report" / "summary.md").exists()
+    assert main(["report", str(tmp_path / "nothing")]) == 2

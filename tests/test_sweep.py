@@ -1,0 +1,187 @@
+"""Ray Tune sweeps on real FashionMNIST slices: rows per trial, report, resume == uninterrupted, trial == run."""
+
+import json
+import math
+import os
+import signal
+
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+from fm_ray.cli import build_parser, main
+from fm_ray.config import from_dict
+from fm_ray.errors import UserError
+from fm_ray.loop import run_experiment
+from fm_ray.report import load_queries, load_rounds
+from fm_ray.results import TIMING_COLUMNS
+from fm_ray.sweep import SWEEP_PRESETS, SweepOptions, run_sweep, sweep_from_args, trial_resources
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+GRID = ["--strategies", "random,entropy", "--seeds", "0,1"]
+SMALL = ["--class-counts", "0:60,1:300,2:60", "--init", "20", "--batch", "10", "--rounds", "2", "--epochs", "1"]
+SMALL += ["--model", "cnn", "--device", "cpu", "--backend", "local"]
+KEY = ["run_id", "round"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "s"
+    assert main(["sweep", "--out", str(out), *GRID, *SMALL]) == 0
+    return out
+
+
+def strip(df):
+    df = df.drop(columns=[c for c in TIMING_COLUMNS if c in df.columns])
+    return df.sort_values([c for c in ("run_id", "round", "pool_index") if c in df.columns]).reset_index(drop=True)
+
+
+def as_records(df) -> list[dict]:
+    # list-valued cells come back as numpy arrays and missing floats as NaN; compare lists and None
+    def plain(v):
+        v = v.tolist() if hasattr(v, "tolist") else v
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    return [{k: plain(v) for k, v in r.items()} for r in df.to_dict("records")]
+
+
+def test_sweep_writes_one_partitioned_dataset(sweep_dir):
+    rounds, queries = load_rounds(sweep_dir), load_queries(sweep_dir)
+    assert len(rounds) == 4 * 3 and len(queries) == 4 * 20  # 4 trials x (round 0 + 2 query rounds)
+    assert set(rounds["strategy"]) == {"random", "entropy"} and set(rounds["seed"]) == {0, 1}
+    assert set(rounds["dataset"]) == {"fashion_mnist"} and set(rounds["setting"]) == {"custom"}
+    assert sorted(rounds.groupby("run_id")["round"].apply(list).tolist()) == [[0, 1, 2]] * 4
+    files = sorted((sweep_dir / "results" / "rounds" / "dataset=fashion_mnist" / "setting=custom").glob("*.parquet"))
+    assert len(files) == 4 and len(list((sweep_dir / "results" / "configs").glob("*.json"))) == 4
+    assert ds.dataset(sweep_dir / "results" / "rounds", partitioning="hive").count_rows() == 12
+    assert (sweep_dir / "tune").is_dir() and (sweep_dir / "sweep.json").exists()
+
+
+def test_trial_rows_equal_a_direct_run(sweep_dir, tmp_path):
+    rid = sorted(load_rounds(sweep_dir)["run_id"].unique())[0]
+    cfg = from_dict(json.loads((sweep_dir / "results" / "configs" / f"{rid}.json").read_text())["config"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a trial has 1 CPU, so Ray gives it one thread; CPU float sums depend on it
+    try:
+        out = run_experiment(cfg, tmp_path / "direct")
+    finally:
+        torch.set_num_threads(threads)
+    for load in (load_rounds, load_queries):
+        trial = load(sweep_dir)
+        assert as_records(strip(load(out))) == as_records(strip(trial[trial["run_id"] == rid]))
+
+
+def test_report_from_sweep(sweep_dir, tmp_path):
+    assert main(["report", str(sweep_dir), "--out", str(tmp_path / "rep")]) == 0
+    for name in ("learning_curves.png", "class_histogram.png", "summary.md", "summary.csv"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "rep" / "summary.csv").set_index("method")
+    rounds = load_rounds(sweep_dir)
+    assert sorted(table.index) == ["entropy", "random"] and (table["seeds"] == 2).all()
+    last = rounds[rounds["round"] == 2].groupby("strategy")["accuracy"].mean()
+    assert table["final_accuracy"].to_dict() == pytest.approx(last.to_dict())
+    assert table["mean_rank"].sum() == pytest.approx(3.0)  # two methods: ranks 1 and 2 (ties 1.5 each)
+    assert "| fashion_mnist | custom | entropy | 2 | 3 | 40 |" in (tmp_path / "rep" / "summary.md").read_text()
+
+
+def interrupt_after(n: int, marker):
+    """A Tune callback that presses Ctrl+C (SIGINT to this process) after `n` trial results, once.
+
+    Tune pickles callbacks with the experiment and restores them on resume: the marker file keeps
+    the restored copy from interrupting again.
+    """
+    from ray import tune
+
+    class _Cb(tune.Callback):
+        seen = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.seen += 1
+            if self.seen >= n and not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return _Cb()
+
+
+def test_interrupted_sweep_resumes_to_the_same_rows(sweep_dir, tmp_path):
+    out = tmp_path / "cut"
+    configs, opts = sweep_from_args(build_parser().parse_args(["sweep", "--out", str(out), *GRID, *SMALL]))
+    run_sweep(configs, opts, callbacks=[interrupt_after(4, tmp_path / "interrupted")])
+    before = load_rounds(out)
+    assert 0 < len(before) < 12  # stopped mid-way
+    assert main(["sweep", "--out", str(out), "--resume"]) == 0
+    after, full = load_rounds(out), load_rounds(sweep_dir)
+    assert as_records(strip(after)) == as_records(strip(full))
+    assert as_records(strip(load_queries(out))) == as_records(strip(load_queries(sweep_dir)))
+    # finished rounds were not redone: their (non-deterministic) timings survived the resume
+    kept = before.merge(after, on=KEY, suffixes=("_before", "_after"))
+    assert len(kept) == len(before) and (kept["train_seconds_before"] == kept["train_seconds_after"]).all()
+    with pytest.raises(UserError, match="already holds a sweep"):
+        run_sweep(configs, SweepOptions(out=str(out)))
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("grid: [1, 2\n")
+    cases = [
+        (["--preset", "paper-nope"], "unknown preset"),
+        (["--seeds", "0,x"], "--seeds"),
+        (["--strategies", "random,nope"], "unknown strategy"),
+        (["--spec", str(tmp_path / "missing.yaml")], "cannot read"),
+        (["--spec", str(spec)], "cannot read"),
+        (["--resume"], "no sweep to continue"),
+    ]
+    for flags, message in cases:
+        assert main(["sweep", "--out", str(tmp_path / "x"), *SMALL, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (flags, err)
+
+
+def test_spec_file_and_flags_build_the_grid(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("base: {epochs: 2, model: mlp, labeled_init: false}\ngrid: {seeds: [0, 1], sparsities: [0.01]}\n")
+    args = build_parser().parse_args(["sweep", "--out", "o", "--spec", str(spec), "--strategies", "fishermask,bait"])
+    configs, _ = sweep_from_args(args)
+    assert len(configs) == 4 and {c.strategy.name for c in configs} == {"fishermask", "bait"}
+    assert all(c.train.epochs == 2 and c.model.name == "mlp" and c.strategy.sparsity == 0.01 for c in configs)
+    assert all(not c.strategy.labeled_init for c in configs)
+    # a regime axis: explicit flags win over the regime's values, as with `fm-ray run`
+    args = build_parser().parse_args(["sweep", "--out", "o", "--presets", "s1-low,s2", "--batch", "7"])
+    configs, _ = sweep_from_args(args)
+    assert [(c.data.setting, c.init, c.batch) for c in configs] == [("setting1", 115, 7), ("setting2", 500, 7)]
+
+
+def test_presets_expand():
+    for name in SWEEP_PRESETS:
+        configs, opts = sweep_from_args(build_parser().parse_args(["sweep", "--out", "o", "--preset", name]))
+        assert configs and opts.out == "o"
+    configs, _ = sweep_from_args(build_parser().parse_args(["sweep", "--out", "o", "--preset", "paper-cifar10-s2"]))
+    assert len(configs) == 7 * 3 and {c.model.name for c in configs} == {"resnet18"}
+    assert {(c.data.dataset, c.data.setting, c.init, c.batch, c.budget) for c in configs} == {
+        ("cifar10", "setting2", 500, 500, 6500)
+    }
+
+
+def test_ray_pool_trials_reserve_their_shards():
+    configs, _ = sweep_from_args(
+        build_parser().parse_args(
+            ["sweep", "--out", "o", "--backend", "ray", "--shards", "3", "--gpus-per-shard", "0.5"]
+        )
+    )
+    from fm_ray.config import to_dict
+
+    pgf = trial_resources({"cfg": to_dict(configs[0])}, 1.0, 0.0)
+    assert pgf.bundles == [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 0.5}] * 3
