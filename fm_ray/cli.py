@@ -91,7 +91,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--greedy", choices=("fast", "reference"), help="greedy implementation (default fast)")
     g = p.add_argument_group("pool backend")
-    g.add_argument("--backend", help=f"local | ray (default {pl.backend})")
+    g.add_argument("--backend", help=f"ray | local (default {pl.backend}; local runs the shards in-process)")
     g.add_argument("--shards", type=int, help=f"pool shards (default {pl.shards})")
     g.add_argument("--cpus-per-shard", type=float, help=f"Ray CPUs per shard actor (default {pl.cpus_per_shard})")
     g.add_argument(

@@ -48,7 +48,7 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    backend: str = "local"  # local | ray
+    backend: str = "ray"  # ray | local (in-process shards, no Ray)
     shards: int = 1
     cpus_per_shard: float = 1.0
     gpus_per_shard: float = 0.0

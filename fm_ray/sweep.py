@@ -84,6 +84,7 @@ CPU_BASE = {
     "rounds": 4,
     "fisher_samples": 512,
     "device": "cpu",
+    "backend": "local",  # trials run side by side; each one's pool stays in-process
 }
 CPU_GRID = {"strategies": ["random", "entropy", "margin", "fishermask"], "seeds": [0, 1, 2]}
 

@@ -11,7 +11,14 @@ import torch
 from fm_ray.core import greedy
 from fm_ray.core.greedy import GreedyState, greedy_select, local_call
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Exactness is claimed in float64; restore the default so other test modules are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def make_problem(seed: int, S: int, C: int, d: int, n_L: int) -> dict:

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from fm_ray.config import DataConfig, RunConfig, StrategyConfig, TrainConfig
+from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
 from fm_ray.loop import run_experiment
 from fm_ray.results import TIMING_COLUMNS
 
@@ -16,6 +16,7 @@ def small_cfg(strategy: str = "entropy", **kw) -> RunConfig:
         data=SMALL,
         train=TrainConfig(epochs=2, device="cpu"),
         strategy=StrategyConfig(name=strategy),
+        pool=PoolConfig(backend="local"),
         init=20,
         batch=10,
         rounds=2,

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from fm_ray.cli import main
-from fm_ray.config import DataConfig, RunConfig, StrategyConfig, TrainConfig
+from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
 from fm_ray.loop import run_experiment
 from fm_ray.report import aulc, class_histogram, load_queries, load_rounds, method_labels, summarize
 from fm_ray.sweep import publish
@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
     """Two real runs (random, fishermask) as run dirs, published into a sweep-style results dataset."""
     root = tmp_path_factory.mktemp("report")
     for name in ("random", "fishermask"):
-        cfg = RunConfig(data=SMALL, train=TrainConfig(epochs=1, device="cpu"), strategy=StrategyConfig(name=name),
+        cfg = RunConfig(data=SMALL, train=TrainConfig(epochs=1, device="cpu"), strategy=StrategyConfig(name=name), pool=PoolConfig(backend="local"),
                         init=20, batch=10, rounds=1, seed=0)  # fmt: skip
         publish(str(root / "sweep"), run_experiment(cfg, root / name), cfg)
     return root
