@@ -469,7 +469,10 @@ def _ensure_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {k: v for k, v in os.environ.items() if k.startswith("FM_RAY_")}
+    # Workers on a cluster do not share this shell's environment: forward FM_RAY_* (data root, cache).
+    # Inside `ray job submit` the job's own runtime env governs, and Ray refuses a second one.
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("FM_RAY_")}
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
     return True
 
