@@ -119,6 +119,8 @@ def run_experiment(
                 ctx = QueryContext(r, k, cfg.seed, labeled, T, cfg.strategy, model)
                 sel = strategy.select(sharded, ctx)
                 query_s = time.perf_counter() - start
+                # largest selection state any one shard held (issue: per-shard memory report)
+                sel.info["selection_state_bytes"] = max(sharded.map("state_bytes"))
                 _check_selection(sel, labeled, k, cfg.strategy.name)
             picked = np.array(sel.indices, dtype=np.int64)
             queries += [

@@ -92,3 +92,37 @@ def test_run_end_to_end_on_two_ray_shards_equals_local(tmp_path):
         assert rows("ray", name) == rows("local", name)
     ray_rows = pq.read_table(tmp_path / "ray" / "rounds.parquet").to_pylist()
     assert ray_rows[0]["backend"] == "ray" and ray_rows[0]["selection_state_bytes"] > 0
+
+
+def test_run_interrupted_between_rounds_resumes_under_ray(tmp_path):
+    from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
+    from fm_ray.loop import run_experiment
+    from fm_ray.results import TIMING_COLUMNS
+
+    cfg = RunConfig(
+        data=DataConfig(dataset="fashion_mnist", setting="custom", class_counts=((0, 60), (1, 300), (2, 60))),
+        train=TrainConfig(epochs=1, device="cpu"),
+        strategy=StrategyConfig(name="kcenter"),
+        pool=PoolConfig(backend="ray", shards=2),
+        init=20,
+        batch=10,
+        rounds=2,
+    )
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_round_0(row):
+        if row["round"] == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_experiment(cfg, tmp_path / "cut", on_round=stop_after_round_0)
+    run_experiment(cfg, tmp_path / "cut", resume=True)
+    run_experiment(cfg, tmp_path / "full")
+    for name in ("rounds.parquet", "queries.parquet"):
+        a, b = (pq.read_table(tmp_path / d / name).to_pylist() for d in ("full", "cut"))
+        assert [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in a] == [
+            {k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in b
+        ]
+    assert ray.is_initialized()  # the run reused the test's Ray instance and left it up

@@ -39,7 +39,6 @@ def _greedy(pool: ShardedPool, ctx: QueryContext, mask_idx: torch.Tensor | None)
     fisher_D_D = sum(p for p, _, _ in parts) / sum(n for _, _, n in parts)
     labeled_sum = sum(s for _, s, _ in parts) if cfg.labeled_init else None
     embed_s = time.perf_counter() - start
-    state_bytes = max(pool.map("state_bytes"))
     start = time.perf_counter()
     picks = greedy_select(
         state_call(pool),
@@ -50,11 +49,7 @@ def _greedy(pool: ShardedPool, ctx: QueryContext, mask_idx: torch.Tensor | None)
         lam=cfg.lam,
         backward_steps=cfg.backward_steps,
     )
-    return picks, {
-        "embed_seconds": embed_s,
-        "select_seconds": time.perf_counter() - start,
-        "state_bytes": state_bytes,
-    }
+    return picks, {"embed_seconds": embed_s, "select_seconds": time.perf_counter() - start}
 
 
 def fishermask_select(pool: ShardedPool, ctx: QueryContext) -> Selection:
@@ -62,13 +57,12 @@ def fishermask_select(pool: ShardedPool, ctx: QueryContext) -> Selection:
     mask_idx, info = _fisher_mask(pool, ctx)
     mask_s = time.perf_counter() - start
     picks, timings = _greedy(pool, ctx, mask_idx)
-    info["selection_state_bytes"] = timings.pop("state_bytes")
     return Selection(picks, {"mask_seconds": mask_s, **timings}, info)
 
 
 def bait_select(pool: ShardedPool, ctx: QueryContext) -> Selection:
     picks, timings = _greedy(pool, ctx, None)
-    return Selection(picks, timings, {"selection_state_bytes": timings.pop("state_bytes")})
+    return Selection(picks, timings)
 
 
 register(
