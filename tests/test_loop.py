@@ -73,3 +73,19 @@ def test_budget_caps_last_batch(tmp_path):
     rounds = pq.read_table(out / "rounds.parquet").to_pylist()
     assert [r["n_labeled"] for r in rounds] == [20, 30, 35]
     assert np.sum(rounds[1]["queried_class_counts"]) == 5
+
+
+@pytest.mark.parametrize("strategy", ["fishermask", "bait"])
+def test_fisher_strategies_complete_on_setting2(tmp_path, strategy):
+    from fm_ray.cli import main
+
+    out = tmp_path / strategy
+    argv = ["run", "--dataset", "fashion_mnist", "--setting", "setting2", "--model", "cnn", "--strategy", strategy,
+            "--init", "20", "--batch", "10", "--rounds", "2", "--epochs", "1", "--fisher-samples", "256",
+            "--backend", "local", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rounds = pq.read_table(out / "rounds.parquet").to_pylist()
+    assert [r["n_labeled"] for r in rounds] == [20, 30, 40]
+    assert all(r["embed_seconds"] > 0 and r["select_seconds"] > 0 for r in rounds[:2])
+    if strategy == "fishermask":  # the paper's mask: 0.2% of the CNN's weights, profile over all tensors
+        assert rounds[0]["mask_size"] == sum(p["kept"] for p in rounds[0]["mask_profile"]) > 0
