@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from fm_ray.errors import UserError
-from fm_ray.results import QUERY_SCHEMA, ROUND_SCHEMA
+from fm_ray.results import ROUND_SCHEMA, SWEEP_QUERY_SCHEMA
 
 PANEL = ["dataset", "setting"]
 PHASES = {"train": "train_seconds", "query": "query_seconds", "mask": "mask_seconds", "embed": "embed_seconds",
@@ -59,8 +59,7 @@ def load_rounds(path: str | Path) -> pd.DataFrame:
 
 def load_queries(path: str | Path) -> pd.DataFrame:
     """All queried samples (results.QUERY_SCHEMA + dataset, setting) of a sweep dir or a run dir."""
-    schema = QUERY_SCHEMA.append(pa.field("dataset", pa.string())).append(pa.field("setting", pa.string()))
-    return _load(path, "queries", schema)
+    return _load(path, "queries", SWEEP_QUERY_SCHEMA)
 
 
 def load_configs(path: str | Path) -> dict[str, dict[str, Any]]:

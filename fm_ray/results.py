@@ -54,6 +54,9 @@ QUERY_SCHEMA = pa.schema(
         ("label", pa.int64()),
     ]
 )
+# A sweep's results dataset partitions queries by these columns (hive layout: values in the path).
+PARTITIONS = ("dataset", "setting")
+SWEEP_QUERY_SCHEMA = QUERY_SCHEMA.append(pa.field("dataset", pa.string())).append(pa.field("setting", pa.string()))
 TIMING_COLUMNS = tuple(n for n in ROUND_SCHEMA.names if n.endswith("_seconds")) + ("selection_state_bytes",)
 
 

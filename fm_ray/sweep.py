@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 
 from fm_ray.config import PRESETS, RunConfig, from_dict, to_dict
 from fm_ray.errors import UserError
-from fm_ray.results import QUERY_SCHEMA, ROUND_SCHEMA, RunDir, run_id
+from fm_ray.results import PARTITIONS, ROUND_SCHEMA, SWEEP_QUERY_SCHEMA, RunDir, run_id
 
 # Grid axes: list flag -> (the `fm-ray run` flag's attribute it sweeps, value type).
 GRID_AXES: dict[str, tuple[str, type]] = {
@@ -65,7 +65,6 @@ GRID_AXES: dict[str, tuple[str, type]] = {
     "models": ("model", str),
 }
 SWEEP_KEYS = ("max_concurrent", "cpus_per_trial", "gpus_per_trial")
-PARTITIONS = ("dataset", "setting")  # hive partition columns of the results dataset
 EXPERIMENT = "tune"  # Tune's experiment name, under --out
 METRICS = ("round", "n_labeled", "accuracy", "balanced_accuracy", "train_seconds", "query_seconds")
 
@@ -315,14 +314,10 @@ def publish(root: str, rundir: Path, cfg: RunConfig) -> None:
     rows = pq.read_table(rundir / "rounds.parquet").to_pylist()
     queries = pq.read_table(rundir / "queries.parquet").to_pylist()
     queries = [{**q, "dataset": cfg.data.dataset, "setting": cfg.data.setting} for q in queries]
-    _write_table(root, f"results/queries/{part}/{rid}.parquet", queries, _with_partitions(QUERY_SCHEMA))
+    _write_table(root, f"results/queries/{part}/{rid}.parquet", queries, SWEEP_QUERY_SCHEMA)
     _write_table(root, f"results/rounds/{part}/{rid}.parquet", rows, ROUND_SCHEMA)
     config = json.dumps({"run_id": rid, "config": to_dict(cfg)}, indent=2)
     _write_bytes(root, f"results/configs/{rid}.json", config.encode())
-
-
-def _with_partitions(schema: pa.Schema) -> pa.Schema:
-    return schema.append(pa.field("dataset", pa.string())).append(pa.field("setting", pa.string()))
 
 
 def local_run_dir(root: str, rid: str) -> Path:
