@@ -15,7 +15,7 @@ import torch
 from fm_ray import data as fdata
 from fm_ray.config import RunConfig, rounds_for_budget, validate
 from fm_ray.errors import UserError
-from fm_ray.models import build_model
+from fm_ray.models import build_model, check_model
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import ShardSpec
 from fm_ray.results import RunDir, run_id
@@ -55,6 +55,7 @@ def check(cfg: RunConfig) -> None:
     validate(cfg)
     if cfg.strategy.name not in STRATEGIES:
         raise UserError(f"unknown strategy {cfg.strategy.name!r}: choose one of {', '.join(STRATEGIES)}")
+    check_model(cfg.model)
 
 
 def run_experiment(

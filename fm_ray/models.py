@@ -86,9 +86,13 @@ MODELS: dict[str, Callable[[ModelConfig, int, int, int], Classifier]] = {
 }
 
 
-def build_model(cfg: ModelConfig, channels: int, side: int, n_classes: int) -> Classifier:
+def check_model(cfg: ModelConfig) -> None:
     if cfg.name not in MODELS:
         raise UserError(f"unknown model {cfg.name!r}: choose one of {', '.join(MODELS)}")
     if cfg.pretrained and cfg.name != "resnet18":
         raise UserError(f"--pretrained applies to resnet18 only, not {cfg.name!r}: drop --pretrained")
+
+
+def build_model(cfg: ModelConfig, channels: int, side: int, n_classes: int) -> Classifier:
+    check_model(cfg)
     return MODELS[cfg.name](cfg, channels, side, n_classes)
