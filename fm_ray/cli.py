@@ -199,10 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         help="a grid of runs as Ray Tune trials",
         description="Run a grid of active-learning runs as Ray Tune trials; resumable; one Parquet dataset in --out. "
-        "--preset also takes a sweep preset (see fm_ray.sweep.SWEEP_PRESETS, e.g. cpu-paper-fmnist-s2).",
+        "--preset also takes a sweep preset (see fm_ray.grid.SWEEP_PRESETS, e.g. cpu-paper-fmnist-s2).",
     )
     add_run_flags(sweep)
-    from fm_ray.sweep import add_sweep_flags
+    from fm_ray.grid import add_sweep_flags
 
     add_sweep_flags(sweep)
     report = sub.add_parser("report", help="figures and tables from a run or sweep directory")
@@ -227,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UserError("--resume and --overwrite exclude each other: pass one")
             run_experiment(config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
         if args.command == "sweep":
-            from fm_ray.sweep import run_sweep, sweep_from_args
+            from fm_ray.grid import sweep_from_args
+            from fm_ray.sweep import run_sweep
 
             configs, opts = sweep_from_args(args)
             results = run_sweep(configs, opts, ray_address=args.ray_address)

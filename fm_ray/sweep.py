@@ -16,7 +16,7 @@ A sweep directory (`--out`, a local path or an s3:// / gs:// URI used as Tune's 
 Examples:
     fm-ray sweep --out sweeps/a --strategies random,entropy,fishermask --seeds 0,1,2 --preset s2 --epochs 5
     fm-ray sweep --out s3://bucket/sweeps/b --spec sweep.yaml --ray-address auto --max-concurrent 8
-    fm-ray sweep --out sweeps/c --preset cpu-paper-fmnist-s2      # a sweep preset (SWEEP_PRESETS)
+    fm-ray sweep --out sweeps/c --preset cpu-paper-fmnist-s2      # a sweep preset (grid.SWEEP_PRESETS)
     fm-ray sweep --out sweeps/a --resume                             # after Ctrl+C, a crash or failed trials
     fm-ray report sweeps/a
 
@@ -29,17 +29,14 @@ dirs and a restored trial rebuilds its run dir from its latest Tune checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -48,226 +45,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fm_ray.config import PRESETS, RunConfig, from_dict, to_dict
+from fm_ray.config import RunConfig, from_dict, to_dict
 from fm_ray.errors import UserError
+from fm_ray.grid import SWEEP_KEYS, SweepOptions
 from fm_ray.results import PARTITIONS, ROUND_SCHEMA, SWEEP_QUERY_SCHEMA, RunDir, run_id
 
-# Grid axes: list flag -> (the `fm-ray run` flag's attribute it sweeps, value type).
-GRID_AXES: dict[str, tuple[str, type]] = {
-    "strategies": ("strategy", str),
-    "seeds": ("seed", int),
-    "datasets": ("dataset", str),
-    "settings": ("setting", str),
-    "presets": ("preset", str),
-    "sparsities": ("sparsity", float),
-    "lams": ("lam", float),
-    "batches": ("batch", int),
-    "models": ("model", str),
-}
-SWEEP_KEYS = ("max_concurrent", "cpus_per_trial", "gpus_per_trial")
 EXPERIMENT = "tune"  # Tune's experiment name, under --out
 METRICS = ("round", "n_labeled", "accuracy", "balanced_accuracy", "train_seconds", "query_seconds")
-
-# ---------------------------------------------------------------------------------------------
-# Presets: the paper's grid (FisherMask arXiv 2411.05752, section 5) and CPU-sized variants.
-
-PAPER_STRATEGIES = ["random", "entropy", "margin", "bait", "kcenter", "badge", "fishermask"]
-# What a `cpu-` variant changes: the small CNN and short rounds of 100, all seven strategies and
-# three seeds. Sized for a 2-core machine in about 20 minutes (measured: see the README). Tune here.
-CPU_BASE = {
-    "model": "cnn",
-    "epochs": 15,
-    "init": 100,
-    "batch": 100,
-    "rounds": 6,
-    "fisher_samples": 512,
-    "device": "cpu",
-    "backend": "local",  # trials run side by side; each one's pool stays in-process
-}
-CPU_GRID = {"strategies": PAPER_STRATEGIES, "seeds": [0, 1, 2]}
-
-
-def _paper(dataset: str, regime: str) -> dict[str, Any]:
-    return {
-        "base": {"dataset": dataset, "model": "resnet18", "preset": regime},
-        "grid": {"strategies": PAPER_STRATEGIES, "seeds": [0, 1, 2]},
-    }
-
-
-def _cpu(spec: dict[str, Any]) -> dict[str, Any]:
-    # budget None: the CPU variant stops after CPU_BASE's rounds, the regime only names the setting
-    return {"base": {**spec["base"], **CPU_BASE}, "grid": {**spec["grid"], **CPU_GRID}}
-
-
-SWEEP_PRESETS: dict[str, dict[str, Any]] = {}
-for _ds, _short in (("cifar10", "cifar10"), ("fashion_mnist", "fmnist")):
-    for _regime in PRESETS:
-        SWEEP_PRESETS[f"paper-{_short}-{_regime}"] = _paper(_ds, _regime)
-        SWEEP_PRESETS[f"cpu-paper-{_short}-{_regime}"] = _cpu(_paper(_ds, _regime))
-
-
-# ---------------------------------------------------------------------------------------------
-# Building the grid: spec file / preset / flags -> list of RunConfig.
-
-
-def parse_list(text: str, typ: type, flag: str) -> list[Any]:
-    """'0,1,2' -> [0, 1, 2]; a bad or empty list is a UserError naming the flag."""
-    items = [s.strip() for s in str(text).split(",") if s.strip()]
-    try:
-        values = [typ(s) for s in items]
-    except ValueError:
-        raise UserError(
-            f"--{flag} {text!r} is not a comma-separated list of {typ.__name__}s: e.g. --{flag} {_example(typ)}"
-        ) from None
-    if not values:
-        raise UserError(f"--{flag} is empty: give a comma-separated list, e.g. --{flag} {_example(typ)}")
-    return values
-
-
-def _example(typ: type) -> str:
-    return {int: "0,1,2", float: "0.002,0.01"}.get(typ, "random,entropy")
-
-
-def load_spec(path: str | Path) -> dict[str, Any]:
-    """A YAML/JSON sweep spec: {base: {<run flag>: value}, grid: {<axis>: [values]}, sweep: {...}}."""
-    import yaml
-
-    try:
-        spec = yaml.safe_load(Path(path).read_text())  # JSON is YAML
-    except (OSError, yaml.YAMLError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"--spec {path}: cannot read it ({first}): give a readable YAML or JSON file") from None
-    if not isinstance(spec, dict) or not set(spec) <= {"base", "grid", "sweep"}:
-        raise UserError(f"--spec {path}: expected a mapping with keys base, grid and/or sweep")
-    for key in spec:
-        if not isinstance(spec[key] or {}, dict):
-            raise UserError(f"--spec {path}: `{key}` must be a mapping, e.g. {key}: {{...}}")
-    return {k: dict(v or {}) for k, v in spec.items()}
-
-
-def _grid_values(axis: str, values: Any) -> list[Any]:
-    if axis not in GRID_AXES:
-        raise UserError(f"unknown grid axis {axis!r}: choose from {', '.join(GRID_AXES)}")
-    typ = GRID_AXES[axis][1]
-    if isinstance(values, str | int | float):
-        return parse_list(str(values), typ, axis)
-    if not isinstance(values, list) or not values:
-        raise UserError(f"grid axis {axis}: give a non-empty list, e.g. {axis}: [{_example(typ)}]")
-    return parse_list(",".join(str(v) for v in values), typ, axis)
-
-
-def base_argv(base: dict[str, Any]) -> list[str]:
-    """Spec `base` mapping -> `fm-ray run` flags, so a spec means exactly what the flags mean."""
-    argv: list[str] = []
-    for key, value in base.items():
-        flag = "--" + str(key).replace("_", "-")
-        if value is None:
-            continue
-        if value is True:
-            argv.append(flag)
-        elif value is False:
-            argv.append("--no-" + flag[2:])
-        elif key == "class_counts" and isinstance(value, dict):
-            argv += [flag, ",".join(f"{c}:{n}" for c, n in value.items())]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
-def run_flags_namespace(argv: Sequence[str]) -> argparse.Namespace:
-    from fm_ray.cli import _Parser, add_run_flags
-
-    p = _Parser(prog="fm-ray sweep (spec base)", add_help=False)
-    add_run_flags(p)
-    return p.parse_args(list(argv))
-
-
-def expand(base: argparse.Namespace, grid: dict[str, list[Any]]) -> list[RunConfig]:
-    """The cross product of the grid over a base of `fm-ray run` flags; duplicates dropped.
-
-    Each point goes through `cli.config_from_args`, so precedence matches `fm-ray run`: explicit
-    flags (and the settings axis) win over a regime preset's setting/init/batch/budget.
-    """
-    from fm_ray.cli import config_from_args
-    from fm_ray.loop import check
-
-    axes = [a for a in GRID_AXES if a in grid]
-    configs: dict[str, RunConfig] = {}
-    for point in itertools.product(*(grid[a] for a in axes)):
-        ns = argparse.Namespace(**vars(base))
-        for axis, value in zip(axes, point, strict=True):
-            setattr(ns, GRID_AXES[axis][0], value)
-        cfg = _absolute_data_dir(config_from_args(ns))
-        check(cfg)
-        configs.setdefault(run_id(cfg), cfg)
-    return list(configs.values())
-
-
-def _absolute_data_dir(cfg: RunConfig) -> RunConfig:
-    # Tune runs trials in their own working directory: a relative --data-dir must not move.
-    if cfg.data.data_dir is None or "://" in cfg.data.data_dir:
-        return cfg
-    data = dataclasses.replace(cfg.data, data_dir=str(Path(cfg.data.data_dir).resolve()))
-    return dataclasses.replace(cfg, data=data)
-
-
-def sweep_from_args(args: argparse.Namespace) -> tuple[list[RunConfig], SweepOptions]:
-    """`fm-ray sweep` flags -> (configs, options). Precedence: sweep preset < --spec file < flags."""
-    spec: dict[str, Any] = {"base": {}, "grid": {}, "sweep": {}}
-    preset = args.preset
-    if preset is not None and preset not in PRESETS:
-        if preset not in SWEEP_PRESETS:
-            raise UserError(
-                f"unknown preset {preset!r}: choose a sweep preset ({', '.join(SWEEP_PRESETS)}) "
-                f"or a regime ({', '.join(PRESETS)})"
-            )
-        spec = _merge(spec, SWEEP_PRESETS[preset])
-        args = argparse.Namespace(**{**vars(args), "preset": None})
-    if args.spec is not None:
-        spec = _merge(spec, load_spec(args.spec))
-    base = run_flags_namespace(base_argv(spec["base"]))
-    for key, value in vars(args).items():
-        if hasattr(base, key) and value is not None:
-            setattr(base, key, value)
-    grid = {axis: _grid_values(axis, values) for axis, values in spec["grid"].items()}
-    for axis in GRID_AXES:
-        if getattr(args, axis, None) is not None:
-            grid[axis] = _grid_values(axis, getattr(args, axis))
-    sweep = {**spec["sweep"], **{k: getattr(args, k) for k in SWEEP_KEYS if getattr(args, k, None) is not None}}
-    unknown = set(sweep) - set(SWEEP_KEYS)
-    if unknown:
-        raise UserError(f"unknown sweep option(s) {', '.join(sorted(unknown))}: use {', '.join(SWEEP_KEYS)}")
-    opts = SweepOptions(out=args.out, resume=args.resume, **sweep)
-    given = preset is not None or args.spec is not None or grid or any(v is not None for v in vars(base).values())
-    if args.resume and not given:
-        return [], opts  # --resume alone: the stored grid
-    return expand(base, grid), opts
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    return {k: {**a.get(k, {}), **b.get(k, {})} for k in ("base", "grid", "sweep")}
-
-
-def add_sweep_flags(p: argparse.ArgumentParser) -> None:
-    """The grid and Tune flags of `fm-ray sweep` (every `fm-ray run` flag comes from cli.add_run_flags)."""
-    g = p.add_argument_group("grid (comma-separated lists; each replaces the single-value run flag)")
-    for axis, (flag, typ) in GRID_AXES.items():
-        g.add_argument(f"--{axis}", metavar="LIST", help=f"values of --{flag}, e.g. {_example(typ)}")
-    g.add_argument(
-        "--spec", help="YAML/JSON file: {base: {<run flag>: value}, grid: {<axis>: [...]}, sweep: {max_concurrent: 2}}"
-    )
-    g = p.add_argument_group("Ray Tune")
-    g.add_argument(
-        "--out",
-        required=True,
-        help="sweep directory: a local path or an s3:// / gs:// URI (Tune storage_path; needs the cloud "
-        "credentials and pyarrow filesystem support on every node)",
-    )
-    g.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out (redoes nothing)")
-    g.add_argument("--max-concurrent", type=int, help="most trials running at once (default: as resources allow)")
-    g.add_argument("--cpus-per-trial", type=float, help="CPUs reserved for each trial's driver (default 1)")
-    g.add_argument("--gpus-per-trial", type=float, help="GPUs reserved for each trial's driver (default 0)")
-
 
 # ---------------------------------------------------------------------------------------------
 # Storage: the sweep root on a local disk or a pyarrow filesystem (s3://, gs://).
@@ -388,23 +172,6 @@ def trial(config: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The driver.
-
-
-@dataclass(frozen=True)
-class SweepOptions:
-    out: str
-    resume: bool = False
-    max_concurrent: int | None = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise UserError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise UserError(
-                f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {self.cpus_per_trial}, {self.gpus_per_trial}"
-            )
 
 
 def trial_resources(cfg: dict[str, Any], cpus: float, gpus: float) -> Any:

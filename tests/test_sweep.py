@@ -12,10 +12,11 @@ import torch
 from fm_ray.cli import build_parser, main
 from fm_ray.config import from_dict
 from fm_ray.errors import UserError
+from fm_ray.grid import SWEEP_PRESETS, SweepOptions, sweep_from_args
 from fm_ray.loop import run_experiment
 from fm_ray.report import load_queries, load_rounds
 from fm_ray.results import TIMING_COLUMNS
-from fm_ray.sweep import SWEEP_PRESETS, SweepOptions, run_sweep, sweep_from_args, trial_resources
+from fm_ray.sweep import run_sweep, trial_resources
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
