@@ -97,7 +97,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--gpus-per-shard",
         type=float,
-        help=f"Ray GPUs per shard actor, fractions allowed (default {pl.gpus_per_shard})",
+        help="Ray GPUs per shard actor, fractions allowed (default: the cluster's GPUs shared evenly, at most "
+        "1 each, 0 without GPUs; in a sweep, 0 unless given)",
     )
     g.add_argument(
         "--ray-address", help="Ray cluster to join: auto | ray://host:10001 (else $RAY_ADDRESS, else a local instance)"

@@ -51,7 +51,7 @@ class PoolConfig:
     backend: str = "ray"  # ray | local (in-process shards, no Ray)
     shards: int = 1
     cpus_per_shard: float = 1.0
-    gpus_per_shard: float = 0.0
+    gpus_per_shard: float | None = None  # None: share the cluster's GPUs among the shards, if it has any
     ray_address: str | None = None  # else $RAY_ADDRESS, else an embedded local instance
 
 
@@ -134,6 +134,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--sparsity must be in (0, 1], got {cfg.strategy.sparsity}")
     if cfg.strategy.greedy not in ("fast", "reference"):
         raise UserError(f"--greedy must be fast or reference, got {cfg.strategy.greedy!r}")
+    if cfg.pool.gpus_per_shard is not None and cfg.pool.gpus_per_shard < 0:
+        raise UserError(f"--gpus-per-shard must be >= 0, got {cfg.pool.gpus_per_shard}")
+    if cfg.pool.cpus_per_shard <= 0:
+        raise UserError(f"--cpus-per-shard must be positive, got {cfg.pool.cpus_per_shard}")
     if cfg.pool.shards <= 0:
         raise UserError(f"--shards must be positive, got {cfg.pool.shards}")
     if cfg.pool.backend not in ("local", "ray"):

@@ -184,7 +184,7 @@ def trial_resources(cfg: dict[str, Any], cpus: float, gpus: float) -> Any:
     pool = cfg["cfg"]["pool"]
     shards = pool["shards"] if pool["backend"] == "ray" else 0
     return tune.PlacementGroupFactory(
-        [bundle(cpus, gpus)] + [bundle(pool["cpus_per_shard"], pool["gpus_per_shard"])] * shards
+        [bundle(cpus, gpus)] + [bundle(pool["cpus_per_shard"], pool["gpus_per_shard"] or 0.0)] * shards
     )
 
 

@@ -126,3 +126,11 @@ def test_run_interrupted_between_rounds_resumes_under_ray(tmp_path):
             {k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in b
         ]
     assert ray.is_initialized()  # the run reused the test's Ray instance and left it up
+
+
+def test_gpus_per_shard_defaults_to_the_clusters_share():
+    from fm_ray.pool.ray_pool import _gpus_per_shard
+
+    assert ray.cluster_resources().get("GPU", 0.0) == 0.0
+    assert _gpus_per_shard(PoolConfig(backend="ray", shards=2)) == 0.0  # no GPU here: shards on CPU
+    assert _gpus_per_shard(PoolConfig(backend="ray", shards=2, gpus_per_shard=0.25)) == 0.25

@@ -8,6 +8,7 @@ re-issued, so the round completes with the same picks.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -40,6 +41,20 @@ class ShardActor:
         return os.getpid() if method == "pid" else getattr(self.shard, method)(*args)
 
 
+def _gpus_per_shard(cfg: PoolConfig) -> float:
+    """An explicit --gpus-per-shard, else an even share of the cluster's GPUs (at most one each).
+
+    Inside a placement group (a Tune trial) only what the group reserved is usable: no GPUs
+    unless asked for explicitly.
+    """
+    if cfg.gpus_per_shard is not None:
+        return cfg.gpus_per_shard
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if gpus == 0 or ray.util.get_current_placement_group() is not None:
+        return 0.0
+    return min(1.0, gpus / cfg.shards)
+
+
 def _nbytes(a: Any) -> int:
     if isinstance(a, torch.Tensor):
         return a.numel() * a.element_size()
@@ -55,7 +70,8 @@ class RayPool:
         self._own_ray = not ray.is_initialized()
         if self._own_ray:  # address None: $RAY_ADDRESS if set, else a local instance for this run
             ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
-        device = "cuda" if cfg.gpus_per_shard > 0 else "cpu"
+        cfg = dataclasses.replace(cfg, gpus_per_shard=_gpus_per_shard(cfg))
+        device = "cuda" if cfg.gpus_per_shard else "cpu"
         spec = ShardSpec(spec.model, spec.channels, spec.side, spec.n_classes, spec.norm, device)
         self._pg = self._reserve(cfg)
         threads = max(1, int(cfg.cpus_per_shard))
@@ -76,6 +92,7 @@ class RayPool:
         """One bundle per shard; inside a Tune trial the trial's placement group already holds them."""
         if ray.util.get_current_placement_group() is not None:
             return None
+        assert cfg.gpus_per_shard is not None  # resolved in __init__
         need = {"CPU": cfg.cpus_per_shard * cfg.shards, "GPU": cfg.gpus_per_shard * cfg.shards}
         have = ray.cluster_resources()
         short = {k: v for k, v in need.items() if v > have.get(k, 0.0)}
