@@ -15,6 +15,7 @@ import torch
 from fm_ray import data as fdata
 from fm_ray.config import RunConfig, rounds_for_budget, validate
 from fm_ray.errors import UserError
+from fm_ray.log import log
 from fm_ray.models import build_model, check_model
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import ShardSpec
@@ -23,10 +24,6 @@ from fm_ray.strategies import STRATEGIES, QueryContext, Selection
 from fm_ray.train import Normalizer, evaluate, resolve_device, train_model
 
 RoundHook = Callable[[dict], None]  # called with each finished round's row (Tune reports through it)
-
-
-def log(msg: str) -> None:
-    print(f"[fm-ray {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def initial_labeled(pool_size: int, init: int, seed: int) -> np.ndarray:

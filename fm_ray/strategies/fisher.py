@@ -15,6 +15,7 @@ import torch
 from fm_ray.core import mask as fmask
 from fm_ray.core.fisher import param_layout
 from fm_ray.core.greedy import greedy_select
+from fm_ray.log import log
 from fm_ray.pool import ShardedPool, state_call
 from fm_ray.strategies import QueryContext, Selection, Strategy, register
 
@@ -39,6 +40,8 @@ def _greedy(pool: ShardedPool, ctx: QueryContext, mask_idx: torch.Tensor | None)
     fisher_D_D = sum(p for p, _, _ in parts) / sum(n for _, _, n in parts)
     labeled_sum = sum(s for _, s, _ in parts) if cfg.labeled_init else None
     embed_s = time.perf_counter() - start
+    d = fisher_D_D.shape[0]
+    log(f"  Fisher embeddings (d = {d}) and partial sums on {len(parts)} shard(s): {embed_s:.1f}s; selecting {ctx.k}")
     start = time.perf_counter()
     picks = greedy_select(
         state_call(pool),
@@ -56,6 +59,7 @@ def fishermask_select(pool: ShardedPool, ctx: QueryContext) -> Selection:
     start = time.perf_counter()
     mask_idx, info = _fisher_mask(pool, ctx)
     mask_s = time.perf_counter() - start
+    log(f"  Fisher mask: {info['mask_size']} weights ({ctx.cfg.sparsity:g} of all) in {mask_s:.1f}s")
     picks, timings = _greedy(pool, ctx, mask_idx)
     return Selection(picks, {"mask_seconds": mask_s, **timings}, info)
 
