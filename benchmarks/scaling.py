@@ -13,7 +13,7 @@ all kept up, and the counts are timed in turns (order alternating per repeat), s
 processes on the machine hits every count alike; only one pool computes at a time.
 
 Per shard count, one JSON line:
-  embed_s           wall time of pool.map("build_greedy", mask, "fast", chunk): Fisher embeddings and
+  embed_s           wall time of pool.map("build_greedy", mask, "fast", chunk, "float32"): Fisher embeddings and
                     partial V^T V sums on all shards in parallel (min over --repeats)
   select_s          wall time of greedy_select over K steps, shard state init included (min over --repeats)
   step_ms           mean wall time of one greedy step (one broadcast + every shard's step + reduce)
@@ -93,7 +93,7 @@ class Timed:
         self.pool.map("set_round", weights, labeled)
         # warm-up outside the timings: actors up, one sample's Fisher pass per shard (lazy torch init)
         firsts = np.array([p[0] for p in partition(len(x_u8), shards, BLOCK) if len(p)])
-        self.pool.map("fisher_diag_sum", firsts, a.chunk)
+        self.pool.map("fisher_diag_sum", firsts, a.chunk, "float32")
         self.pids = self.pool.map("pid")
         self.embed: list[float] = []
         self.embed_cpu: list[float] = []  # the busiest shard's CPU seconds in each embed phase
@@ -123,7 +123,7 @@ class Timed:
     def round(self, mask: torch.Tensor) -> None:
         cpu0 = self._cpu_s()
         start = time.perf_counter()
-        parts = self.pool.map("build_greedy", mask, "fast", self.a.chunk)
+        parts = self.pool.map("build_greedy", mask, "fast", self.a.chunk, "float32")
         fisher_D_D = sum(p for p, _, _ in parts) / sum(c for _, _, c in parts)
         labeled_sum = sum(s for _, s, _ in parts)
         self.embed.append(time.perf_counter() - start)

@@ -90,6 +90,11 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         help="always keep the final layer in the mask, as the reference code does (default off)",
     )
     g.add_argument("--greedy", choices=("fast", "reference"), help="greedy implementation (default fast)")
+    g.add_argument(
+        "--fisher-dtype",
+        choices=("float32", "float64"),
+        help="compute dtype of the Fisher diagonal and embeddings; sums are float64 either way (default float32)",
+    )
     g = p.add_argument_group("pool backend")
     g.add_argument("--backend", help=f"ray | local (default {pl.backend}; local runs the shards in-process)")
     g.add_argument("--shards", type=int, help=f"pool shards (default {pl.shards})")
@@ -149,6 +154,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                 "labeled_init": a.labeled_init,
                 "include_last_layer": a.include_last_layer,
                 "greedy": a.greedy,
+                "fisher_dtype": a.fisher_dtype,
             },
         ),
         pool=_replace(

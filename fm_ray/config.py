@@ -44,6 +44,7 @@ class StrategyConfig:
     include_last_layer: bool = False  # the reference code keeps the whole final layer; the paper does not
     greedy: str = "fast"  # fast | reference
     chunk_size: int = 64  # samples per batched gradient chunk
+    fisher_dtype: str = "float32"  # float32 | float64: compute dtype of Fisher diagonal and embeddings
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--sparsity must be in (0, 1], got {cfg.strategy.sparsity}")
     if cfg.strategy.greedy not in ("fast", "reference"):
         raise UserError(f"--greedy must be fast or reference, got {cfg.strategy.greedy!r}")
+    if cfg.strategy.fisher_dtype not in ("float32", "float64"):
+        raise UserError(f"--fisher-dtype must be float32 or float64, got {cfg.strategy.fisher_dtype!r}")
     if cfg.pool.gpus_per_shard is not None and cfg.pool.gpus_per_shard < 0:
         raise UserError(f"--gpus-per-shard must be >= 0, got {cfg.pool.gpus_per_shard}")
     if cfg.pool.cpus_per_shard <= 0:

@@ -50,3 +50,39 @@ def test_fishermask_mask_profile_and_size(trained):
     assert sel.info["mask_size"] == round(0.01 * n_params)
     assert sum(p["kept"] for p in sel.info["mask_profile"]) == sel.info["mask_size"]
     assert set(sel.timings) >= {"mask_seconds", "embed_seconds", "select_seconds"}
+
+
+def _reduced_sums(trained, shards: int, dtype: str = "float32"):
+    import numpy as np
+    import torch
+
+    from fm_ray.core.mask import fisher_mask
+
+    pool = LocalPool(trained["spec"], trained["x_pool"], shards)
+    pool.map("set_round", trained["weights"], trained["labeled"])
+    parts = pool.map("fisher_diag_sum", np.arange(560), 64, dtype)
+    diag = sum(p for p, _ in parts)
+    mask = fisher_mask(diag, 200)
+    sums = pool.map("build_greedy", mask, "fast", 64, dtype)
+    pool_sum = sum(p for p, _, _ in sums)
+    labeled_sum = sum(s for _, s, _ in sums)
+    return diag, torch.as_tensor(pool_sum), torch.as_tensor(labeled_sum), pool.shards[0].state.emb_N_C_D.dtype
+
+
+def test_reduced_fisher_sums_do_not_depend_on_shards(trained):
+    """Equal up to the order of float64 additions (the per-sample terms themselves are identical)."""
+    import torch
+
+    one = _reduced_sums(trained, 1)
+    for shards in (2, 3):
+        other = _reduced_sums(trained, shards)
+        assert all(torch.allclose(a, b, rtol=1e-13, atol=0) for a, b in zip(one[:3], other[:3], strict=True))
+
+
+def test_fisher_dtype_float64_on_request(trained):
+    import torch
+
+    f32, f64 = _reduced_sums(trained, 1), _reduced_sums(trained, 1, "float64")
+    assert f32[3] == torch.float32 and f64[3] == torch.float64  # the embeddings the greedy state holds
+    assert torch.allclose(f32[0], f64[0], rtol=1e-3, atol=1e-9)
+    assert torch.allclose(f32[1], f64[1], rtol=1e-3, atol=1e-9)

@@ -3,6 +3,7 @@ strategy builds. The local pool calls it in-process; the Ray pool wraps the same
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -16,6 +17,7 @@ from fm_ray.models import build_model
 from fm_ray.train import Normalizer, predict
 
 BLOCK = 256  # inference batch; shards are cut on multiples of it (see pool.partition)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # Fisher compute dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +62,12 @@ class PoolShard:
             self._preds = predict(self.model, self.x_u8, self.spec.norm, self.device, batch=BLOCK)
         return self._preds
 
-    def _inputs(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.spec.norm(self.x_u8[rows]).to(self.device)
+    def _inputs(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.spec.norm(self.x_u8[rows]).to(self.device, dtype)
+
+    def _model_in(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The model in the Fisher compute dtype (float64 on request: a copy)."""
+        return self.model if dtype == torch.float32 else copy.deepcopy(self.model).to(dtype)
 
     # -- uncertainty ----------------------------------------------------------------------------
     def top_scores(self, score: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,33 +76,40 @@ class PoolShard:
         return scores.top_k(scores.SCORES[score](probs[free]), self.index_N[free], k)
 
     # -- Fisher ---------------------------------------------------------------------------------
-    def fisher_diag_sum(self, positions: np.ndarray, chunk_size: int) -> tuple[torch.Tensor, int]:
-        """Partial sum over this shard's members among `positions` (for the driver to add up)."""
+    def fisher_diag_sum(self, positions: np.ndarray, chunk_size: int, dtype: str) -> tuple[torch.Tensor, int]:
+        """Partial float64 sum over this shard's members among `positions`, for the driver to add up."""
         rows = torch.from_numpy(np.flatnonzero(np.isin(self.index_N.numpy(), positions)))
+        model, dt = self._model_in(DTYPES[dtype]), DTYPES[dtype]
         total = torch.zeros(sum(p.numel() for p in self.model.parameters()), dtype=torch.float64)
         for chunk in rows.split(BLOCK):
-            total += fisher.fisher_diag_sum(self.model, self._inputs(chunk), chunk_size=chunk_size).cpu()
+            total += fisher.fisher_diag_sum(model, self._inputs(chunk, dt), chunk_size=chunk_size).cpu()
         return total, len(rows)
 
     def build_greedy(
-        self, mask_idx: torch.Tensor | None, method: str, chunk_size: int
+        self, mask_idx: torch.Tensor | None, method: str, chunk_size: int, dtype: str
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Fisher embeddings of every member (`mask_idx` None: last layer, i.e. BAIT); keeps the
-        unlabeled ones as greedy candidates and returns partial (pool sum, labeled sum, count) of V^T V."""
+        unlabeled ones as greedy candidates and returns partial float64 (pool sum, labeled sum, count)
+        of V^T V, accumulated block by block so no float64 copy of all embeddings is ever made."""
+        dt = DTYPES[dtype]
         if mask_idx is None:
             probs, feats = self._predictions()
-            emb_N_C_D = fisher.last_layer_embeddings(probs, feats)
+            emb_N_C_D = fisher.last_layer_embeddings(probs.to(dt), feats.to(dt))
         else:
+            model = self._model_in(dt)
             parts = [
-                fisher.fisher_embeddings(self.model, self._inputs(chunk), mask_idx, chunk_size=chunk_size).cpu()
+                fisher.fisher_embeddings(model, self._inputs(chunk, dt), mask_idx, chunk_size=chunk_size).cpu()
                 for chunk in torch.arange(len(self.index_N)).split(BLOCK)
             ]
             emb_N_C_D = torch.cat(parts)
-        emb64 = emb_N_C_D.double()
-        flat = emb64.reshape(-1, emb64.shape[-1])
-        pool_sum = flat.T @ flat
-        lab = emb64[self.labeled_N].reshape(-1, emb64.shape[-1])
-        labeled_sum = lab.T @ lab
+        D = emb_N_C_D.shape[-1]
+        pool_sum = torch.zeros(D, D, dtype=torch.float64)
+        labeled_sum = torch.zeros(D, D, dtype=torch.float64)
+        for rows in torch.arange(len(self.index_N)).split(BLOCK):
+            block = emb_N_C_D[rows].double()
+            flat, lab = block.reshape(-1, D), block[self.labeled_N[rows]].reshape(-1, D)
+            pool_sum += flat.T @ flat
+            labeled_sum += lab.T @ lab
         free = ~self.labeled_N
         self.state = GreedyState(emb_N_C_D[free], self.index_N[free], method=method)
         return pool_sum, labeled_sum, len(self.index_N)

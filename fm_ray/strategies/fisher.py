@@ -24,7 +24,7 @@ def _fisher_mask(pool: ShardedPool, ctx: QueryContext) -> tuple[torch.Tensor, di
     cfg = ctx.cfg
     n = ctx.pool_size if cfg.fisher_samples is None else min(cfg.fisher_samples, ctx.pool_size)
     positions = np.arange(n)  # the reference code uses the first pool samples
-    parts = pool.map("fisher_diag_sum", positions, cfg.chunk_size)
+    parts = pool.map("fisher_diag_sum", positions, cfg.chunk_size, cfg.fisher_dtype)
     diag_P = sum(p for p, _ in parts) / sum(c for _, c in parts)
     n_params = diag_P.numel()
     always = fmask.final_layer_indices(ctx.model) if cfg.include_last_layer else None
@@ -36,7 +36,7 @@ def _fisher_mask(pool: ShardedPool, ctx: QueryContext) -> tuple[torch.Tensor, di
 def _greedy(pool: ShardedPool, ctx: QueryContext, mask_idx: torch.Tensor | None) -> tuple[list[int], dict[str, float]]:
     cfg = ctx.cfg
     start = time.perf_counter()
-    parts = pool.map("build_greedy", mask_idx, cfg.greedy, cfg.chunk_size)
+    parts = pool.map("build_greedy", mask_idx, cfg.greedy, cfg.chunk_size, cfg.fisher_dtype)
     fisher_D_D = sum(p for p, _, _ in parts) / sum(n for _, _, n in parts)
     labeled_sum = sum(s for _, s, _ in parts) if cfg.labeled_init else None
     embed_s = time.perf_counter() - start
