@@ -59,6 +59,7 @@ def run_experiment(
     cfg: RunConfig, out: str | Path, resume: bool = False, overwrite: bool = False, on_round: RoundHook | None = None
 ) -> Path:
     check(cfg)
+    rundir = RunDir(out)
     data = fdata.load_dataset(cfg.data)
     pool = fdata.make_pool(cfg.data, data, cfg.seed)
     T = len(pool.train_index)
@@ -74,7 +75,6 @@ def run_experiment(
     x_test = data.test_x[torch.from_numpy(pool.test_index)]
     channels, side, C = x_pool.shape[1], x_pool.shape[-1], len(pool.classes)
 
-    rundir = RunDir(out)
     rows, queries = rundir.open(cfg, resume, overwrite)
     rid = run_id(cfg)
     labeled = np.union1d(initial_labeled(T, cfg.init, cfg.seed), [q["pool_index"] for q in queries]).astype(np.int64)

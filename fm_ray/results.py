@@ -77,6 +77,11 @@ def _write(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
 
 class RunDir:
     def __init__(self, out: str | Path):
+        if "://" in str(out):
+            raise UserError(
+                f"--out {out}: fm-ray run writes to a local folder; use `fm-ray sweep --out {out}` for "
+                "object storage, or copy the run folder there afterwards"
+            )
         self.path = Path(out)
         self.rounds_path = self.path / "rounds.parquet"
         self.queries_path = self.path / "queries.parquet"

@@ -27,6 +27,8 @@ BASE = ["run", "--dataset", "fashion_mnist", "--model", "cnn", "--epochs", "1", 
         (["--class-counts", "0:x"], "--class-counts '0:x' is not valid"),
         (["--data-dir", "/nonexistent/data"], "dataset fashion_mnist not found under /nonexistent/data"),
         (["--epochs", "abc"], "invalid int value: 'abc'"),
+        (["--fisher-dtype", "float16"], "invalid choice: 'float16'"),
+        (["--gpus-per-shard", "-1"], "--gpus-per-shard must be >= 0"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
@@ -88,3 +90,8 @@ def test_help_documents_every_flag(capsys):
         "--labeled-init",
     ):
         assert flag in text
+
+
+def test_run_out_must_be_local(capsys):
+    assert main([*BASE, "--out", "s3://bucket/run"]) == 2
+    assert "fm-ray run writes to a local folder" in capsys.readouterr().err
