@@ -40,6 +40,11 @@ def _partitioned(root: Path, schema: pa.Schema) -> pd.DataFrame:
 
 
 def _load(path: str | Path, kind: str, schema: pa.Schema) -> pd.DataFrame:
+    if "://" in str(path):
+        raise UserError(
+            f"{path}: fm-ray report reads a local folder; copy the sweep down first "
+            "(e.g. `aws s3 sync s3://bucket/sweep ./sweep`, `gcloud storage rsync -r gs://bucket/sweep ./sweep`)"
+        )
     path = Path(path)
     if (path / "results" / kind).is_dir():
         return _partitioned(path / "results" / kind, schema)
