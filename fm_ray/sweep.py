@@ -188,6 +188,28 @@ def trial_resources(cfg: dict[str, Any], cpus: float, gpus: float) -> Any:
     )
 
 
+def check_fits(configs: list[RunConfig], opts: SweepOptions, fixed: bool) -> None:
+    """A trial bigger than the whole cluster would wait forever: an error on a fixed (local) Ray
+    instance, a warning on a cluster that may still scale up."""
+    import ray
+
+    have = ray.cluster_resources()
+    for cfg in configs:
+        pgf = trial_resources({"cfg": to_dict(cfg)}, opts.cpus_per_trial, opts.gpus_per_trial)
+        need = {k: sum(b.get(k, 0.0) for b in pgf.bundles) for k in ("CPU", "GPU")}
+        short = {k: v for k, v in need.items() if v > have.get(k, 0.0)}
+        if short:
+            msg = (
+                f"trial {run_id(cfg)} needs {short} (driver + {cfg.pool.shards if cfg.pool.backend == 'ray' else 0} "
+                f"shard actors) but the Ray cluster has { {k: have.get(k, 0.0) for k in short} }: lower "
+                "--shards / --cpus-per-shard / --cpus-per-trial, use --backend local, or join a larger cluster"
+            )
+            if fixed:
+                raise UserError(msg)
+            print(f"[sweep] warning: {msg}; it waits until the cluster scales up", flush=True)
+            return
+
+
 class Progress:
     """A concise progress line per result: trials done/running/errored and the latest accuracy."""
 
@@ -258,6 +280,7 @@ def run_sweep(
     exp_path = f"{root}/{EXPERIMENT}"
     started = _ensure_ray(ray_address)
     try:
+        check_fits(configs, opts, fixed=started)
         exists = tune.Tuner.can_restore(exp_path)
         if opts.resume and not exists:
             raise UserError(f"--resume: no sweep to continue in {opts.out}: drop --resume to start one there")

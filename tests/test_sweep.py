@@ -201,3 +201,15 @@ def test_sweep_to_a_storage_uri(tmp_path, sweep_dir):
     local = local[(local["strategy"] == "random") & (local["seed"] == 0)]
     assert strip(rows)["accuracy"].tolist() == strip(local)["accuracy"].tolist()
     assert main(["report", f"file://{out}"]) == 2
+
+
+def test_trial_larger_than_a_fixed_cluster_is_an_error(capsys):
+    from fm_ray.sweep import check_fits
+
+    args = build_parser().parse_args(["sweep", "--out", "o", "--strategies", "fishermask", *SMALL[:-2]])
+    args.backend, args.shards = "ray", 2  # driver + 2 shards = 3 CPUs > the module's 2
+    configs, opts = sweep_from_args(args)
+    with pytest.raises(UserError, match=r"needs \{'CPU': 3.0\} \(driver \+ 2 shard actors\)"):
+        check_fits(configs, opts, fixed=True)
+    check_fits(configs, opts, fixed=False)  # a cluster that may scale up: a warning only
+    assert "waits until the cluster scales up" in capsys.readouterr().out
