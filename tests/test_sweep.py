@@ -213,3 +213,21 @@ def test_trial_larger_than_a_fixed_cluster_is_an_error(capsys):
         check_fits(configs, opts, fixed=True)
     check_fits(configs, opts, fixed=False)  # a cluster that may scale up: a warning only
     assert "waits until the cluster scales up" in capsys.readouterr().out
+
+
+def test_trial_with_ray_shards_runs_in_its_placement_group(tmp_path, sweep_dir):
+    """--backend ray: the trial's bundle list holds its shard actor, which Tune places in the trial's
+    placement group (2 CPUs: driver + shard); the rows equal the local-pool trial's."""
+    out = tmp_path / "sharded"
+    assert SMALL[-2:] == ["--backend", "local"]
+    flags = [*SMALL[:-1], "ray"]
+    assert main(["sweep", "--out", str(out), "--strategies", "entropy", "--seeds", "0", *flags, "--shards", "1"]) == 0
+    rows = load_rounds(out)
+    assert set(rows["backend"]) == {"ray"}
+    local = load_rounds(sweep_dir)
+    local = local[(local["strategy"] == "entropy") & (local["seed"] == 0)]
+    assert strip(rows)["accuracy"].tolist() == strip(local)["accuracy"].tolist()
+    assert (
+        strip(load_queries(out))["pool_index"].tolist()
+        == strip(load_queries(sweep_dir).query("run_id in @local.run_id"))["pool_index"].tolist()
+    )
