@@ -106,7 +106,6 @@ def run_experiment(
             start = time.perf_counter()
             ev = evaluate(model, x_test, pool.test_labels, norm, device, C)
             eval_s = time.perf_counter() - start
-            torch.save(model.state_dict(), rundir.checkpoint_path)
             k = min(cfg.batch, (cfg.budget or T) - len(labeled), T - len(labeled)) if r < n_rounds else 0
             sel, query_s = Selection([]), 0.0
             if k > 0:
@@ -156,6 +155,8 @@ def run_experiment(
             }
             rows.append(row)
             rundir.write_round(rows, queries)
+            # after the rows: a resumed warm start must load the last *finished* round's weights
+            torch.save(model.state_dict(), rundir.checkpoint_path)
             labeled = np.union1d(labeled, picked)
             log(
                 f"round {r}/{n_rounds} done: n_labeled {row['n_labeled']}, test acc {ev['accuracy']:.4f}, "

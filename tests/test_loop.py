@@ -11,10 +11,10 @@ from fm_ray.results import TIMING_COLUMNS
 SMALL = DataConfig(dataset="fashion_mnist", setting="custom", class_counts=((0, 60), (1, 300), (2, 60)))
 
 
-def small_cfg(strategy: str = "entropy", **kw) -> RunConfig:
+def small_cfg(strategy: str = "entropy", warm_start: bool = False, **kw) -> RunConfig:
     return RunConfig(
         data=SMALL,
-        train=TrainConfig(epochs=2, device="cpu"),
+        train=TrainConfig(epochs=2, device="cpu", warm_start=warm_start),
         strategy=StrategyConfig(name=strategy),
         pool=PoolConfig(backend="local"),
         init=20,
@@ -49,9 +49,9 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("strategy", ["margin", "random"])
-def test_resume_after_crash_equals_uninterrupted(tmp_path, strategy):
-    cfg = small_cfg(strategy)
+@pytest.mark.parametrize("strategy, warm_start", [("margin", False), ("random", False), ("entropy", True)])
+def test_resume_after_crash_equals_uninterrupted(tmp_path, strategy, warm_start):
+    cfg = small_cfg(strategy, warm_start)
     full = run_experiment(cfg, tmp_path / "full")
 
     def crash_after_round_1(row):
