@@ -72,7 +72,7 @@ class RayPool:
             ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
         cfg = dataclasses.replace(cfg, gpus_per_shard=_gpus_per_shard(cfg))
         device = "cuda" if cfg.gpus_per_shard else "cpu"
-        spec = ShardSpec(spec.model, spec.channels, spec.side, spec.n_classes, spec.norm, device)
+        spec = dataclasses.replace(spec, device=device)
         self._pg = self._reserve(cfg)
         threads = max(1, int(cfg.cpus_per_shard))
         self.actors = []
