@@ -54,7 +54,10 @@ def param_offsets(layout: Layout) -> list[int]:
 
 def class_residuals(logits_N_C: Tensor) -> Tensor:
     """``r[n, c, :] = sqrt(p_c) (e_c - p)`` so that ``g_c = J^T r_c``; returns ``(N, C, C)``."""
-    probs_N_C = torch.softmax(logits_N_C.detach(), dim=-1)
+    return _residuals(torch.softmax(logits_N_C.detach(), dim=-1))
+
+
+def _residuals(probs_N_C: Tensor) -> Tensor:
     eye_C_C = torch.eye(probs_N_C.shape[1], dtype=probs_N_C.dtype, device=probs_N_C.device)
     return probs_N_C.sqrt()[:, :, None] * (eye_C_C[None] - probs_N_C[:, None, :])
 
@@ -73,9 +76,7 @@ def last_layer_embeddings(probs_N_C: Tensor, feats_N_E: Tensor) -> Tensor:
         ``(N, C, C * E)`` embeddings.
     """
     N, C = probs_N_C.shape
-    eye_C_C = torch.eye(C, dtype=probs_N_C.dtype, device=probs_N_C.device)
-    r_N_C_C = probs_N_C.sqrt()[:, :, None] * (eye_C_C[None] - probs_N_C[:, None, :])
-    return (r_N_C_C[..., None] * feats_N_E[:, None, None, :]).reshape(N, C, -1)
+    return (_residuals(probs_N_C)[..., None] * feats_N_E[:, None, None, :]).reshape(N, C, -1)
 
 
 def _hookable(mod: nn.Module) -> bool:
@@ -225,17 +226,22 @@ def _dense_weight_rows(go: Tensor, u: Tensor, k: Tensor) -> Tensor:
     return torch.cat(parts, dim=2)
 
 
+def _vector_grads(mod: nn.Module, name: str, go_l: Tensor, u: Tensor) -> Tensor | None:
+    """Full per-sample grads ``(n, C, numel)`` of a bias or a BatchNorm weight; None for a dense weight."""
+    if name == "bias":
+        return go_l.sum(-1)
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return (go_l * u[:, None]).sum(-1)
+    return None
+
+
 def _module_rows(mod: nn.Module, a: Tensor, go: Tensor, local: dict[str, Tensor]) -> dict[str, Tensor]:
     """Rows ``(n, C, K)`` for each local param name at the given local flat indices."""
     go_l, u = _factors(mod, a, go)
     out = {}
     for name, k in local.items():
-        if name == "bias":
-            out[name] = go_l.sum(-1)[..., k]
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            out[name] = (go_l * u[:, None]).sum(-1)[..., k]
-        else:
-            out[name] = _dense_weight_rows(go_l, u, k)
+        g = _vector_grads(mod, name, go_l, u)
+        out[name] = g[..., k] if g is not None else _dense_weight_rows(go_l, u, k)
     return out
 
 
@@ -244,12 +250,8 @@ def _module_diag(mod: nn.Module, a: Tensor, go: Tensor, names: list[str]) -> dic
     go_l, u = _factors(mod, a, go)
     out = {}
     for name in names:
-        if name == "bias":
-            out[name] = go_l.sum(-1).square().sum((0, 1))
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            out[name] = (go_l * u[:, None]).sum(-1).square().sum((0, 1))
-        else:
-            out[name] = _dense_weight_diag(go_l, u).reshape(-1)
+        g = _vector_grads(mod, name, go_l, u)
+        out[name] = g.square().sum((0, 1)) if g is not None else _dense_weight_diag(go_l, u).reshape(-1)
     return out
 
 
