@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from fm_ray.errors import UserError
-from fm_ray.results import ROUND_SCHEMA, SWEEP_QUERY_SCHEMA
+from fm_ray.results import PARTITIONS, ROUND_SCHEMA, SWEEP_QUERY_SCHEMA
 
 PANEL = ["dataset", "setting"]
 PHASES = {"train": "train_seconds", "query": "query_seconds", "mask": "mask_seconds", "embed": "embed_seconds",
@@ -34,7 +34,7 @@ _NOT_METHOD = ("seed", "preset", "data.", "pool.", "train.device", "strategy.nam
 
 
 def _partitioned(root: Path, schema: pa.Schema) -> pd.DataFrame:
-    part = ds.partitioning(pa.schema([(c, pa.string()) for c in PANEL]), flavor="hive")
+    part = ds.partitioning(pa.schema([(c, pa.string()) for c in PARTITIONS]), flavor="hive")
     table = ds.dataset(root, format="parquet", partitioning=part).to_table()
     return table.select([n for n in schema.names if n in table.column_names]).to_pandas()
 
@@ -51,7 +51,7 @@ def _load(path: str | Path, kind: str, schema: pa.Schema) -> pd.DataFrame:
     if (path / f"{kind}.parquet").exists():
         df = pq.read_table(path / f"{kind}.parquet").to_pandas()
         if kind == "queries":  # a run dir's queries carry no partition columns; take them from its rows
-            rows = pq.read_table(path / "rounds.parquet", columns=["run_id", *PANEL]).to_pandas()
+            rows = pq.read_table(path / "rounds.parquet", columns=["run_id", *PARTITIONS]).to_pandas()
             df = df.merge(rows.drop_duplicates("run_id"), on="run_id", how="left")
         return df
     raise UserError(f"{path} holds neither a sweep (results/{kind}/) nor a run ({kind}.parquet): give one of those")
@@ -192,7 +192,8 @@ def mask_profile(rounds: pd.DataFrame) -> pd.DataFrame:
 # Figures (matplotlib, Agg).
 
 
-def _panels(df: pd.DataFrame, title: str) -> tuple[Any, list[tuple[tuple[str, str], Any]]]:
+def _panels(df: pd.DataFrame, title: str) -> tuple[Any, list[tuple[tuple[str, str], Any, pd.DataFrame]]]:
+    """One axis per (dataset, setting), with that panel's rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,7 +202,8 @@ def _panels(df: pd.DataFrame, title: str) -> tuple[Any, list[tuple[tuple[str, st
     keys = sorted({(d, s) for d, s in zip(df["dataset"], df["setting"], strict=True)})
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
     fig.suptitle(title)
-    return fig, list(zip(keys, axes[0], strict=True))
+    subs = [df[(df["dataset"] == d) & (df["setting"] == s)] for d, s in keys]
+    return fig, list(zip(keys, axes[0], subs, strict=True))
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -215,8 +217,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 def plot_learning_curves(rounds: pd.DataFrame, path: Path) -> Path:
     fig, panels = _panels(rounds, "Test accuracy vs. labeled samples (mean ± std over seeds)")
-    for (d, s), ax in panels:
-        sub = rounds[(rounds["dataset"] == d) & (rounds["setting"] == s)]
+    for (d, s), ax, sub in panels:
         for method, g in sub.groupby("method"):
             curve = g.groupby("round").agg(
                 n=("n_labeled", "mean"), mean=("accuracy", "mean"), std=("accuracy", lambda x: x.std(ddof=0))
@@ -241,8 +242,7 @@ def _grouped_bars(ax: Any, table: pd.DataFrame, x: str, y: str, order: list[Any]
 
 def plot_class_histogram(hist: pd.DataFrame, path: Path) -> Path:
     fig, panels = _panels(hist, "Queried samples per class (summed over rounds and seeds)")
-    for (d, s), ax in panels:
-        sub = hist[(hist["dataset"] == d) & (hist["setting"] == s)]
+    for (d, s), ax, sub in panels:
         _grouped_bars(ax, sub, "cls", "count", sorted(sub["cls"].unique()))
         ax.set(title=f"{d} / {s}", xlabel="class", ylabel="queried samples")
     return _save(fig, path)
@@ -250,8 +250,7 @@ def plot_class_histogram(hist: pd.DataFrame, path: Path) -> Path:
 
 def plot_mask_profile(profile: pd.DataFrame, path: Path) -> Path:
     fig, panels = _panels(profile, "FisherMask: fraction of each layer's weights kept in the mask")
-    for (d, s), ax in panels:
-        sub = profile[(profile["dataset"] == d) & (profile["setting"] == s)]
+    for (d, s), ax, sub in panels:
         layers = sub.drop_duplicates("layer").sort_values("order")["layer"].tolist()
         _grouped_bars(ax, sub, "layer", "fraction", layers)
         ax.set_yscale("symlog", linthresh=1e-4)  # kept fractions span 1e-4..1; zeros must still show
