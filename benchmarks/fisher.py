@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 from torch import Tensor, nn
 
+from benchmarks.timing import timed
 from fm_ray.core.fisher import fisher_diag_sum, fisher_embeddings
 from fm_ray.core.mask import fisher_mask, mask_size
 
@@ -48,16 +48,6 @@ def loop_reference(model: nn.Module, x_N: Tensor, mask_idx_D: Tensor) -> tuple[T
     return diag, emb_N_C_D
 
 
-def _timed(device: str, fn):  # type: ignore[no-untyped-def]
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
-
-
 def _rel(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
@@ -87,10 +77,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         mask = fisher_mask(diag, mask_size(n_params, args.sparsity))
         return mask, fisher_embeddings(model, x_N, mask, chunk_size=args.batch)
 
-    runs = [_timed(args.device, batched) for _ in range(args.repeats)]
+    runs = [timed(args.device, batched) for _ in range(args.repeats)]
     batched_s, (mask, emb_N_C_D) = min(runs, key=lambda r: r[0])
     x_loop = x_N[: args.loop_samples]
-    loop_s, (loop_diag, loop_emb) = _timed(args.device, lambda: loop_reference(model, x_loop, mask))
+    loop_s, (loop_diag, loop_emb) = timed(args.device, lambda: loop_reference(model, x_loop, mask))
     diag_loop_samples = fisher_diag_sum(model, x_loop, chunk_size=args.batch)
     err = max(_rel(diag_loop_samples, loop_diag), _rel(emb_N_C_D[: args.loop_samples], loop_emb))
     loop_per, batched_per = loop_s / len(x_loop), batched_s / len(x_N)

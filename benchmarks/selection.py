@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
+from benchmarks.timing import timed
 from fm_ray.core.greedy import GreedyState, greedy_select, local_call
 
 
@@ -28,18 +28,13 @@ def inputs(S: int, C: int, d: int, n_labeled: int, seed: int, device: str, dtype
     return (t.to(device=device, dtype=dtype) for t in (V[:S], F, S_L))
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def run(method: str, V, F, S_L, K: int, n_labeled: int, device: str) -> tuple[list[int], float]:
+    def select() -> list[int]:
+        state = GreedyState(V, torch.arange(V.shape[0], device=device), method=method)
+        return greedy_select(local_call([state]), F, K, n_labeled=n_labeled, labeled_sum_D_D=S_L)
 
-
-def timed(method: str, V, F, S_L, K: int, n_labeled: int, device: str) -> tuple[list[int], float]:
-    sync(device)
-    start = time.perf_counter()
-    state = GreedyState(V, torch.arange(V.shape[0], device=device), method=method)
-    picks = greedy_select(local_call([state]), F, K, n_labeled=n_labeled, labeled_sum_D_D=S_L)
-    sync(device)
-    return picks, time.perf_counter() - start
+    seconds, picks = timed(device, select)
+    return picks, seconds
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,10 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     for method in ("fast", "reference"):  # warm-up: lazy LAPACK/CUDA initialisation is not selection time
-        timed(method, *inputs(8, a.C, 16, 2, a.seed, a.device, dtype), 2, 2, a.device)
+        run(method, *inputs(8, a.C, 16, 2, a.seed, a.device, dtype), 2, 2, a.device)
     V, F, S_L = inputs(a.S, a.C, a.d, a.n_labeled, a.seed, a.device, dtype)
-    fast, fast_s = timed("fast", V, F, S_L, a.K, a.n_labeled, a.device)
-    ref, ref_s = timed("reference", V, F, S_L, a.K, a.n_labeled, a.device)
+    fast, fast_s = run("fast", V, F, S_L, a.K, a.n_labeled, a.device)
+    ref, ref_s = run("reference", V, F, S_L, a.K, a.n_labeled, a.device)
     out = {
         "bench": "selection",
         "S": a.S,
