@@ -16,6 +16,7 @@ from fm_ray.config import (
     StrategyConfig,
     TrainConfig,
     parse_class_counts,
+    to_dict,
 )
 from fm_ray.errors import UserError
 
@@ -188,6 +189,17 @@ def _replace(obj: Any, values: dict[str, Any]) -> Any:
     return dataclasses.replace(obj, **{k: v for k, v in values.items() if v is not None})
 
 
+def add_mlflow_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tracking")
+    g.add_argument(
+        "--mlflow",
+        metavar="URI",
+        help="also log config, per-round metrics and the report PNGs to MLflow: a folder (file store), "
+        "file:///..., http://server:5000, ... (needs fm_ray[mlflow])",
+    )
+    g.add_argument("--mlflow-experiment", default="fm_ray", help="MLflow experiment name (default fm_ray)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fm-ray", description="Scale-out FisherMask active learning on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -201,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="run directory (rounds.parquet, queries.parquet, config.json)")
     g.add_argument("--resume", action="store_true", help="continue a run in --out after its last finished round")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    add_mlflow_flags(run)
     sub.add_parser("strategies", help="list the query strategies")
     sweep = sub.add_parser(
         "sweep",
@@ -212,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fm_ray.grid import add_sweep_flags
 
     add_sweep_flags(sweep)
+    add_mlflow_flags(sweep)
     report = sub.add_parser("report", help="figures and tables from a run or sweep directory")
     report.add_argument("path", help="a run directory (rounds.parquet) or a sweep directory (results/)")
     report.add_argument("--out", help="where to write the PNGs and summary.md/.csv (default <path>/report)")
@@ -232,13 +246,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.resume and args.overwrite:
                 raise UserError("--resume and --overwrite exclude each other: pass one")
-            run_experiment(config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
+            cfg = config_from_args(args)
+            tracker = None
+            if args.mlflow:
+                from fm_ray.results import run_id
+                from fm_ray.tracking import RunTracker
+
+                tracker = RunTracker(
+                    args.mlflow, args.out, run_id(cfg), to_dict(cfg), args.mlflow_experiment, fresh=args.overwrite
+                )
+            on_round = tracker.on_round if tracker is not None else None
+            run_experiment(cfg, args.out, resume=args.resume, overwrite=args.overwrite, on_round=on_round)
+            if tracker is not None:
+                tracker.finish()
         if args.command == "sweep":
             from fm_ray.grid import sweep_from_args
             from fm_ray.sweep import run_sweep
 
             configs, opts = sweep_from_args(args)
-            results = run_sweep(configs, opts, ray_address=args.ray_address)
+            callbacks = []
+            if args.mlflow:
+                from fm_ray.tracking import tune_callback
+
+                callbacks.append(tune_callback(args.mlflow, args.mlflow_experiment))
+            results = run_sweep(configs, opts, callbacks=callbacks, ray_address=args.ray_address)
+            if args.mlflow and "://" not in str(opts.out):  # the report reads local folders
+                from fm_ray.tracking import log_sweep_report
+
+                log_sweep_report(args.mlflow, str(opts.out), args.mlflow_experiment)
             return 1 if any(r.error is not None for r in results) else 0
         if args.command == "report":
             from fm_ray.report import write_report
