@@ -1,3 +1,14 @@
-"""fm_ray: scale-out FisherMask active learning on Ray (Gul et al., arXiv 2411.05752)."""
+"""fm_ray: scale-out FisherMask active learning on Ray. `fm_ray.select(model, pool, k)` from Python."""
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["select", "Selection", "PoolSession"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: `import fm_ray` (and the CLI) stay light until select is used
+    if name in __all__:
+        from fm_ray import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fm_ray' has no attribute {name!r}")

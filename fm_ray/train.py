@@ -15,15 +15,20 @@ from fm_ray.errors import UserError
 
 @dataclass(frozen=True)
 class Normalizer:
-    """uint8 images -> normalized float inputs, optionally with RandomCrop(pad 4) + flip."""
+    """uint8 images -> normalized float inputs, optionally with RandomCrop(pad 4) + flip.
+
+    Empty `mean`/`std`: no normalization (float inputs pass through; uint8 is scaled to [0, 1]).
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
     def __call__(self, x_u8: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        x = x_u8.float().div_(255)
+        x = x_u8.float().div_(255) if x_u8.dtype == torch.uint8 else x_u8.float()
         if augment:
             x = _augment(x)
+        if not self.mean:  # no statistics: inputs are used as given (already-transformed user data)
+            return x
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std

@@ -76,7 +76,8 @@ def last_layer_embeddings(probs_N_C: Tensor, feats_N_E: Tensor) -> Tensor:
         ``(N, C, C * E)`` embeddings.
     """
     N, C = probs_N_C.shape
-    return (_residuals(probs_N_C)[..., None] * feats_N_E[:, None, None, :]).reshape(N, C, -1)
+    E = feats_N_E.shape[1]  # explicit: a shard may hold no sample (N = 0)
+    return (_residuals(probs_N_C)[..., None] * feats_N_E[:, None, None, :]).reshape(N, C, C * E)
 
 
 def _hookable(mod: nn.Module) -> bool:

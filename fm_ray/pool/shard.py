@@ -24,12 +24,13 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}  # Fisher compute 
 class ShardSpec:
     """Everything a shard needs to rebuild the model: plain data, cheap to ship to an actor."""
 
-    model: ModelConfig
+    model: ModelConfig | None  # None: `module` is the model
     channels: int
     side: int
     n_classes: int
     norm: Normalizer
     device: str
+    module: torch.nn.Module | None = None  # a user's own model (fm_ray.select), copied onto each shard
 
 
 class PoolShard:
@@ -38,12 +39,13 @@ class PoolShard:
         self.x_u8 = x_u8
         self.index_N = torch.as_tensor(index_N, dtype=torch.long)
         self.device = torch.device(spec.device)
-        self.model = build_model(
-            dataclasses.replace(spec.model, pretrained=False),
-            spec.channels,
-            spec.side,
-            spec.n_classes,
-        )
+        if spec.module is not None:
+            self.model = copy.deepcopy(spec.module)
+        else:
+            assert spec.model is not None
+            self.model = build_model(
+                dataclasses.replace(spec.model, pretrained=False), spec.channels, spec.side, spec.n_classes
+            )
         self.labeled_N = torch.zeros(len(index_N), dtype=torch.bool)
         self.state: Any = None
         self._preds: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -1,0 +1,141 @@
+"""Labels that come from people: reading annotators' files, checking them, and the project's label store.
+
+Two import formats: a CSV with `id,label` columns, and a Label Studio JSON export (ids from each
+task's `data.id`, labels from `annotations[].result[].value.choices`). Every problem is one
+`UserError` naming the file and the line (CSV) or task (JSON), and nothing is written unless the
+whole file is good. The store is `labels.csv` (`id,label,batch`), rewritten through a temporary file
+and a rename, so a crash leaves either the old or the new labels, never half.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fm_ray.errors import UserError
+
+STORE_FIELDS = ("id", "label", "batch")
+
+
+@dataclass(frozen=True)
+class Label:
+    id: str
+    label: str  # a class name
+    where: str  # "file line N" / "file task N": for messages
+
+
+def read_label_file(path: str | Path) -> list[Label]:
+    """Labels in an annotators' file: CSV (`id,label`) or a Label Studio JSON export, by content."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read labels file {path} ({e.strerror}): check the path") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: save it as UTF-8 CSV or Label Studio JSON") from None
+    if text.lstrip().startswith(("[", "{")):
+        return _label_studio(text, path)
+    return _csv(text, path)
+
+
+def _csv(text: str, path: Path) -> list[Label]:
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header[:2]] != ["id", "label"]:
+        raise UserError(f"{path} line 1: expected the header 'id,label', got {','.join(header or [])!r}: add it")
+    out = []
+    for line, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise UserError(f"{path} line {line}: expected 'id,label', got {','.join(row)!r}: fix or remove the line")
+        out.append(Label(row[0].strip(), row[1].strip(), f"{path} line {line}"))
+    return out
+
+
+def _label_studio(text: str, path: Path) -> list[Label]:
+    try:
+        tasks = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}): export it again from Label Studio as JSON") from None
+    if isinstance(tasks, dict):
+        tasks = [tasks]
+    out = []
+    for n, task in enumerate(tasks, start=1):
+        where = f"{path} task {n}"
+        data = task.get("data") if isinstance(task, dict) else None
+        if not isinstance(data, dict) or not str(data.get("id", "")).strip():
+            raise UserError(f"{where}: no data.id (fm_ray's sample id): import tasks made by `fm-ray project next`")
+        choices = [
+            c
+            for ann in task.get("annotations") or []
+            if isinstance(ann, dict) and not ann.get("was_cancelled")
+            for res in ann.get("result") or []
+            if isinstance(res, dict)
+            for c in (res.get("value") or {}).get("choices") or []
+        ]
+        if not choices:
+            continue  # not annotated yet: nothing to import for this task
+        if len(set(choices)) > 1:
+            raise UserError(
+                f"{where} (id {data['id']}): annotations disagree ({sorted(set(choices))}): resolve in Label Studio"
+            )
+        out.append(Label(str(data["id"]).strip(), str(choices[0]).strip(), where))
+    return out
+
+
+def check_labels(
+    labels: Iterable[Label], known: dict[str, str], ids: set[str] | None, classes: list[str]
+) -> dict[str, str]:
+    """The new (id -> class) pairs of `labels`, after checking every one; raises on the first problem.
+
+    Args:
+        labels: what the file says.
+        known: labels the project already has; repeating one is fine (re-import), contradicting it is not.
+        ids: the pool's ids (None: skip the check).
+        classes: the project's class names.
+    """
+    new: dict[str, str] = {}
+    for lab in labels:
+        if ids is not None and lab.id not in ids:
+            raise UserError(f"{lab.where}: unknown id {lab.id!r}: not in the project's pool (ids are as in batch.csv)")
+        if lab.label not in classes:
+            raise UserError(
+                f"{lab.where}: unknown class {lab.label!r} for id {lab.id!r}: use one of {', '.join(classes)}"
+            )
+        before = known.get(lab.id, new.get(lab.id))
+        if before is not None and before != lab.label:
+            raise UserError(
+                f"{lab.where}: id {lab.id!r} is labeled {lab.label!r} but already {before!r}: fix the file "
+                "(fm_ray keeps the first label)"
+            )
+        if lab.id not in known:
+            new[lab.id] = lab.label
+    return new
+
+
+def read_store(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def write_store(path: Path, rows: list[dict[str, str]]) -> None:
+    """All label rows at once, atomically (temporary file in the same folder, then rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(STORE_FIELDS))
+        w.writeheader()
+        w.writerows({k: r[k] for k in STORE_FIELDS} for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
