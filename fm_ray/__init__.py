@@ -8,7 +8,7 @@ __all__ = ["select", "Selection", "PoolSession"]
 
 def __getattr__(name: str) -> Any:  # lazy: `import fm_ray` (and the CLI) stay light until select is used
     if name in __all__:
-        from fm_ray import api
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module("fm_ray.api"), name)
     raise AttributeError(f"module 'fm_ray' has no attribute {name!r}")

@@ -30,9 +30,9 @@ class QueryContext:
 @dataclass
 class Selection:
     indices: list[int]  # global pool positions, in pick order
-    ids: list[Any] = field(default_factory=list)  # the pool ids of `indices` (fm_ray.select fills them)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     info: dict[str, Any] = field(default_factory=dict)  # e.g. the mask profile
+    ids: list[Any] = field(default_factory=list)  # the pool ids of `indices` (fm_ray.select fills them)
 
 
 @dataclass(frozen=True)
