@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fm_ray.config import PoolConfig, StrategyConfig
+from fm_ray.config import ModelConfig, PoolConfig, StrategyConfig
 from fm_ray.errors import UserError
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import ShardSpec
@@ -95,15 +95,20 @@ class PoolSession:
         ids: Sequence[Any],
         n_classes: int,
         norm: Normalizer,
-        module: nn.Module,
+        model: nn.Module | ModelConfig,
         pool_cfg: PoolConfig,
         device: str = "cpu",
     ):
+        """`model`: a user's module (copied onto each shard) or an fm_ray model config (built there)."""
         if len(ids) != len(images):
             raise ValueError("one id per pool sample")
         self.ids = list(ids)
         self.position = {i: p for p, i in enumerate(self.ids)}
-        spec = ShardSpec(None, images.shape[1], images.shape[-1], n_classes, norm, device, module=module)
+        channels, side = images.shape[1], images.shape[-1]
+        if isinstance(model, ModelConfig):
+            spec = ShardSpec(model, channels, side, n_classes, norm, device)
+        else:
+            spec = ShardSpec(None, channels, side, n_classes, norm, device, module=model)
         self.pool: ShardedPool = make_pool(pool_cfg, spec, images)
 
     def positions(self, ids: Any) -> np.ndarray:

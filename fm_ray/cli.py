@@ -200,6 +200,68 @@ def add_mlflow_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlflow-experiment", default="fm_ray", help="MLflow experiment name (default fm_ray)")
 
 
+def add_project_parser(sub: Any) -> None:
+    project = sub.add_parser(
+        "project",
+        help="a labeling project: fm_ray picks, people label (CSV or Label Studio), repeat",
+        description="Active learning with labels from people. One directory holds the project.",
+    )
+    psub = project.add_subparsers(dest="project_command", required=True, parser_class=_Parser)
+    init = psub.add_parser("init", help="create a project on a pool of images")
+    init.add_argument("dir", help="the project directory (created)")
+    init.add_argument(
+        "--pool",
+        required=True,
+        help="folder:<path> (unlabeled images, recursive), parquet:<pool>, fashion_mnist, cifar10, imagefolder:<path>",
+    )
+    init.add_argument("--classes", required=True, help="class names in model-output order, e.g. cat,dog,bird")
+    init.add_argument(
+        "--holdout", type=float, default=0.0, help="fraction of labels kept out of training to measure accuracy"
+    )
+    add_run_flags(init)
+    nxt = psub.add_parser("next", help="train on every label so far, pick the next batch to label")
+    nxt.add_argument("dir")
+    nxt.add_argument("--k", type=int, required=True, help="samples in the batch")
+    nxt.add_argument(
+        "--image-url",
+        help="tasks.json image URL = this prefix + id (default: Label Studio's /data/local-files/?d=<path>)",
+    )
+    imp = psub.add_parser("import", help="add labels: a CSV with id,label or a Label Studio JSON export")
+    imp.add_argument("dir")
+    imp.add_argument("file")
+    status = psub.add_parser("status", help="labels in all and per class, batches, hold-out accuracy")
+    status.add_argument("dir")
+    add_mlflow_flags(nxt)
+
+
+def project_main(args: argparse.Namespace) -> int:
+    from fm_ray.project import Project
+
+    project = Project(args.dir)
+    if args.project_command == "init":
+        if args.dataset is not None:
+            raise UserError("fm-ray project init takes the pool as --pool, not --dataset: drop --dataset")
+        args.dataset = args.pool
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+        project.init(config_from_args(args), classes, args.holdout)
+    elif args.project_command == "next":
+        batch = project.next(args.k, args.image_url)
+        if args.mlflow:
+            from fm_ray.tracking import log_project_batch
+
+            log_project_batch(args.mlflow, project, batch, args.mlflow_experiment)
+    elif args.project_command == "import":
+        n = project.import_labels(args.file)
+        print(f"{n} new label(s) from {args.file}; {len(project.labels())} in all")
+    else:
+        st = project.status()
+        print(f"labels: {st['labels']} ({st['pending']} sent out and not labeled yet); batches: {st['batches']}")
+        print("per class: " + ", ".join(f"{c} {n}" for c, n in st["per_class"].items()))
+        if st["holdout_accuracy"] is not None:
+            print(f"hold-out accuracy: {st['holdout_accuracy']:.4f} on {st['holdout_labels']} held-out labels")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fm-ray", description="Scale-out FisherMask active learning on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -226,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_flags(sweep)
     add_mlflow_flags(sweep)
+    add_project_parser(sub)
     report = sub.add_parser("report", help="figures and tables from a run or sweep directory")
     report.add_argument("path", help="a run directory (rounds.parquet) or a sweep directory (results/)")
     report.add_argument("--out", help="where to write the PNGs and summary.md/.csv (default <path>/report)")
@@ -275,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 log_sweep_report(args.mlflow, str(opts.out), args.mlflow_experiment)
             return 1 if any(r.error is not None for r in results) else 0
+        if args.command == "project":
+            return project_main(args)
         if args.command == "report":
             from fm_ray.report import write_report
 

@@ -14,9 +14,10 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fm_ray.errors import UserError
 
@@ -122,20 +123,21 @@ def check_labels(
     return new
 
 
-def read_store(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header (labels.csv, batch.csv); none if it does not exist."""
     if not path.is_file():
         return []
     with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
-def write_store(path: Path, rows: list[dict[str, str]]) -> None:
-    """All label rows at once, atomically (temporary file in the same folder, then rename)."""
+def write_rows(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> None:
+    """A CSV file at once, atomically (a temporary file in the same folder, then a rename)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(STORE_FIELDS))
+        w = csv.DictWriter(f, fieldnames=list(fields))
         w.writeheader()
-        w.writerows({k: r[k] for k in STORE_FIELDS} for r in rows)
+        w.writerows({k: r[k] for k in fields} for r in rows)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

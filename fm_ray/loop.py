@@ -16,12 +16,12 @@ from fm_ray import data as fdata
 from fm_ray.config import RunConfig, rounds_for_budget, validate
 from fm_ray.errors import UserError
 from fm_ray.log import log
-from fm_ray.models import build_model, check_model
+from fm_ray.models import check_model
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import ShardSpec
 from fm_ray.results import RunDir, run_id
 from fm_ray.strategies import STRATEGIES, QueryContext, Selection
-from fm_ray.train import Normalizer, evaluate, resolve_device, train_model
+from fm_ray.train import Normalizer, evaluate, fit_round, resolve_device
 
 RoundHook = Callable[[dict], None]  # called with each finished round's row (Tune reports through it)
 
@@ -87,21 +87,11 @@ def run_experiment(
     sharded = make_sharded_pool(cfg, spec, x_pool)
     try:
         for r in range(len(rows), n_rounds + 1):
-            torch.manual_seed(cfg.seed * 1_000_003 + r)  # weight init
-            model = build_model(cfg.model, channels, side, C)
-            if cfg.train.warm_start and r > 0:
-                model.load_state_dict(torch.load(rundir.checkpoint_path))
+            warm = torch.load(rundir.checkpoint_path, weights_only=True) if cfg.train.warm_start and r > 0 else None
             lab_t = torch.from_numpy(labeled)
             log(f"round {r}/{n_rounds}: training on {len(labeled)} labels")
-            fit = train_model(
-                model,
-                x_pool[lab_t],
-                y_pool[lab_t],
-                norm,
-                data.augment,
-                cfg.train,
-                device,
-                seed=cfg.seed * 1_000_003 + r,
+            model, fit = fit_round(
+                cfg.model, cfg.train, cfg.seed, r, x_pool[lab_t], y_pool[lab_t], norm, data.augment, C, device, warm
             )
             start = time.perf_counter()
             ev = evaluate(model, x_test, pool.test_labels, norm, device, C)

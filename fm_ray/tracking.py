@@ -74,10 +74,10 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def round_metrics(row: dict[str, Any]) -> dict[str, float]:
+def round_metrics(row: dict[str, Any], keys: tuple[str, ...] = ROUND_METRICS) -> dict[str, float]:
     """The finite numeric metrics of one round row (None / NaN / missing columns are skipped)."""
     out = {}
-    for k in ROUND_METRICS:
+    for k in keys:
         v = row.get(k)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[k] = float(v)
@@ -128,10 +128,10 @@ class RunTracker:
         tmp.replace(state)
         return run_id
 
-    def on_round(self, row: dict[str, Any]) -> None:
+    def on_round(self, row: dict[str, Any], keys: tuple[str, ...] = ROUND_METRICS) -> None:
         Metric = self.mlflow.entities.Metric
         stamp = int(1000 * time.time())
-        metrics = [Metric(k, v, stamp, int(row["round"])) for k, v in round_metrics(row).items()]
+        metrics = [Metric(k, v, stamp, int(row["round"])) for k, v in round_metrics(row, keys).items()]
         self.client.log_batch(self._open(), metrics=metrics, synchronous=True)
 
     def finish(self) -> None:
@@ -173,3 +173,16 @@ def log_sweep_report(uri: str, sweep_dir: str, experiment: str = EXPERIMENT) -> 
     run = client.create_run(_experiment_id(client, experiment), run_name=name, tags=tags)
     client.log_artifacts(run.info.run_id, str(write_report(sweep_dir)), artifact_path="report")
     client.set_terminated(run.info.run_id)
+
+
+PROJECT_METRICS = ("n_labels", "n_train", "n_holdout", "holdout_accuracy", "train_seconds", "query_seconds", "k")
+
+
+def log_project_batch(uri: str, project: Any, batch_dir: Path, experiment: str = EXPERIMENT) -> None:
+    """A labeling project is one MLflow run; each `next` adds a step (labels, hold-out accuracy,
+    seconds) and its batch.csv as an artifact."""
+    summary = json.loads((batch_dir / "summary.json").read_text())
+    tracker = RunTracker(uri, project.path, f"project:{project.path.name}", project.meta(), experiment)
+    tracker.on_round({"round": summary["batch"], "n_labels": len(project.labels()), **summary}, PROJECT_METRICS)
+    run_id = tracker._open()
+    tracker.client.log_artifact(run_id, str(batch_dir / "batch.csv"), artifact_path=f"batches/{summary['batch']}")

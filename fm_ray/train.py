@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fm_ray.config import TrainConfig
+from fm_ray.config import ModelConfig, TrainConfig
 from fm_ray.errors import UserError
 
 
@@ -135,3 +135,36 @@ def evaluate(
         "balanced_accuracy": float(np.mean(present)),
         "per_class_accuracy": per_class,
     }
+
+
+def round_seed(seed: int, round: int) -> int:
+    """The seed of round `round`'s weight initialization, batch order and augmentation."""
+    return seed * 1_000_003 + round
+
+
+def fit_round(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    seed: int,
+    round: int,
+    x_u8: torch.Tensor,
+    y: torch.Tensor,
+    norm: Normalizer,
+    augment: bool,
+    n_classes: int,
+    device: torch.device,
+    init_weights: dict[str, torch.Tensor] | None = None,
+) -> tuple[nn.Module, dict[str, float]]:
+    """One round's model: seeded fresh weights (or `init_weights`, a warm start) trained on the labels.
+
+    `fm-ray run` and labeling projects both train through this, so the same labels, seed and round
+    give the same model, and the same picks.
+    """
+    from fm_ray.models import build_model
+
+    torch.manual_seed(round_seed(seed, round))
+    model = build_model(model_cfg, x_u8.shape[1], x_u8.shape[-1], n_classes)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
+    fit = train_model(model, x_u8, y, norm, augment, cfg, device, seed=round_seed(seed, round))
+    return model, fit

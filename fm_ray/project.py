@@ -1,0 +1,318 @@
+"""Labeling projects: fm_ray picks, people label, fm_ray learns from their labels and picks again.
+
+A project is one directory that holds everything:
+
+    project.json                  pool source, class names, the run config, the hold-out fraction
+    labels.csv                    id,label,batch: every label so far (rewritten atomically)
+    batches/<b>/batch.csv         id, path, rank, predicted, p_<class>...: what to label next
+    batches/<b>/tasks.json        the same batch as Label Studio tasks (data.id, data.image, predictions)
+    batches/<b>/summary.json      labels trained on, hold-out accuracy, seconds per phase
+    batches/<b>/model.pt          the weights that picked batch b (state dict)
+    batches/<b>/images/           PNGs of the batch when the pool has no image files of its own
+
+`next` trains on every label so far (weights reset each round, as `fm-ray run`), then selects with
+the project's strategy through the same `PoolSession` as `fm_ray.select`. Batch 0 (no labels yet)
+is a seeded random sample: with the same pool, seed and settings a project makes the same picks as
+`fm-ray run`, batch b being the run's round b - 1 query. Samples already sent out are never sent
+again and count as labeled for the selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fm_ray import labels as flabels
+from fm_ray.config import RunConfig, from_dict, to_dict
+from fm_ray.errors import UserError
+from fm_ray.log import log
+
+FORMAT = 1
+
+
+@dataclasses.dataclass
+class ProjectPool:
+    ids: list[str]
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool
+    paths: list[str] | None  # the image file of each sample, where the pool has files
+    n_classes: int | None  # where the source knows its classes
+
+
+def load_pool(cfg: RunConfig) -> ProjectPool:
+    """The project's pool: a folder of unlabeled images, or a dataset sampled as `fm-ray run` does."""
+    source = cfg.data.dataset
+    if source.startswith("folder:"):
+        return _folder(Path(source.split(":", 1)[1]).expanduser())
+    from fm_ray import data as fdata
+
+    data = fdata.load_dataset(cfg.data)
+    pool = fdata.make_pool(cfg.data, data, cfg.seed)
+    images = data.train_x[torch.from_numpy(pool.train_index)]
+    ids = [str(int(i)) for i in pool.train_index]  # the sample's index in the source's train split
+    return ProjectPool(ids, images, data.mean, data.std, data.augment, None, len(pool.classes))
+
+
+def _folder(root: Path) -> ProjectPool:
+    from fm_ray.images import IMAGE_SUFFIXES, decode_image_file
+
+    if not root.is_dir():
+        raise UserError(f"folder {root} does not exist: give folder:<a folder of images>")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise UserError(f"folder {root} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}): add images")
+    images = [decode_image_file(p) for p in files]
+    shapes = {tuple(im.shape): p for im, p in zip(images, files, strict=True)}
+    if len(shapes) > 1:
+        (s1, f1), (s2, f2) = list(shapes.items())[:2]
+        raise UserError(f"images differ in size ({f1}: {s1}, {f2}: {s2}): resize them to one size first")
+    x = torch.stack(images)
+    scaled = x.float().div_(255)
+    mean = tuple(float(v) for v in scaled.mean((0, 2, 3)))
+    std = tuple(float(v) for v in scaled.std((0, 2, 3)))
+    ids = [p.relative_to(root).as_posix() for p in files]
+    return ProjectPool(ids, x, mean, std, False, [str(p.resolve()) for p in files], None)
+
+
+class Project:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.meta_path = self.path / "project.json"
+        self.labels_path = self.path / "labels.csv"
+
+    # -- init ----------------------------------------------------------------------------------
+    def init(self, cfg: RunConfig, classes: list[str], holdout: float) -> None:
+        if self.meta_path.exists():
+            raise UserError(f"{self.path} already holds a project: use another DIR, or fm-ray project next {self.path}")
+        if len(classes) < 2 or len(set(classes)) != len(classes):
+            raise UserError(f"--classes {','.join(classes)}: give at least two distinct class names, e.g. cat,dog")
+        if not 0 <= holdout < 1:
+            raise UserError(f"--holdout must be in [0, 1), got {holdout}")
+        from fm_ray.loop import check
+
+        check(cfg)
+        pool = load_pool(cfg)
+        if pool.n_classes is not None and pool.n_classes != len(classes):
+            raise UserError(f"the pool has {pool.n_classes} classes but --classes names {len(classes)}: name each")
+        self.path.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "classes": classes, "holdout": holdout, "config": to_dict(cfg)}
+        _write_json(self.meta_path, meta)
+        flabels.write_rows(self.labels_path, [], flabels.STORE_FIELDS)
+        log(f"project {self.path}: pool of {len(pool.ids)} ({cfg.data.dataset}), classes {', '.join(classes)}")
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            raise UserError(
+                f"{self.path} is not an fm_ray project (no readable project.json): run fm-ray project init"
+            ) from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise UserError(
+                f"{self.meta_path} is not an fm_ray project file of format {FORMAT}: run fm-ray project init"
+            )
+        return meta
+
+    def config(self) -> RunConfig:
+        return from_dict(self.meta()["config"])
+
+    def labels(self) -> list[dict[str, str]]:
+        return flabels.read_rows(self.labels_path)
+
+    def batches(self) -> list[int]:
+        d = self.path / "batches"
+        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+    def sent(self) -> list[str]:
+        """Every id sent out for labeling, in batch order."""
+        ids: list[str] = []
+        for b in self.batches():
+            ids += [r["id"] for r in flabels.read_rows(self.path / "batches" / str(b) / "batch.csv")]
+        return ids
+
+    def held_out(self, sample_id: str) -> bool:
+        """Deterministic per id: a labeled sample is held out for evaluation with probability `holdout`."""
+        frac = float(self.meta()["holdout"])
+        h = hashlib.sha256(f"{self.config().seed}|{sample_id}".encode()).digest()
+        return frac > 0 and int.from_bytes(h[:8], "big") / 2**64 < frac
+
+    # -- import --------------------------------------------------------------------------------
+    def import_labels(self, file: str | Path) -> int:
+        """Validate every label in `file` against the pool, the classes and earlier labels; append
+        the new ones atomically. Returns how many were new (0 on a re-import)."""
+        meta, rows = self.meta(), self.labels()
+        parsed = flabels.read_label_file(file)
+        ids = set(load_pool(self.config()).ids)
+        new = flabels.check_labels(parsed, {r["id"]: r["label"] for r in rows}, ids, meta["classes"])
+        batch_of = {}
+        for b in self.batches():
+            for r in flabels.read_rows(self.path / "batches" / str(b) / "batch.csv"):
+                batch_of.setdefault(r["id"], str(b))
+        rows += [{"id": i, "label": lab, "batch": batch_of.get(i, "")} for i, lab in new.items()]
+        flabels.write_rows(self.labels_path, rows, flabels.STORE_FIELDS)
+        return len(new)
+
+    # -- next ----------------------------------------------------------------------------------
+    def next(self, k: int, image_url: str | None = None) -> Path:
+        from fm_ray.api import PoolSession
+        from fm_ray.loop import initial_labeled
+        from fm_ray.strategies import Selection
+        from fm_ray.train import Normalizer, fit_round, predict, resolve_device
+
+        meta, cfg = self.meta(), self.config()
+        classes: list[str] = meta["classes"]
+        pool = load_pool(cfg)
+        b = len(self.batches())
+        position = {i: p for p, i in enumerate(pool.ids)}
+        labels = {r["id"]: r["label"] for r in self.labels()}
+        sent = set(self.sent()) | set(labels)
+        free = len(pool.ids) - len(sent)
+        if not 0 < k <= free:
+            raise UserError(f"--k {k}: {free} pool samples are not yet sent out for labeling: pick 1..{free}")
+        norm = Normalizer(pool.mean, pool.std)
+        device = resolve_device(cfg.train.device)
+        summary: dict[str, Any] = {"batch": b, "k": k, "strategy": cfg.strategy.name}
+        probs = None
+        if b == 0 or not labels:
+            picks = initial_labeled(len(pool.ids), k, cfg.seed)  # no model yet: a seeded random sample
+            exclude = np.array(sorted(position[i] for i in sent), dtype=np.int64)
+            if exclude.size:  # labels imported without a batch: draw among the rest
+                rng = np.random.default_rng([cfg.seed, 1, b])
+                picks = np.sort(rng.choice(np.setdiff1d(np.arange(len(pool.ids)), exclude), size=k, replace=False))
+            sel, model = Selection([int(p) for p in picks]), None
+        else:
+            train_ids = sorted((i for i in labels if not self.held_out(i)), key=position.__getitem__)
+            if not train_ids:
+                raise UserError("every label so far is held out for evaluation: label more samples, or lower --holdout")
+            lab = torch.tensor([position[i] for i in train_ids])
+            y = torch.tensor([classes.index(labels[i]) for i in train_ids])
+            log(f"batch {b}: training on {len(train_ids)} labels")
+            model, fit = fit_round(
+                cfg.model, cfg.train, cfg.seed, b - 1, pool.images[lab], y, norm, pool.augment, len(classes), device
+            )
+            summary |= {"n_train": len(train_ids), "train_epochs": fit["epochs"], "train_seconds": fit["train_seconds"]}
+            summary |= self._holdout_accuracy(model, pool, labels, classes, norm, device)
+            start = time.perf_counter()
+            session = PoolSession(pool.images, pool.ids, len(classes), norm, cfg.model, cfg.pool, str(device))
+            try:
+                sel = session.select(model, k, sorted(sent), cfg.strategy, cfg.seed, round=b - 1)
+            finally:
+                session.close()
+            summary |= {"query_seconds": time.perf_counter() - start, **sel.timings}
+            probs, _ = predict(model, pool.images[torch.tensor(sel.indices)], norm, device)
+        return self._write_batch(b, pool, sel.indices, probs, classes, summary, model, image_url)
+
+    def _holdout_accuracy(self, model, pool, labels, classes, norm, device) -> dict[str, Any]:
+        from fm_ray.train import predict
+
+        held = [i for i in labels if self.held_out(i)]
+        if not held:
+            return {"n_holdout": 0, "holdout_accuracy": None}
+        pos = {i: p for p, i in enumerate(pool.ids)}
+        probs, _ = predict(model, pool.images[torch.tensor([pos[i] for i in held])], norm, device)
+        truth = torch.tensor([classes.index(labels[i]) for i in held])
+        return {"n_holdout": len(held), "holdout_accuracy": float((probs.argmax(1) == truth).float().mean())}
+
+    def _write_batch(self, b, pool, picks, probs, classes, summary, model, image_url) -> Path:
+        """Everything for batch b in a temporary folder, renamed into place: a crash leaves no half batch."""
+        final = self.path / "batches" / str(b)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{b}."))
+        try:
+            rows, tasks = [], []
+            for rank, p in enumerate(picks):
+                sid = pool.ids[p]
+                path = pool.paths[p] if pool.paths is not None else _export_png(pool.images[p], tmp, sid, final)
+                row: dict[str, Any] = {"id": sid, "path": path, "rank": rank, "predicted": ""}
+                row |= {f"p_{c}": "" for c in classes}
+                task: dict[str, Any] = {"data": {"id": sid, "image": _image_url(path, image_url, sid)}}
+                if probs is not None:
+                    pc = probs[rank]
+                    row |= {
+                        "predicted": classes[int(pc.argmax())],
+                        **{f"p_{c}": f"{float(v):.6f}" for c, v in zip(classes, pc, strict=True)},
+                    }
+                    task["predictions"] = [
+                        {
+                            "model_version": f"fm_ray-batch-{b}",
+                            "score": float(pc.max()),
+                            "result": [
+                                {
+                                    "from_name": "label",
+                                    "to_name": "image",
+                                    "type": "choices",
+                                    "value": {"choices": [row["predicted"]]},
+                                }
+                            ],
+                        }
+                    ]
+                rows.append(row)
+                tasks.append(task)
+            flabels.write_rows(
+                tmp / "batch.csv", rows, ["id", "path", "rank", "predicted", *(f"p_{c}" for c in classes)]
+            )
+            _write_json(tmp / "tasks.json", tasks)
+            _write_json(tmp / "summary.json", summary)
+            if model is not None:
+                torch.save(model.state_dict(), tmp / "model.pt")
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log(f"batch {b}: {len(picks)} samples to label -> {final / 'batch.csv'} and tasks.json")
+        return final
+
+    # -- status --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        meta, labels = self.meta(), self.labels()
+        per_class = {c: sum(r["label"] == c for r in labels) for c in meta["classes"]}
+        batches = self.batches()
+        last = {}
+        if batches:
+            last = json.loads((self.path / "batches" / str(batches[-1]) / "summary.json").read_text())
+        pending = len(set(self.sent()) - {r["id"] for r in labels})
+        return {
+            "labels": len(labels),
+            "per_class": per_class,
+            "batches": len(batches),
+            "pending": pending,
+            "holdout_labels": sum(self.held_out(r["id"]) for r in labels),
+            "holdout_accuracy": last.get("holdout_accuracy"),
+        }
+
+
+def _export_png(image_u8: torch.Tensor, tmp: Path, sid: str, final: Path) -> str:
+    """A PNG of one pool image for annotators (the pool has no files of its own); path as it will be."""
+    from PIL import Image
+
+    name = hashlib.sha1(sid.encode()).hexdigest()[:16] + ".png"  # ids may hold any character
+    (tmp / "images").mkdir(exist_ok=True)
+    arr = image_u8.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(tmp / "images" / name)
+    return str((final / "images" / name).resolve())
+
+
+def _image_url(path: str, prefix: str | None, sid: str) -> str:
+    """`--image-url PREFIX`: PREFIX + id; default: Label Studio's local-files URL for the path."""
+    if prefix:
+        return prefix + sid
+    return "/data/local-files/?d=" + path.lstrip("/")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
