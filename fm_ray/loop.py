@@ -90,7 +90,7 @@ def run_experiment(
             torch.manual_seed(cfg.seed * 1_000_003 + r)  # weight init
             model = build_model(cfg.model, channels, side, C)
             if cfg.train.warm_start and r > 0:
-                model.load_state_dict(torch.load(rundir.checkpoint_path))
+                model.load_state_dict(torch.load(rundir.checkpoint_path, weights_only=True))
             lab_t = torch.from_numpy(labeled)
             log(f"round {r}/{n_rounds}: training on {len(labeled)} labels")
             fit = train_model(
