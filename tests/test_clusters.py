@@ -629,3 +629,78 @@ def test_dependency_floors_exclude_unsafe_torch_load_and_unauthenticated_ray():
         return tuple(int(x) for x in m.group(1).split("."))
 
     assert floor("torch") >= (2, 6) and floor("torchvision") >= (0, 21) and floor("ray") >= (2, 52)
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher's head settings on a real local head: the Jobs API refuses calls without the token
+
+
+def _http(url: str, token: str | None = None, body: dict | None = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    data = json.dumps(body).encode() if body is not None else None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=20) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.ray
+def test_head_started_as_the_launcher_starts_it_refuses_unauthenticated_jobs(tmp_path):
+    """`ray start --head` with the auth env and --dashboard-host of clusters/aws-gpu.yaml's head command
+    (ports made free, loopback only): no token -> 401, a wrong one -> 403, the right one -> 200; and the
+    Jobs API is not reachable on the machine's other addresses."""
+    import secrets
+    import signal
+
+    (head,) = [c for c in load("aws-gpu.yaml")["head_start_ray_commands"] if "ray start" in c]
+    env_from_config = dict(re.findall(r"export (\w+)=(\S+);", head))
+    dashboard_host = re.search(r"--dashboard-host[= ](\S+)", head).group(1)
+    assert env_from_config == {"RAY_AUTH_MODE": "token"} and dashboard_host == "127.0.0.1"
+
+    token = secrets.token_hex(32)
+    short = tempfile.mkdtemp(prefix="fmra", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, **env_from_config, "RAY_AUTH_TOKEN": token, "HOME": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    port = _free_port()
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    flags = ["port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port"]
+    flags += ["metrics-export-port", "runtime-env-agent-port"]
+    cmd = [ray_bin, "start", "--head", "--block", "--num-cpus=1", f"--dashboard-host={dashboard_host}"]
+    cmd += [f"--dashboard-port={port}", f"--temp-dir={short}/ray", "--include-dashboard=true"]
+    cmd += [f"--{flag}={_free_port()}" for flag in flags]
+    with open(tmp_path / "head.log", "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if _http(f"{url}/api/version", token) == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert proc.poll() is None and _http(f"{url}/api/version", token) == 200, (tmp_path / "head.log").read_text()
+
+        submit = {"entrypoint": "echo this must never run"}
+        assert _http(f"{url}/api/jobs/", None, submit) == 401
+        assert _http(f"{url}/api/jobs/", secrets.token_hex(32), submit) == 403
+        assert _http(f"{url}/api/jobs/") == 401
+        assert _http(f"{url}/api/jobs/", token) == 200  # the token holder may list (and submit) jobs
+
+        from ray._private.services import get_node_ip_address
+
+        ip = get_node_ip_address()
+        if not ip.startswith("127."):
+            with pytest.raises(OSError), socket.create_connection((ip, port), timeout=5):
+                pass
+    finally:
+        # The head's process group: GCS, raylet, dashboard and their children, nothing else. SIGKILL:
+        # Ray's graceful stop takes a minute on a busy machine; workers exit when their raylet dies.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        shutil.rmtree(short, ignore_errors=True)
