@@ -704,3 +704,21 @@ def test_head_started_as_the_launcher_starts_it_refuses_unauthenticated_jobs(tmp
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
         shutil.rmtree(short, ignore_errors=True)
+
+
+def test_readme_submits_one_large_run_with_its_driver_on_a_gpu_node():
+    """`ray job submit -- fm-ray run ... --driver-gpus 1`: the recipe leaves the GPU-less head, and
+    its driver task fits the smallest launcher GPU node."""
+    text = (CLUSTERS / "README.md").read_text().replace("\\\n", " ")
+    submits = [line for line in text.splitlines() if "ray job submit" in line and "fm-ray run" in line]
+    assert submits, "no `ray job submit ... -- fm-ray run` in clusters/README.md"
+    node_cpus = min(
+        t["resources"]["CPU"]
+        for name in CLOUD
+        for t in load(name)["available_node_types"].values()
+        if t["resources"].get("GPU", 0) >= 1
+    )
+    for line in submits:
+        args, _, _ = parse_fm_ray(re.search(r"(fm-ray run\b.*)", line).group(1))
+        assert args.driver_gpus == 1 and 0 < args.driver_cpus <= node_cpus, line
+        assert Path(args.out).is_absolute()  # not inside the job's temporary working dir
