@@ -54,6 +54,9 @@ class PoolConfig:
     cpus_per_shard: float = 1.0
     gpus_per_shard: float | None = None  # None: share the cluster's GPUs among the shards, if it has any
     ray_address: str | None = None  # else $RAY_ADDRESS, else an embedded local instance
+    # `fm-ray run` only: run the recipe in a Ray actor holding these (fm_ray/remote.py); None = in-process
+    driver_cpus: float | None = None
+    driver_gpus: float | None = None
 
 
 @dataclass(frozen=True)
@@ -143,5 +146,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--cpus-per-shard must be positive, got {cfg.pool.cpus_per_shard}")
     if cfg.pool.shards <= 0:
         raise UserError(f"--shards must be positive, got {cfg.pool.shards}")
+    if cfg.pool.driver_cpus is not None and cfg.pool.driver_cpus <= 0:
+        raise UserError(f"--driver-cpus must be positive, got {cfg.pool.driver_cpus}")
+    if cfg.pool.driver_gpus is not None and cfg.pool.driver_gpus < 0:
+        raise UserError(f"--driver-gpus must be >= 0, got {cfg.pool.driver_gpus}")
     if cfg.pool.backend not in ("local", "ray"):
         raise UserError(f"--backend must be local or ray, got {cfg.pool.backend!r}")

@@ -187,7 +187,7 @@ def _decode_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     key = hashlib.sha256(f"{folder.resolve()}|{len(ds.samples)}|{ds.classes}".encode()).hexdigest()[:16]
     cached = cache_dir() / "decoded" / f"{folder.name}-{key}.pt"
     if cached.is_file():
-        blob = torch.load(cached)
+        blob = torch.load(cached, weights_only=True)
         return blob["x"], blob["y"]
     images = [decode_image(read_file(p), mode=ImageReadMode.RGB) for p, _ in ds.samples]
     if len({tuple(im.shape) for im in images}) > 1:

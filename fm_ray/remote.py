@@ -1,0 +1,181 @@
+"""`fm-ray run --driver-gpus N --driver-cpus M`: the recipe in a Ray task placed where those resources are.
+
+`ray job submit -- fm-ray run ...` starts `fm-ray` on the head node, which has no GPU in
+clusters/aws-gpu.yaml: training, evaluation and the d x d reduce would run on its CPU. With these
+flags `fm-ray` itself only checks the input and opens --out (the same refusals and --resume checks
+as without them), then runs `run_experiment` in a task holding N GPUs and M CPUs, wherever Ray
+finds them. The task works in a node-local run dir and streams back its progress lines and, after
+every finished round, the run dir's files, which `fm-ray` writes into --out on its own machine: the
+same files and rows as a run without the flags, and Ctrl+C keeps every finished round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import queue
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from fm_ray.config import RunConfig, from_dict, to_dict
+from fm_ray.errors import UserError
+from fm_ray.pool.ray_pool import RESOURCE_WAIT_S
+from fm_ray.results import RunDir
+
+
+def run_files(rundir: RunDir) -> list[Path]:
+    """A run dir's durable state, in the order a round writes it (queries, rows, then weights)."""
+    return [rundir.config_path, rundir.queries_path, rundir.rounds_path, rundir.checkpoint_path]
+
+
+def read_files(rundir: RunDir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run_files(rundir) if p.exists()}
+
+
+def write_files(rundir: RunDir, files: dict[str, bytes]) -> None:
+    for path in run_files(rundir):
+        if path.name in files:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(files[path.name])
+            tmp.replace(path)  # atomic, as RunDir's own writes: a crash leaves the previous round
+
+
+class _Lines(io.TextIOBase):
+    """A stdout that hands every complete line to `emit` (the recipe logs with print)."""
+
+    def __init__(self, emit: Callable[[str], None]):
+        self._emit, self._buf = emit, ""
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            self._emit(line)
+        return len(text)
+
+
+# A task, not an actor: an idle worker that already imported torch and fm_ray is reused, and a
+# generator task streams its items as they come. Never retried: a rerun would repeat rounds.
+@ray.remote(max_retries=0)
+def drive(cfg_dict: dict[str, Any], files: dict[str, bytes], threads: int) -> Iterator[tuple[str, Any]]:
+    """Runs one experiment in a temp run dir seeded with `files`; yields ("line", text) per progress
+    line and ("files", {name: bytes}) per finished round."""
+    from fm_ray.loop import run_experiment
+
+    torch.set_num_threads(threads)  # as OMP_NUM_THREADS=<cpus> fm-ray run: same float sums
+    items: queue.Queue[tuple[str, Any]] = queue.Queue()
+    with tempfile.TemporaryDirectory(prefix="fm_ray_driver_") as d:
+        rundir = RunDir(d)
+        write_files(rundir, files)
+
+        def work() -> None:
+            try:
+                with redirect_stdout(_Lines(lambda line: items.put(("line", line)))):
+                    run_experiment(
+                        from_dict(cfg_dict),
+                        d,
+                        resume=True,
+                        on_round=lambda row: items.put(("files", read_files(rundir))),
+                    )
+                items.put(("done", None))
+            except BaseException as e:  # handed to the generator, which raises it to the caller
+                items.put(("error", e))
+
+        threading.Thread(target=work, daemon=True).start()
+        while True:
+            kind, payload = items.get()
+            if kind == "error":
+                raise payload
+            if kind == "done":
+                return
+            yield kind, payload
+
+
+def _reserve(cpus: float, gpus: float) -> PlacementGroup:
+    """The driver's resources, or a UserError at once (too big for the cluster) or after RESOURCE_WAIT_S."""
+    bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+    have = ray.cluster_resources()
+    short = {k: v for k, v in bundle.items() if v > have.get(k, 0.0)}
+    hint = "lower --driver-cpus / --driver-gpus, or join a cluster with such a node with --ray-address"
+    if short:
+        raise UserError(
+            f"the Ray cluster cannot host the driver: needs {short}, has { {k: have.get(k, 0.0) for k in short} }: {hint}"
+        )
+    pg = placement_group([bundle])
+    if not pg.wait(timeout_seconds=RESOURCE_WAIT_S):
+        remove_placement_group(pg)
+        raise UserError(f"no room on the Ray cluster for the driver ({bundle}) within {RESOURCE_WAIT_S:.0f}s: {hint}")
+    return pg
+
+
+def _beside_driver(cfg: RunConfig, driver_gpus: float) -> RunConfig:
+    """Shard actors' default GPU share counts only the GPUs the driver leaves free (pool options
+    are not part of run_id, so results do not change)."""
+    if cfg.pool.backend != "ray" or cfg.pool.gpus_per_shard is not None:
+        return cfg
+    free = max(0.0, ray.cluster_resources().get("GPU", 0.0) - driver_gpus)
+    share = min(1.0, free / cfg.pool.shards)
+    return dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, gpus_per_shard=share))
+
+
+def run_remote(
+    cfg: RunConfig,
+    out: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_line: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> Path:
+    """`run_experiment(cfg, out, resume, overwrite)` in a Ray task holding cfg.pool.driver_cpus/_gpus.
+
+    Raises:
+        UserError: bad input (before Ray starts, or from inside the task, as one line), or the
+            cluster cannot host the driver.
+        KeyboardInterrupt: after stopping the task (and with it its shard actors); --out keeps
+            every finished round, so `--resume` continues.
+    """
+    from fm_ray.loop import check
+    from fm_ray.sweep import _ensure_ray
+
+    check(cfg)  # bad input fails here, before Ray starts
+    rundir = RunDir(out)
+    rundir.open(cfg, resume, overwrite)  # same refusals as a local run; the task then always resumes
+    cpus = cfg.pool.driver_cpus if cfg.pool.driver_cpus is not None else 1.0
+    gpus = cfg.pool.driver_gpus or 0.0
+    started = _ensure_ray(cfg.pool.ray_address)
+    pg = items = None
+    finished = False
+    try:
+        pg = _reserve(cpus, gpus)
+        cfg = _beside_driver(cfg, gpus)
+        placed = drive.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(pg))
+        items = placed.remote(to_dict(cfg), read_files(rundir), max(1, int(cpus)))
+        try:
+            for ref in items:
+                kind, payload = ray.get(ref)
+                if kind == "line":
+                    on_line(payload)
+                else:
+                    write_files(rundir, payload)
+        except RayTaskError as e:
+            if isinstance(e.cause, UserError):
+                raise UserError(str(e.cause)) from None  # one line, not the remote traceback
+            raise
+        finished = True
+        return rundir.path
+    finally:
+        if items is not None and not finished:
+            ray.cancel(items, force=True)  # Ctrl+C or error: kill the run's worker; its shard actors die with it
+        if pg is not None:
+            remove_placement_group(pg)
+        if started:
+            ray.shutdown()
