@@ -277,9 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="run directory (rounds.parquet, queries.parquet, config.json)")
     g.add_argument("--resume", action="store_true", help="continue a run in --out after its last finished round")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-<<<<<<< HEAD
     add_mlflow_flags(run)
-=======
     g = run.add_argument_group("driver placement (results do not change)")
     g.add_argument(
         "--driver-gpus",
@@ -288,7 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. under `ray job submit` on a head node without GPUs; progress and --out stay here",
     )
     g.add_argument("--driver-cpus", type=float, help="CPUs (torch threads) of that actor (default 1)")
->>>>>>> h-clusters
     sub.add_parser("strategies", help="list the query strategies")
     sweep = sub.add_parser(
         "sweep",
@@ -323,7 +320,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.resume and args.overwrite:
                 raise UserError("--resume and --overwrite exclude each other: pass one")
             cfg = config_from_args(args)
-<<<<<<< HEAD
             tracker = None
             if args.mlflow:
                 from fm_ray.results import run_id
@@ -333,17 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.mlflow, args.out, run_id(cfg), to_dict(cfg), args.mlflow_experiment, fresh=args.overwrite
                 )
             on_round = tracker.on_round if tracker is not None else None
-            run_experiment(cfg, args.out, resume=args.resume, overwrite=args.overwrite, on_round=on_round)
-            if tracker is not None:
-                tracker.finish()
-=======
             if cfg.pool.driver_cpus is not None or cfg.pool.driver_gpus is not None:
                 from fm_ray.remote import run_remote
 
-                run_remote(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+                run_remote(cfg, args.out, resume=args.resume, overwrite=args.overwrite, on_round=on_round)
             else:
-                run_experiment(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
->>>>>>> h-clusters
+                run_experiment(cfg, args.out, resume=args.resume, overwrite=args.overwrite, on_round=on_round)
+            if tracker is not None:
+                tracker.finish()
         if args.command == "sweep":
             from fm_ray.grid import sweep_from_args
             from fm_ray.sweep import run_sweep

@@ -21,6 +21,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import ray
 import torch
 from ray.exceptions import RayTaskError
@@ -134,6 +135,7 @@ def run_remote(
     resume: bool = False,
     overwrite: bool = False,
     on_line: Callable[[str], None] = lambda line: print(line, flush=True),
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """`run_experiment(cfg, out, resume, overwrite)` in a Ray task holding cfg.pool.driver_cpus/_gpus.
 
@@ -166,6 +168,8 @@ def run_remote(
                     on_line(payload)
                 else:
                     write_files(rundir, payload)
+                    if on_round is not None:  # e.g. MLflow, which lives here, not in the task
+                        on_round(pq.read_table(rundir.rounds_path).to_pylist()[-1])
         except RayTaskError as e:
             if isinstance(e.cause, UserError):
                 raise UserError(str(e.cause)) from None  # one line, not the remote traceback
