@@ -173,12 +173,7 @@ def _cifar10(root: Path, skip_bad: bool) -> ImageData:
     if (root / "cifar-10-batches-py").is_dir():
         tv_root = str(root)
     elif (jpg / "train").is_dir() and (jpg / "test").is_dir():
-        train, test, classes = imagefolder.load_splits(jpg, cache_dir() / "decoded", skip_bad)
-        if classes != CIFAR10_CLASSES:
-            raise UserError(
-                f"{jpg} has classes {list(classes)}, not CIFAR-10's {list(CIFAR10_CLASSES)}: name the class "
-                "folders like that, or load it as --dataset imagefolder:<path>"
-            )
+        train, test, _ = imagefolder.load_splits(jpg, cache_dir() / "decoded", skip_bad, CIFAR10_CLASSES)
         skipped = train.skipped + test.skipped
         return ImageData("cifar10", train.x, train.y, test.x, test.y, mean, std, augment=True, skipped_images=skipped)
     elif _offline():

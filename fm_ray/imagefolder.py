@@ -33,10 +33,17 @@ class Split:
     skipped: tuple[tuple[str, str], ...]  # (file, why) of the images --skip-bad-images dropped
 
 
-def load_splits(root: Path, cache: Path, skip_bad: bool) -> tuple[Split, Split, tuple[str, ...]]:
-    """Decode root/train and root/test (through the cache folder); returns them and the class names."""
+def load_splits(
+    root: Path, cache: Path, skip_bad: bool, required: tuple[str, ...] | None = None
+) -> tuple[Split, Split, tuple[str, ...]]:
+    """Decode root/train and root/test (through the cache folder); returns them and the class names,
+    which must be `required` when given."""
     train_classes, test_classes = class_names(root / "train"), class_names(root / "test")
     check_classes(root, train_classes, test_classes)
+    if required is not None and tuple(train_classes) != required:
+        raise UserError(
+            f"{root} has classes {_names(train_classes)}, not {list(required)}: name the class folders like that"
+        )
     train = decode_split(root / "train", train_classes, cache, skip_bad)
     test = decode_split(root / "test", test_classes, cache, skip_bad)
     check_sizes(train, test)
