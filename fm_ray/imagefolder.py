@@ -92,17 +92,22 @@ def list_files(split: Path, classes: list[str]) -> list[tuple[Path, int]]:
 def decode_split(split: Path, classes: list[str], cache: Path, skip_bad: bool) -> Split:
     samples = list_files(split, classes)
     encoded = [_read(path) for path, _ in samples]  # bytes, or why the file is unreadable
-    key = hashlib.blake2b(f"v{CACHE_VERSION}|{split.resolve()}".encode(), digest_size=16)
+    # <split name>-<folder hash>-<contents hash>.pt: one entry per folder, the older ones removed
+    folder = f"{split.name}-{hashlib.blake2b(str(split.resolve()).encode(), digest_size=6).hexdigest()}"
+    key = hashlib.blake2b(f"v{CACHE_VERSION}".encode(), digest_size=16)
     for (path, label), data in zip(samples, encoded, strict=True):
         key.update(repr((str(path.relative_to(split)), label, len(data), isinstance(data, str))).encode())
         key.update(data.encode() if isinstance(data, str) else data)
-    cached = cache / f"{split.name}-{key.hexdigest()}.pt"
+    cached = cache / f"{folder}-{key.hexdigest()}.pt"
     found = _load(cached)
     if found is None:
         writable_dir(cache)  # fail before the long decode, not after it
         found = _decode(split, samples, encoded, skip_bad)
         blob = {"x": found.x, "y": found.y, "files": list(found.files), "skipped": [list(s) for s in found.skipped]}
         write_atomically(cached, lambda f: torch.save(blob, f))
+        for older in cache.glob(f"{folder}-*.pt"):  # decodes of files since replaced
+            if older != cached:
+                older.unlink(missing_ok=True)
     if found.skipped and not skip_bad:  # cached by a run with --skip-bad-images
         raise BadImage(*found.skipped[0])
     return found

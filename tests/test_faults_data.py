@@ -132,7 +132,7 @@ def test_cifar10_jpg_needs_cifar10_class_names(tmp_path):
 # --- item 4: caches --------------------------------------------------------------------------------
 
 
-def test_replaced_image_is_decoded_again(tmp_path):
+def test_replaced_image_is_decoded_again(tmp_path, own_cache):
     root = make_folder(tmp_path / "ds", THREE)
     before = load_folder(root)
     target = sorted((root / "train" / "cat").iterdir())[1]
@@ -143,6 +143,7 @@ def test_replaced_image_is_decoded_again(tmp_path):
     assert not torch.equal(after.train_x[4], before.train_x[4])
     assert torch.equal(after.train_x[4], pil_rgb(target))
     assert torch.equal(after.train_x[:4], before.train_x[:4])
+    assert len(list((own_cache / "decoded").glob("train-*.pt"))) == 1  # the outdated decode is gone
 
 
 def test_damaged_decoded_cache_is_decoded_again(tmp_path, own_cache):
@@ -263,6 +264,27 @@ def test_damaged_fmnist_source_is_named(tmp_path):
     (root / "FashionMNIST" / "raw" / name).write_bytes(bytes(bad))
     with pytest.raises(UserError, match=f"{root / 'FashionMNIST' / 'raw' / name} is damaged .*expected bb300cf"):
         fdata.load_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(root)))
+
+
+def test_missing_fmnist_file_is_downloaded_into_the_cache(tmp_path, monkeypatch, fmnist, own_cache):
+    import torchvision.datasets.utils as tv_utils
+
+    fetched = []
+
+    def fake_download(url, root, filename, md5):  # the network, played by the real file
+        fetched.append(url)
+        shutil.copy(FMNIST_RAW / filename, Path(root, filename))
+
+    monkeypatch.setattr(tv_utils, "download_url", fake_download)
+    monkeypatch.delenv("FM_RAY_OFFLINE")
+    name = "t10k-images-idx3-ubyte.gz"
+    root = fmnist_root(tmp_path, [n for n in fdata.FMNIST_FILES if n != name])
+    data = fdata.load_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(root)))
+    assert torch.equal(data.test_x, fmnist.test_x)
+    assert fetched == ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/" + name]
+    raw = fdata._work_dir(root) / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == [name]  # no temporary left behind
+    assert not (root / "FashionMNIST" / "raw" / name).exists()  # the data root is never written
 
 
 def test_missing_fmnist_file_comes_from_a_verified_cache_copy(tmp_path, fmnist):
