@@ -73,16 +73,17 @@ def _names(names: list[str], most: int = 20) -> str:
     return str(names) if len(names) <= most else f"{names[:most]} ... ({len(names)} in all)"
 
 
-def list_files(split: Path, classes: list[str]) -> list[tuple[Path, int]]:
+def list_files(split: Path, classes: list[str]) -> list[tuple[str, int]]:
     """(file, class index) in torchvision ImageFolder's order. Every non-hidden file counts, whatever
-    its suffix: a file that is not an image is reported, never silently left out."""
-    samples: list[tuple[Path, int]] = []
+    its suffix: a file that is not an image is reported, never silently left out. Paths are strings:
+    pathlib would cost seconds on 60,000 files."""
+    samples: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
         walked = []
         for folder, dirs, files in os.walk(split / name, followlinks=True):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             walked.append((folder, sorted(f for f in files if not f.startswith("."))))
-        found = [(Path(folder, f), label) for folder, files in sorted(walked) for f in files]
+        found = [(os.path.join(folder, f), label) for folder, files in sorted(walked) for f in files]
         if not found:
             raise UserError(f"class folder {split / name} holds no files: add its images or delete the folder")
         samples += found
@@ -95,15 +96,21 @@ def decode_split(split: Path, classes: list[str], cache: Path, skip_bad: bool) -
     # <split name>-<folder hash>-<contents hash>.pt: one entry per folder, the older ones removed
     folder = f"{split.name}-{hashlib.blake2b(str(split.resolve()).encode(), digest_size=6).hexdigest()}"
     key = hashlib.blake2b(f"v{CACHE_VERSION}".encode(), digest_size=16)
+    skip = len(str(split)) + 1
     for (path, label), data in zip(samples, encoded, strict=True):
-        key.update(repr((str(path.relative_to(split)), label, len(data), isinstance(data, str))).encode())
+        key.update(repr((path[skip:], label, len(data), isinstance(data, str))).encode())
         key.update(data.encode() if isinstance(data, str) else data)
     cached = cache / f"{folder}-{key.hexdigest()}.pt"
     found = _load(cached)
     if found is None:
         writable_dir(cache)  # fail before the long decode, not after it
         found = _decode(split, samples, encoded, skip_bad)
-        blob = {"x": found.x, "y": found.y, "files": list(found.files), "skipped": [list(s) for s in found.skipped]}
+        blob = {
+            "x": found.x,
+            "y": found.y,
+            "files": "\n".join(found.files),
+            "skipped": [list(s) for s in found.skipped],
+        }
         write_atomically(cached, lambda f: torch.save(blob, f))
         for older in cache.glob(f"{folder}-*.pt"):  # decodes of files since replaced
             if older != cached:
@@ -113,14 +120,15 @@ def decode_split(split: Path, classes: list[str], cache: Path, skip_bad: bool) -
     return found
 
 
-def _read(path: Path) -> bytes | str:
+def _read(path: str) -> bytes | str:
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            return f.read()
     except OSError as e:
         return f"unreadable: {e.strerror or type(e).__name__}"
 
 
-def _decode(split: Path, samples: list[tuple[Path, int]], encoded: list[bytes | str], skip_bad: bool) -> Split:
+def _decode(split: Path, samples: list[tuple[str, int]], encoded: list[bytes | str], skip_bad: bool) -> Split:
     log(f"decoding {len(samples)} images under {split} (cached for the next run)")
     images: list[torch.Tensor] = []
     labels: list[int] = []
@@ -129,8 +137,8 @@ def _decode(split: Path, samples: list[tuple[Path, int]], encoded: list[bytes | 
     for (path, label), data in progress(zip(samples, encoded, strict=True), f"decoding {split.name}", len(samples)):
         try:
             if isinstance(data, str):
-                raise BadImage(str(path), data)
-            image = decode_image_bytes(data, str(path), channels=3)
+                raise BadImage(path, data)
+            image = decode_image_bytes(data, path, channels=3)
         except BadImage as e:
             if not skip_bad:
                 raise
@@ -143,7 +151,7 @@ def _decode(split: Path, samples: list[tuple[Path, int]], encoded: list[bytes | 
             )
         images.append(image)
         labels.append(label)
-        files.append(str(path))
+        files.append(path)
     if not images:
         raise UserError(f"no image under {split} could be decoded ({len(skipped)} bad): replace them")
     return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long), tuple(files), tuple(skipped))
@@ -155,7 +163,8 @@ def _load(path: Path) -> Split | None:
         return None
     try:
         blob = torch.load(path, weights_only=True)
-        found = Split(blob["x"], blob["y"], tuple(blob["files"]), tuple((f, w) for f, w in blob["skipped"]))
+        files = tuple(blob["files"].split("\n")) if blob["files"] else ()  # one string: unpickles fast
+        found = Split(blob["x"], blob["y"], files, tuple((f, w) for f, w in blob["skipped"]))
         ok = found.x.dtype == torch.uint8 and found.x.dim() == 4 and len(found.x) == len(found.y) == len(found.files)
     except Exception as e:  # torch.load reports damage as any of several types
         log(f"decoded cache {path} is unreadable ({type(e).__name__}): decoding again")
