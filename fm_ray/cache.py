@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
-
 from pathlib import Path
 from typing import IO
 
