@@ -46,6 +46,12 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--setting", help=f"setting1 | setting2 | balanced (default {d.setting}; paper section 5)")
     g.add_argument("--class-counts", help="per-class pool sizes, e.g. 0:250,1:5000 (overrides --setting)")
     g.add_argument("--data-dir", help="dataset root (else $FM_RAY_DATA, else ~/.cache/fm_ray/data)")
+    g.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        default=None,
+        help="drop images that cannot be decoded and list them in <out>/skipped_images.csv (default: fail)",
+    )
     g.add_argument("--preset", help=f"paper regime: {', '.join(PRESETS)} (sets setting, init, batch, budget)")
     g = p.add_argument_group("active learning")
     g.add_argument("--strategy", help=f"query strategy (default {s.name}); see `fm-ray strategies`")
@@ -126,6 +132,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             "setting": a.setting if a.setting is not None else preset.get("setting"),
             "class_counts": parse_class_counts(a.class_counts) if a.class_counts else None,
             "data_dir": a.data_dir,
+            "skip_bad_images": a.skip_bad_images,
         },
     )
     if a.class_counts and a.setting is None:

@@ -15,6 +15,7 @@ class DataConfig:
     setting: str = "setting2"  # setting1 | setting2 | balanced | custom (with class_counts)
     class_counts: tuple[tuple[int, int], ...] | None = None  # ((class, count), ...)
     data_dir: str | None = None  # else $FM_RAY_DATA, else the user cache
+    skip_bad_images: bool = False  # drop undecodable images (listed in skipped_images.csv) instead of failing
 
 
 @dataclass(frozen=True)

@@ -1,29 +1,40 @@
 """Datasets as uint8 tensors, the paper's imbalanced pools, and the data-root rules.
 
 Data root: --data-dir, else $FM_RAY_DATA, else the user cache. We never write into a data root we
-did not create: torchvision extracts next to its archives, so archives are copied into our cache.
+did not create: Fashion-MNIST's archives are read in place, and what is missing is downloaded into
+our cache ($FM_RAY_CACHE); decoded image folders are cached there too (fm_ray.imagefolder).
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
+import io
+import math
 import os
-import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fm_ray import imagefolder
+from fm_ray.cache import cache_dir, writable_dir, write_atomically
 from fm_ray.config import DataConfig
 from fm_ray.errors import UserError
+from fm_ray.log import log
 
-FMNIST_FILES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-)
+# The release's archives and their md5 (torchvision's FashionMNIST.resources), in reading order.
+FMNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+# ImageFolder's sorted class folders are CIFAR-10's label order only with exactly these names.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DATASETS = ("fashion_mnist", "cifar10", "imagefolder:<path>")
 
 # The paper's settings (fishermask.md section 5): class -> pool count.
@@ -46,6 +57,7 @@ class ImageData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool  # RandomCrop(pad 4) + horizontal flip while training (the paper's CIFAR-10 recipe)
+    skipped_images: tuple[tuple[str, str], ...] = ()  # (file, why) dropped by --skip-bad-images
 
 
 @dataclass(frozen=True)
@@ -59,21 +71,14 @@ class Pool:
     test_labels: np.ndarray  # remapped like `labels`
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("FM_RAY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fm_ray"
-    )
-    return Path(base)
-
-
 def data_root(cfg: DataConfig) -> Path:
     root = cfg.data_dir or os.environ.get("FM_RAY_DATA")
     return Path(root).expanduser() if root else cache_dir() / "data"
 
 
 def _work_dir(root: Path) -> Path:
-    """Where torchvision may extract for `root`: the root itself if it is our cache, else a copy
-    beside the cache keyed by the root, so a read-only or shared root is never written."""
+    """Where downloads for `root` go: the root itself if it is our cache, else a folder in the
+    cache keyed by the root, so a read-only or shared root is never written."""
     own = cache_dir() / "data"
     if root.resolve() == own.resolve():
         return own
@@ -89,44 +94,78 @@ def load_dataset(cfg: DataConfig) -> ImageData:
     if cfg.dataset == "fashion_mnist":
         return _fashion_mnist(root)
     if cfg.dataset == "cifar10":
-        return _cifar10(root)
+        return _cifar10(root, cfg.skip_bad_images)
     if cfg.dataset.startswith("imagefolder:"):
-        return _imagefolder(Path(cfg.dataset.split(":", 1)[1]).expanduser())
+        return _imagefolder(Path(cfg.dataset.split(":", 1)[1]).expanduser(), cfg.skip_bad_images)
     raise UserError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
 
 
 def _fashion_mnist(root: Path) -> ImageData:
-    import torchvision
-
+    """Read the four idx archives in place (nothing is copied, so no copy can go stale), each checked
+    against its release md5; a file missing from the data root is downloaded into our cache."""
     src = root / "FashionMNIST" / "raw"
-    cache = _work_dir(root)
-    dst = cache / "FashionMNIST" / "raw"
-    if src.is_dir() and src.resolve() != dst.resolve():
-        dst.mkdir(parents=True, exist_ok=True)
-        for name in FMNIST_FILES:
-            if (src / name).is_file() and not (dst / name).is_file():
-                shutil.copy2(src / name, dst / name)
-    have_all = all((dst / n).is_file() for n in FMNIST_FILES)
-    if not have_all and _offline():
-        raise _missing("fashion_mnist", src, ", ".join(FMNIST_FILES))
-    try:
-        splits = [torchvision.datasets.FashionMNIST(str(cache), train=t, download=True) for t in (True, False)]
-    except Exception as e:  # network down, bad archive, ...
-        raise _missing("fashion_mnist", src, ", ".join(FMNIST_FILES), e) from None
-    (tr, te) = splits
+    own = _work_dir(root) / "FashionMNIST" / "raw"
+    tensors = [_read_idx(_fmnist_file(src, own, name, md5)) for name, md5 in FMNIST_FILES.items()]
+    train_x, train_y, test_x, test_y = tensors
     return ImageData(
         "fashion_mnist",
-        tr.data.unsqueeze(1).contiguous(),
-        tr.targets.long(),
-        te.data.unsqueeze(1).contiguous(),
-        te.targets.long(),
+        train_x.unsqueeze(1).contiguous(),
+        train_y.long(),
+        test_x.unsqueeze(1).contiguous(),
+        test_y.long(),
         mean=(0.2860,),
         std=(0.3530,),
         augment=False,
     )
 
 
-def _cifar10(root: Path) -> ImageData:
+def _fmnist_file(src: Path, own: Path, name: str, md5: str) -> Path:
+    """The archive `name` with the right md5: from the data root, else our cache, else downloaded."""
+    for where in (src, own):  # the same folder twice when the data root is our cache
+        path = where / name
+        if not path.is_file():
+            continue
+        found = _md5(path)
+        if found == md5:
+            return path
+        if where.resolve() != own.resolve():
+            raise UserError(
+                f"{path} is damaged or not the Fashion-MNIST release (md5 {found}, expected {md5}): "
+                "replace it with the original file"
+            )
+        log(f"cached {path} is damaged (md5 mismatch): fetching it again")
+        path.unlink()
+    if _offline():
+        raise _missing("fashion_mnist", src, ", ".join(FMNIST_FILES))
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import download_url
+
+    writable_dir(own)
+    with tempfile.TemporaryDirectory(dir=own, prefix=".download-") as tmp:
+        try:  # download_url checks the md5; the rename makes the file appear whole or not at all
+            download_url(FashionMNIST.mirrors[0] + name, tmp, name, md5)
+        except Exception as e:  # network down, bad archive, ...
+            raise _missing("fashion_mnist", src, ", ".join(FMNIST_FILES), e) from None
+        os.replace(Path(tmp, name), own / name)
+    return own / name
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """An idx file (gzip, uint8 data; the format of LeCun's MNIST page) -> uint8 tensor of its dims."""
+    raw = gzip.decompress(path.read_bytes())
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = raw[4 + 4 * ndim :]
+    if raw[:3] != b"\x00\x00\x08" or len(body) != math.prod(dims):
+        raise UserError(f"{path} is not an idx file of uint8 data: replace it with the original file")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(*dims)
+
+
+def _cifar10(root: Path, skip_bad: bool) -> ImageData:
     import torchvision
 
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -134,10 +173,9 @@ def _cifar10(root: Path) -> ImageData:
     if (root / "cifar-10-batches-py").is_dir():
         tv_root = str(root)
     elif (jpg / "train").is_dir() and (jpg / "test").is_dir():
-        # ImageFolder sorts class folders alphabetically: the standard CIFAR-10 label order.
-        train_x, train_y = _decode_folder(jpg / "train")
-        test_x, test_y = _decode_folder(jpg / "test")
-        return ImageData("cifar10", train_x, train_y, test_x, test_y, mean, std, augment=True)
+        train, test, _ = imagefolder.load_splits(jpg, cache_dir() / "decoded", skip_bad, CIFAR10_CLASSES)
+        skipped = train.skipped + test.skipped
+        return ImageData("cifar10", train.x, train.y, test.x, test.y, mean, std, augment=True, skipped_images=skipped)
     elif _offline():
         raise _missing(
             "cifar10",
@@ -145,7 +183,7 @@ def _cifar10(root: Path) -> ImageData:
             "cifar-10-batches-py/ (torchvision) or CIFAR10-jpg/{train,test}/<class>/",
         )
     else:
-        tv_root = str(_work_dir(root))
+        tv_root = str(writable_dir(_work_dir(root)))
     try:
         tr, te = (torchvision.datasets.CIFAR10(tv_root, train=t, download=tv_root != str(root)) for t in (True, False))
     except Exception as e:
@@ -164,41 +202,45 @@ def _cifar10(root: Path) -> ImageData:
     return ImageData("cifar10", *to_tensor(tr), *to_tensor(te), mean, std, augment=True)
 
 
-def _imagefolder(path: Path) -> ImageData:
+def _imagefolder(path: Path, skip_bad: bool) -> ImageData:
     if not ((path / "train").is_dir() and (path / "test").is_dir()):
         raise UserError(
             f"imagefolder dataset {path} needs train/ and test/ folders with one sub-folder per class: create them"
         )
-    train_x, train_y = _decode_folder(path / "train")
-    test_x, test_y = _decode_folder(path / "test")
-    scaled = train_x.float().div_(255)
+    train, test, _ = imagefolder.load_splits(path, cache_dir() / "decoded", skip_bad)
+    scaled = train.x.float().div_(255)
     dims = (0, 2, 3)
     mean = tuple(float(v) for v in scaled.mean(dims))
     std = tuple(float(v) for v in scaled.std(dims))
-    return ImageData(f"imagefolder:{path}", train_x, train_y, test_x, test_y, mean, std, augment=True)
+    return ImageData(
+        f"imagefolder:{path}",
+        train.x,
+        train.y,
+        test.x,
+        test.y,
+        mean,
+        std,
+        augment=True,
+        skipped_images=train.skipped + test.skipped,
+    )
 
 
-def _decode_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode an ImageFolder into (uint8 N x 3 x H x W, labels), cached by folder path and listing."""
-    from torchvision.datasets import ImageFolder
-    from torchvision.io import ImageReadMode, decode_image, read_file
+SKIPPED_IMAGES_CSV = "skipped_images.csv"
 
-    ds = ImageFolder(str(folder))
-    key = hashlib.sha256(f"{folder.resolve()}|{len(ds.samples)}|{ds.classes}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "decoded" / f"{folder.name}-{key}.pt"
-    if cached.is_file():
-        blob = torch.load(cached, weights_only=True)
-        return blob["x"], blob["y"]
-    images = [decode_image(read_file(p), mode=ImageReadMode.RGB) for p, _ in ds.samples]
-    if len({tuple(im.shape) for im in images}) > 1:
-        raise UserError(f"images under {folder} differ in size: resize them to one size first")
-    x = torch.stack(images)
-    y = torch.tensor(ds.targets, dtype=torch.long)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    torch.save({"x": x, "y": y}, tmp)
-    tmp.replace(cached)
-    return x, y
+
+def write_skipped_images(run_dir: Path, data: ImageData) -> None:
+    """List the images --skip-bad-images dropped as run_dir/skipped_images.csv (file, reason); remove
+    a list left by an earlier run in the same folder when none were dropped."""
+    path = run_dir / SKIPPED_IMAGES_CSV
+    if not data.skipped_images:
+        path.unlink(missing_ok=True)
+        return
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["file", "reason"])
+    writer.writerows(data.skipped_images)
+    write_atomically(path, lambda f: f.write(text.getvalue().encode()))
+    log(f"skipped {len(data.skipped_images)} images that cannot be decoded: listed in {path}")
 
 
 def _missing(name: str, where: Path, expected: str, err: Exception | None = None) -> UserError:

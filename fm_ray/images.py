@@ -10,11 +10,15 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from fm_ray.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes for 16-bit grey (PNG, TIFF)
+GREY_MODES = ("1", "L", *SIXTEEN_BIT_MODES)
 
 
 class BadImage(UserError):
@@ -38,20 +42,35 @@ def decode_image_bytes(data: bytes, name: str, channels: int | None = None) -> t
     """
     if not data:
         raise BadImage(name, "empty file")
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decode fully now: a truncated file fails here, not later
-            mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in ("1", "L", "I;16", "I") else "RGB")
-            arr = torch.frombuffer(bytearray(im.convert(mode).tobytes()), dtype=torch.uint8)
+            grey = im.mode in GREY_MODES
+            mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if grey else "RGB")
+            arr = torch.frombuffer(bytearray(_eight_bit(im, name).convert(mode).tobytes()), dtype=torch.uint8)
             w, h = im.size
     except UnidentifiedImageError:
         raise BadImage(name, "not an image of a supported type") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL reports truncation and corruption as these
+    except BadImage:
+        raise
+    except Exception as e:  # PIL reports damage as OSError, ValueError, SyntaxError, struct.error, ...
         raise BadImage(name, f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else 'corrupt'}") from None
     c = 1 if mode == "L" else 3
     return arr.view(h, w, c).permute(2, 0, 1).contiguous()
+
+
+def _eight_bit(im: Image.Image, name: str) -> Image.Image:
+    """16-bit grey scaled to 8 bits (PIL's own convert clips it at 255: a white image)."""
+    if im.mode == "F":
+        raise BadImage(name, "floating-point pixels: save it with 8 or 16 bits per channel")
+    if im.mode not in SIXTEEN_BIT_MODES:
+        return im
+    values = np.asarray(im).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise BadImage(name, "pixel values beyond 16 bits: save it with 8 or 16 bits per channel")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
 
 
 def decode_image_file(path: str | Path, channels: int | None = None) -> torch.Tensor:

@@ -76,6 +76,7 @@ def run_experiment(
     channels, side, C = x_pool.shape[1], x_pool.shape[-1], len(pool.classes)
 
     rows, queries = rundir.open(cfg, resume, overwrite)
+    fdata.write_skipped_images(rundir.path, data)
     rid = run_id(cfg)
     labeled = np.union1d(initial_labeled(T, cfg.init, cfg.seed), [q["pool_index"] for q in queries]).astype(np.int64)
     log(
