@@ -25,4 +25,14 @@ lint: $(VENV)/.installed
 test: lint
 	$(BIN)/python -m pytest -q
 
-.PHONY: install demo lint test
+# Label Studio pins its own Django stack: it gets its own environment; the test talks to it over HTTP.
+LS_VENV ?= .lsvenv
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q 'label-studio>=1.20' 'label-studio-sdk>=1.0'
+	touch $@
+
+test-labelstudio: $(VENV)/.installed $(LS_VENV)/.installed
+	FM_RAY_LABEL_STUDIO=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/python -m pytest -q -m labelstudio tests/test_labelstudio.py
+
+.PHONY: install demo lint test test-labelstudio
