@@ -38,8 +38,9 @@ class PoolShard:
         self.x_u8 = x_u8
         self.index_N = torch.as_tensor(index_N, dtype=torch.long)
         self.device = torch.device(spec.device)
+        # weights come from the driver each round (set_round): never re-read ImageNet or --checkpoint here
         self.model = build_model(
-            dataclasses.replace(spec.model, pretrained=False),
+            dataclasses.replace(spec.model, pretrained=False, checkpoint=None),
             spec.channels,
             spec.side,
             spec.n_classes,
