@@ -60,14 +60,14 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--pretrained",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="resnet18 / torchvision:<name> with torchvision's ImageNet weights (read from the torch cache)",
     )
     g.add_argument("--checkpoint", help="state dict (torch.save) to load into the model before training each round")
     g.add_argument(
         "--freeze-backbone",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="train only the final layer (Fisher and selection still use every weight)",
     )
