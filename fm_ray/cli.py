@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from fm_ray.config import (
@@ -61,9 +62,21 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", type=int, help="most labeled samples in all (default: no cap)")
     g.add_argument("--seed", type=int, help="seeds everything: pool, initial set, weights, training (default 0)")
     g = p.add_argument_group("model and training")
-    g.add_argument("--model", help=f"cnn | mlp | resnet18 (default {m.name})")
     g.add_argument(
-        "--pretrained", action="store_true", default=None, help="resnet18 with torchvision's ImageNet weights"
+        "--model", help=f"cnn | mlp | resnet18 | torchvision:<name>, e.g. torchvision:resnet34 (default {m.name})"
+    )
+    g.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="resnet18 / torchvision:<name> with torchvision's ImageNet weights (read from the torch cache)",
+    )
+    g.add_argument("--checkpoint", help="state dict (torch.save) to load into the model before training each round")
+    g.add_argument(
+        "--freeze-backbone",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train only the final layer (Fisher and selection still use every weight)",
     )
     g.add_argument("--epochs", type=int, help=f"most epochs per round (default {t.epochs})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate (default {t.lr})")
@@ -139,7 +152,15 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         data = _replace(data, {"setting": "custom"})
     return RunConfig(
         data=data,
-        model=_replace(ModelConfig(), {"name": a.model, "pretrained": a.pretrained}),
+        model=_replace(
+            ModelConfig(),
+            {
+                "name": a.model,
+                "pretrained": a.pretrained,
+                # absolute: a Tune trial runs in its own working directory
+                "checkpoint": str(Path(a.checkpoint).expanduser().absolute()) if a.checkpoint else None,
+            },
+        ),
         train=_replace(
             TrainConfig(),
             {
@@ -149,6 +170,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                 "target_train_acc": a.target_train_acc,
                 "warm_start": a.warm_start,
                 "device": a.device,
+                "freeze_backbone": a.freeze_backbone,
             },
         ),
         strategy=_replace(

@@ -20,8 +20,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "cnn"  # cnn | mlp | resnet18
-    pretrained: bool = False
+    name: str = "cnn"  # cnn | mlp | resnet18 | torchvision:<name> (any torchvision classifier)
+    pretrained: bool = False  # torchvision's ImageNet weights, from the torch cache
+    checkpoint: str | None = None  # a state dict loaded before training each round (driver only)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class TrainConfig:
     target_train_acc: float = 0.99  # stop early once an epoch's training accuracy reaches this
     warm_start: bool = False  # default: weights reset every round, as the reference code does
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    freeze_backbone: bool = False  # train the final layer only; Fisher and selection still see all weights
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,16 @@ def _batches(n: int, size: int, perm: torch.Tensor) -> list[torch.Tensor]:
     return parts
 
 
+def _freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
+    """The head's parameters, to train alone. The backbone gets no gradients (no backward through
+    it: the point of fixed features) and runs in eval mode, so its BatchNorm statistics stay too."""
+    head, features = getattr(model, "head", None), getattr(model, "features", None)
+    if not isinstance(head, nn.Linear) or not isinstance(features, nn.Module):
+        raise UserError("--freeze-backbone needs a model with `features` and a Linear `head`: drop the flag")
+    features.requires_grad_(False).eval()
+    return list(head.parameters())
+
+
 def train_model(
     model: nn.Module,
     x_u8: torch.Tensor,
@@ -74,7 +84,8 @@ def train_model(
     """Adam until `cfg.epochs` or an epoch's training accuracy reaches `cfg.target_train_acc`."""
     torch.manual_seed(seed)  # batch order and augmentation
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    trainable = _freeze_backbone(model) if cfg.freeze_backbone else list(model.parameters())
+    opt = torch.optim.Adam(trainable, lr=cfg.lr)
     loss_fn = nn.CrossEntropyLoss()
     start, acc, epochs_run = time.perf_counter(), 0.0, 0
     for epoch in range(1, cfg.epochs + 1):
@@ -92,6 +103,8 @@ def train_model(
         if acc >= cfg.target_train_acc:
             break
     model.eval()
+    if cfg.freeze_backbone:
+        model.requires_grad_(True)  # the Fisher quantities differentiate every weight
     return {
         "epochs": epochs_run,
         "train_accuracy": acc,

@@ -49,7 +49,7 @@ def label_studio(tmp_path_factory):
     token = secrets.token_hex(20)
     env = dict(os.environ, LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true")
     env["LABEL_STUDIO_BASE_DATA_DIR"] = str(tmp_path_factory.mktemp("ls-data"))
-    log = open(tmp_path_factory.mktemp("ls-log") / "server.log", "w")
+    log = open(tmp_path_factory.mktemp("ls-log") / "server.log", "w")  # noqa: SIM115 (lives as long as the server)
     proc = subprocess.Popen(
         [exe, "start", "--no-browser", "--host", "127.0.0.1", "--port", str(port)]
         + ["--username", "annotator@example.com", "--password", secrets.token_hex(8), "--user-token", token],
@@ -111,7 +111,9 @@ def test_labeling_workflow_through_label_studio(label_studio, fmnist, tmp_path, 
     assert len(second) == 40 and not set(first) & set(second)
     tasks = json.loads((proj / "batches/1/tasks.json").read_text())
     choices = "".join(f'<Choice value="{c}"/>' for c in CLASSES)
-    config = f'<View><Image name="image" value="$image"/><Choices name="label" toName="image">{choices}</Choices></View>'
+    config = (
+        f'<View><Image name="image" value="$image"/><Choices name="label" toName="image">{choices}</Choices></View>'
+    )
     ls = label_studio
     project = ls.call("POST", "/api/projects", {"title": "fm_ray batch 1", "label_config": config})
     imported = ls.call("POST", f"/api/projects/{project['id']}/import", tasks)

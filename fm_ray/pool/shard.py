@@ -43,8 +43,12 @@ class PoolShard:
             self.model = copy.deepcopy(spec.module)
         else:
             assert spec.model is not None
+            # weights come from the driver each round (set_round): never re-read ImageNet or --checkpoint here
             self.model = build_model(
-                dataclasses.replace(spec.model, pretrained=False), spec.channels, spec.side, spec.n_classes
+                dataclasses.replace(spec.model, pretrained=False, checkpoint=None),
+                spec.channels,
+                spec.side,
+                spec.n_classes,
             )
         self.labeled_N = torch.zeros(len(index_N), dtype=torch.bool)
         self.state: Any = None
