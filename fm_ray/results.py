@@ -191,9 +191,14 @@ class RunDir:
         if cfg.train.warm_start:
             # a warm start continues from the last finished round's weights; if the crash came
             # between that round's rows and its checkpoint, redo the round instead of loading older weights
-            while rows and not self.checkpoint_path(rows[-1]["round"]).exists():
-                log(f"{self.path}: no weights saved for round {rows[-1]['round']}: redoing it")
+            if rows and not self.checkpoint_path(rows[-1]["round"]).exists():
+                log(f"{self.path}: the weights of round {rows[-1]['round']} were never saved: redoing it")
                 rows.pop()
+            if rows and not self.checkpoint_path(rows[-1]["round"]).exists():
+                raise UserError(
+                    f"{self.path} lacks the warm-start weights of rounds {rows[-1]['round']} and later "
+                    f"(checkpoint-r<round>.pt): use --overwrite to start the run afresh"
+                )
         # Queries are written before their round's row: drop any whose row never landed.
         last = rows[-1]["round"] if rows else -1
         queries = [q for q in queries if q["round"] <= last + 1]

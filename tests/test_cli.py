@@ -224,6 +224,31 @@ def test_inconsistent_results_on_resume_are_refused(tmp_path):
         RunDir(out).open(cfg, resume=True, overwrite=False)
 
 
+def test_warm_start_resume_redoes_a_round_whose_weights_never_landed(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from fm_ray.cli import build_parser, config_from_args
+    from fm_ray.errors import UserError
+    from fm_ray.results import RunDir
+
+    out = tmp_path / "run"
+    cfg = config_from_args(build_parser().parse_args([*BASE, "--out", str(out), "--warm-start"]))
+    run = RunDir(out)
+    run.open(cfg, resume=False, overwrite=False)
+    pq.write_table(pa.table({"run_id": ["a"] * 2, "round": [0, 1], "n_queried": [2, 2]}), run.rounds_path)
+    pq.write_table(pa.table({"round": [1, 1, 2, 2], "pool_index": [5, 6, 7, 8]}), run.queries_path)
+    with pytest.raises(UserError, match="lacks the warm-start weights of rounds 0 and later"):
+        run.open(cfg, resume=True, overwrite=False)  # never silently train from other weights
+    run.save_checkpoint({"w": torch.ones(1)}, 0)  # killed between round 1's row and its weights
+    rows, queries = run.open(cfg, resume=True, overwrite=False)
+    assert [r["round"] for r in rows] == [0] and [q["pool_index"] for q in queries] == [5, 6]
+    run.save_checkpoint({"w": torch.ones(1)}, 1)
+    rows, queries = run.open(cfg, resume=True, overwrite=False)
+    assert [r["round"] for r in rows] == [0, 1] and len(queries) == 4
+
+
 def test_checkpoints_load_weights_only(tmp_path):
     """A checkpoint holding arbitrary pickled objects is refused (torch.load weights_only=True)."""
     import torch
