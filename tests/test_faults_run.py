@@ -65,19 +65,25 @@ def strip(rows: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory) -> dict[bool, Path]:
-    """One uninterrupted run per configuration (cold, warm start), in-process with one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = {}
-        for warm in (False, True):
-            argv = ["run", *SMALL, "--out", "x", *(["--warm-start"] if warm else [])]
+def reference(tmp_path_factory):
+    """reference(strategy, warm) -> the dir of one uninterrupted run of SMALL with that strategy and
+    warm start, computed once per module, in-process with one thread (as the subprocesses and a
+    sweep trial with one CPU run)."""
+    done: dict[tuple[str, bool], Path] = {}
+
+    def get(strategy: str, warm: bool) -> Path:
+        if (strategy, warm) not in done:
+            argv = ["run", *SMALL, "--strategy", strategy, "--out", "x", *(["--warm-start"] if warm else [])]
             cfg = config_from_args(build_parser().parse_args(argv))
-            out[warm] = run_experiment(cfg, tmp_path_factory.mktemp("ref") / ("warm" if warm else "cold"))
-    finally:
-        torch.set_num_threads(threads)
-    return out
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                done[strategy, warm] = run_experiment(cfg, tmp_path_factory.mktemp("ref") / f"{strategy}-{warm}")
+            finally:
+                torch.set_num_threads(threads)
+        return done[strategy, warm]
+
+    return get
 
 
 def test_every_phase_is_a_fault_point():
@@ -88,9 +94,9 @@ def test_every_phase_is_a_fault_point():
 
 
 @pytest.mark.parametrize("chain", CHAINS)
-def test_killed_runs_resume_to_the_uninterrupted_results(chain, references, tmp_path):
+def test_killed_runs_resume_to_the_uninterrupted_results(chain, reference, tmp_path):
     warm, kills = CHAINS[chain]
-    ref = references[warm]
+    ref = reference("entropy", warm)
     ref_rows, ref_queries = strip(read(ref, "rounds.parquet")), strip(read(ref, "queries.parquet"))
     out = tmp_path / chain
     argv = ["run", *SMALL, "--out", str(out), *(["--warm-start"] if warm else [])]
@@ -118,7 +124,7 @@ def test_killed_runs_resume_to_the_uninterrupted_results(chain, references, tmp_
 # ---------------------------------------------------------------------------------------------
 # A sweep: SIGKILL the whole `fm-ray sweep` process group (driver, Ray, trial workers) mid-way.
 
-SWEEP = ["--strategies", "random,entropy", "--seeds", "0", "--max-concurrent", "1", *SMALL]
+SWEEP = [*SMALL, "--strategies", "entropy,random", "--max-concurrent", "1"]  # seed 3, as the references
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -134,12 +140,14 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.ray
-def test_killed_sweep_resumes_to_the_uninterrupted_rows(tmp_path):
+def test_killed_sweep_resumes_to_the_uninterrupted_rows(reference, tmp_path):
+    """The uninterrupted rows: a trial computes what `fm-ray run` with the same flags computes
+    (tests/test_sweep.py::test_trial_rows_equal_a_direct_run), so the references serve here too."""
+    import pandas as pd
+
     from fm_ray.report import load_queries, load_rounds
 
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    done = fm_ray(["sweep", "--out", str(ref), *SWEEP])
-    assert done.returncode == 0, done.stderr[-2000:]
+    cut = tmp_path / "cut"
     cmd = [sys.executable, "-m", "fm_ray.cli", "sweep", "--out", str(cut), *SWEEP]
     proc = subprocess.Popen(
         cmd, env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -165,5 +173,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_rows(tmp_path):
         v = v.tolist() if hasattr(v, "tolist") else v
         return None if isinstance(v, float) and math.isnan(v) else v
 
-    assert rows(load_rounds(cut)) == rows(load_rounds(ref)) and len(load_rounds(ref)) == 6
-    assert rows(load_queries(cut)) == rows(load_queries(ref))
+    refs = [reference("entropy", False), reference("random", False)]
+    assert rows(load_rounds(cut)) == rows(pd.concat([load_rounds(r) for r in refs])) and len(load_rounds(cut)) == 6
+    ref_queries = pd.concat([load_queries(r) for r in refs])  # a run's queries lack the partition columns
+    assert rows(load_queries(cut)[list(ref_queries.columns)]) == rows(ref_queries) and len(ref_queries) == 40
