@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,31 +128,52 @@ def parse_class_counts(spec: str) -> tuple[tuple[int, int], ...]:
     return counts
 
 
+def _in_range(flag: str, value: float, low: float, high: float, low_open: bool, fix: str) -> None:
+    """One numeric check; NaN and infinities fail it too (every comparison with NaN is False)."""
+    above = value > low if low_open else value >= low
+    if not (above and value <= high and math.isfinite(value)):
+        raise UserError(f"{flag} must be {fix}, got {value}")
+
+
 def validate(cfg: RunConfig) -> None:
-    """Checks that need no data; data-dependent checks (pool size, class counts) live in data.py."""
+    """Every check that needs no data, so bad input fails before anything runs; data-dependent
+    checks (pool size, class counts) live in data.py and loop.py."""
+    inf = math.inf
     for name in ("init", "batch", "rounds"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive, got {value}: pass a number >= 1")
     if cfg.budget is not None and cfg.budget < cfg.init:
         raise UserError(f"--budget {cfg.budget} is below --init {cfg.init}: raise --budget or lower --init")
-    if cfg.train.epochs <= 0:
-        raise UserError(f"--epochs must be positive, got {cfg.train.epochs}")
-    if not 0 < cfg.strategy.sparsity <= 1:
-        raise UserError(f"--sparsity must be in (0, 1], got {cfg.strategy.sparsity}")
-    if cfg.strategy.greedy not in ("fast", "reference"):
-        raise UserError(f"--greedy must be fast or reference, got {cfg.strategy.greedy!r}")
-    if cfg.strategy.fisher_dtype not in ("float32", "float64"):
-        raise UserError(f"--fisher-dtype must be float32 or float64, got {cfg.strategy.fisher_dtype!r}")
-    if cfg.pool.gpus_per_shard is not None and cfg.pool.gpus_per_shard < 0:
-        raise UserError(f"--gpus-per-shard must be >= 0, got {cfg.pool.gpus_per_shard}")
-    if cfg.pool.cpus_per_shard <= 0:
-        raise UserError(f"--cpus-per-shard must be positive, got {cfg.pool.cpus_per_shard}")
-    if cfg.pool.shards <= 0:
-        raise UserError(f"--shards must be positive, got {cfg.pool.shards}")
-    if cfg.pool.driver_cpus is not None and cfg.pool.driver_cpus <= 0:
-        raise UserError(f"--driver-cpus must be positive, got {cfg.pool.driver_cpus}")
-    if cfg.pool.driver_gpus is not None and cfg.pool.driver_gpus < 0:
-        raise UserError(f"--driver-gpus must be >= 0, got {cfg.pool.driver_gpus}")
-    if cfg.pool.backend not in ("local", "ray"):
-        raise UserError(f"--backend must be local or ray, got {cfg.pool.backend!r}")
+    if cfg.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {cfg.seed}")
+    t, s, pl = cfg.train, cfg.strategy, cfg.pool
+    if t.epochs <= 0:
+        raise UserError(f"--epochs must be positive, got {t.epochs}")
+    _in_range("--lr", t.lr, 0, inf, True, "a positive number, e.g. --lr 1e-3")
+    if t.batch_size <= 0:
+        raise UserError(f"--train-batch-size must be positive, got {t.batch_size}: e.g. --train-batch-size 64")
+    _in_range("--target-train-acc", t.target_train_acc, 0, 1, True, "in (0, 1], e.g. 0.99")
+    _in_range("--sparsity", s.sparsity, 0, 1, True, "in (0, 1], e.g. 0.002")
+    _in_range("--lam", s.lam, 0, inf, True, "a positive number, e.g. --lam 1")
+    if s.backward_steps < 0:
+        raise UserError(f"--backward-steps must be >= 0, got {s.backward_steps}")
+    if s.chunk_size <= 0:
+        raise UserError(f"chunk_size must be positive, got {s.chunk_size}")
+    if s.fisher_samples is not None and s.fisher_samples <= 0:
+        raise UserError(f"--fisher-samples must be positive or 'all', got {s.fisher_samples}")
+    if s.greedy not in ("fast", "reference"):
+        raise UserError(f"--greedy must be fast or reference, got {s.greedy!r}")
+    if s.fisher_dtype not in ("float32", "float64"):
+        raise UserError(f"--fisher-dtype must be float32 or float64, got {s.fisher_dtype!r}")
+    if pl.gpus_per_shard is not None:
+        _in_range("--gpus-per-shard", pl.gpus_per_shard, 0, inf, False, ">= 0")
+    _in_range("--cpus-per-shard", pl.cpus_per_shard, 0, inf, True, "positive")
+    if pl.shards <= 0:
+        raise UserError(f"--shards must be positive, got {pl.shards}")
+    if pl.driver_cpus is not None:
+        _in_range("--driver-cpus", pl.driver_cpus, 0, inf, True, "positive")
+    if pl.driver_gpus is not None:
+        _in_range("--driver-gpus", pl.driver_gpus, 0, inf, False, ">= 0")
+    if pl.backend not in ("local", "ray"):
+        raise UserError(f"--backend must be local or ray, got {pl.backend!r}")

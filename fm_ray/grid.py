@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,8 @@ def load_spec(path: str | Path) -> dict[str, Any]:
 
     try:
         spec = yaml.safe_load(Path(path).read_text())  # JSON is YAML
+    except UnicodeDecodeError:
+        raise UserError(f"--spec {path}: cannot read it (not UTF-8 text): save it as UTF-8 YAML or JSON") from None
     except (OSError, yaml.YAMLError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"--spec {path}: cannot read it ({first}): give a readable YAML or JSON file") from None
@@ -244,6 +247,27 @@ class SweepOptions:
     gpus_per_trial: float = 0.0
 
     def __post_init__(self) -> None:
+        # spec files hand these over as parsed YAML: check the types before comparing anything
+        for key, types in (
+            ("max_concurrent", (int,)),
+            ("cpus_per_trial", (int, float)),
+            ("gpus_per_trial", (int, float)),
+        ):
+            value = getattr(self, key)
+            if (value is None and key == "max_concurrent") or (
+                isinstance(value, types) and not isinstance(value, bool)
+            ):
+                continue
+            kind = "an integer" if types == (int,) else "a number"
+            raise UserError(f"sweep option {key} must be {kind}, got {value!r}: e.g. {key}: 2")
+        if not all(map(math.isfinite, (self.cpus_per_trial, self.gpus_per_trial))):
+            raise UserError(
+                f"--cpus-per-trial / --gpus-per-trial must be finite, got {self.cpus_per_trial}, {self.gpus_per_trial}"
+            )
+        if "://" not in self.out:
+            from fm_ray.results import RunDir
+
+            RunDir(self.out).check_writable()
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise UserError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:

@@ -15,6 +15,7 @@ import torch
 from fm_ray import data as fdata
 from fm_ray.config import RunConfig, rounds_for_budget, validate
 from fm_ray.errors import UserError
+from fm_ray.faults import fault_point
 from fm_ray.log import log
 from fm_ray.models import check_model
 from fm_ray.pool import ShardedPool
@@ -60,6 +61,7 @@ def run_experiment(
 ) -> Path:
     check(cfg)
     rundir = RunDir(out)
+    rundir.preflight(resume, overwrite)  # before loading any data
     data = fdata.load_dataset(cfg.data)
     pool = fdata.make_pool(cfg.data, data, cfg.seed)
     T = len(pool.train_index)
@@ -75,25 +77,29 @@ def run_experiment(
     x_test = data.test_x[torch.from_numpy(pool.test_index)]
     channels, side, C = x_pool.shape[1], x_pool.shape[-1], len(pool.classes)
 
-    rows, queries = rundir.open(cfg, resume, overwrite)
-    fdata.write_skipped_images(rundir.path, data)
-    rid = run_id(cfg)
-    labeled = np.union1d(initial_labeled(T, cfg.init, cfg.seed), [q["pool_index"] for q in queries]).astype(np.int64)
-    log(
-        f"run {rid}: pool {T} ({C} classes), {len(labeled)} labeled, {n_rounds} query rounds of {cfg.batch}, "
-        f"strategy {cfg.strategy.name}, {cfg.pool.backend} pool x{cfg.pool.shards}, device {device}"
-        + (f", resuming after round {rows[-1]['round']}" if rows else "")
-    )
     spec = ShardSpec(cfg.model, channels, side, C, norm, str(device))
     sharded = make_sharded_pool(cfg, spec, x_pool)
     try:
+        # only now, with every check passed and the pool built, may --overwrite delete the old run
+        rows, queries = rundir.open(cfg, resume, overwrite)
+        fdata.write_skipped_images(rundir.path, data)
+        rid = run_id(cfg)
+        labeled = np.union1d(initial_labeled(T, cfg.init, cfg.seed), [q["pool_index"] for q in queries])
+        labeled = labeled.astype(np.int64)
+        log(
+            f"run {rid}: pool {T} ({C} classes), {len(labeled)} labeled, {n_rounds} query rounds of {cfg.batch}, "
+            f"strategy {cfg.strategy.name}, {cfg.pool.backend} pool x{cfg.pool.shards}, device {device}"
+            + (f", resuming after round {rows[-1]['round']}" if rows else "")
+        )
         for r in range(len(rows), n_rounds + 1):
-            warm = torch.load(rundir.checkpoint_path, weights_only=True) if cfg.train.warm_start and r > 0 else None
+            warm = rundir.load_checkpoint(r - 1) if cfg.train.warm_start and r > 0 else None
+            fault_point("train", r)
             lab_t = torch.from_numpy(labeled)
             log(f"round {r}/{n_rounds}: training on {len(labeled)} labels")
             model, fit = fit_round(
                 cfg.model, cfg.train, cfg.seed, r, x_pool[lab_t], y_pool[lab_t], norm, data.augment, C, device, warm
             )
+            fault_point("eval", r)
             start = time.perf_counter()
             ev = evaluate(model, x_test, pool.test_labels, norm, device, C)
             eval_s = time.perf_counter() - start
@@ -101,6 +107,7 @@ def run_experiment(
             sel, query_s = Selection([]), 0.0
             if k > 0:
                 log(f"round {r}/{n_rounds}: test acc {ev['accuracy']:.4f}; querying {k} with {cfg.strategy.name}")
+                fault_point("query", r)
                 start = time.perf_counter()
                 weights = {n: t.cpu() for n, t in model.state_dict().items()} if strategy.needs_model else None
                 sharded.map("set_round", weights, labeled)
@@ -145,9 +152,13 @@ def run_experiment(
                 "shards": cfg.pool.shards,
             }
             rows.append(row)
-            rundir.write_round(rows, queries)
-            # after the rows: a resumed warm start must load the last *finished* round's weights
-            torch.save(model.state_dict(), rundir.checkpoint_path)
+            # order matters for resume: queries, then the row, then the round's weights (see RunDir)
+            rundir.write_queries(queries)
+            fault_point("queries_written", r)
+            rundir.write_rows(rows)
+            fault_point("rows_written", r)
+            rundir.save_checkpoint(model.state_dict(), r)
+            fault_point("checkpointed", r)
             labeled = np.union1d(labeled, picked)
             log(
                 f"round {r}/{n_rounds} done: n_labeled {row['n_labeled']}, test acc {ev['accuracy']:.4f}, "

@@ -225,7 +225,7 @@ def _names(keys: list[str]) -> str:
 
 
 def load_checkpoint(model: nn.Module, path: str, what: str) -> None:
-    """Load a state dict (`torch.save(model.state_dict(), path)`, e.g. a run's checkpoint.pt) into
+    """Load a state dict (`torch.save(model.state_dict(), path)`, e.g. a run's checkpoint-r<round>.pt) into
     `model`; every way it can fail is one UserError naming the file and what does not fit."""
     fix = "save one with torch.save(model.state_dict(), path) from the same --model and classes"
     try:

@@ -36,7 +36,7 @@ from fm_ray.results import RunDir
 
 def run_files(rundir: RunDir) -> list[Path]:
     """A run dir's durable state, in the order a round writes it (queries, rows, then weights)."""
-    return [rundir.config_path, rundir.queries_path, rundir.rounds_path, rundir.checkpoint_path]
+    return [rundir.config_path, rundir.queries_path, rundir.rounds_path, *rundir.checkpoints()]
 
 
 def read_files(rundir: RunDir) -> dict[str, bytes]:
@@ -44,11 +44,16 @@ def read_files(rundir: RunDir) -> dict[str, bytes]:
 
 
 def write_files(rundir: RunDir, files: dict[str, bytes]) -> None:
-    for path in run_files(rundir):
-        if path.name in files:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(files[path.name])
-            tmp.replace(path)  # atomic, as RunDir's own writes: a crash leaves the previous round
+    """Write what `read_files` read in the task, in its order, each atomically as RunDir's own writes
+    (a crash leaves the previous round); then drop checkpoints the task no longer has."""
+    for name, data in files.items():
+        path = rundir.path / Path(name).name  # names only: nothing lands outside the run dir
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    for old in rundir.checkpoints():
+        if old.name not in files:
+            old.unlink(missing_ok=True)
 
 
 class _Lines(io.TextIOBase):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import pyarrow.parquet as pq
 
 from fm_ray.config import RunConfig, to_dict
 from fm_ray.errors import UserError
+from fm_ray.log import log
+from fm_ray.paths import safe_name
 
 _PROFILE = pa.struct([("name", pa.string()), ("numel", pa.int64()), ("kept", pa.int64()), ("fraction", pa.float64())])
 ROUND_SCHEMA = pa.schema(
@@ -61,12 +65,16 @@ TIMING_COLUMNS = tuple(n for n in ROUND_SCHEMA.names if n.endswith("_seconds")) 
 
 
 def run_id(cfg: RunConfig) -> str:
-    """Stable id of what a run computes (independent of backend, shard count and device)."""
+    """Stable id of what a run computes (independent of backend, shard count and device).
+
+    It names files and Tune trial dirs, so its readable part keeps only safe characters.
+    """
     d = to_dict(cfg)
     d.pop("pool")
     d["train"].pop("device")
     digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{cfg.data.dataset.split(':')[0]}-{cfg.data.setting}-{cfg.strategy.name}-s{cfg.seed}-{digest}"
+    readable = f"{cfg.data.dataset.split(':')[0]}-{cfg.data.setting}-{cfg.strategy.name}-s{cfg.seed}"
+    return f"{safe_name(readable)}-{digest}"
 
 
 def _write(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
@@ -75,7 +83,28 @@ def _write(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
     tmp.replace(path)  # atomic: a crash leaves the previous round's file intact
 
 
+def _read(path: Path, needs: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A results file as rows; a damaged one is a UserError (never a traceback, never half a run)."""
+    if not path.exists():
+        return []
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is damaged ({first}): use --overwrite to start the run afresh") from None
+    lacking = [n for n in needs if n not in table.column_names]
+    if lacking:
+        raise UserError(f"{path} lacks column(s) {', '.join(lacking)}: use --overwrite to start the run afresh")
+    return table.to_pylist()
+
+
 class RunDir:
+    """config.json + rounds.parquet + queries.parquet + the latest warm-start checkpoint-r<round>.pt.
+
+    Per round the loop writes queries, then rows, then (atomically) that round's weights, so a
+    crash anywhere leaves files a resume can continue from with the same results.
+    """
+
     def __init__(self, out: str | Path):
         if "://" in str(out):
             raise UserError(
@@ -86,41 +115,134 @@ class RunDir:
         self.rounds_path = self.path / "rounds.parquet"
         self.queries_path = self.path / "queries.parquet"
         self.config_path = self.path / "config.json"
-        self.checkpoint_path = self.path / "checkpoint.pt"
 
-    def open(self, cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[list[dict], list[dict]]:
-        """Create, resume (returns the finished rows and queries) or overwrite the run directory."""
-        exists = self.config_path.exists() or self.rounds_path.exists()
-        if exists and overwrite:
-            for p in (self.rounds_path, self.queries_path, self.config_path, self.checkpoint_path):
-                p.unlink(missing_ok=True)
-            exists = False
-        if exists and not resume:
+    def checkpoint_path(self, round_: int) -> Path:
+        """Model weights at the end of round `round_` (what warm-start round `round_ + 1` starts from)."""
+        return self.path / f"checkpoint-r{round_}.pt"
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.path.glob("checkpoint-r*.pt")) + [p for p in [self.path / "checkpoint.pt"] if p.exists()]
+
+    def holds_run(self) -> bool:
+        return self.config_path.exists() or self.rounds_path.exists()
+
+    def preflight(self, resume: bool, overwrite: bool) -> None:
+        """Before any work: --out can hold a run, --resume has one to continue, and an existing one
+        is replaced only with --overwrite."""
+        self.check_writable()
+        if resume and not self.holds_run():
+            raise UserError(f"--resume: no run to continue in {self.path}: drop --resume to start one there")
+        if self.holds_run() and not (resume or overwrite):
             raise UserError(
                 f"{self.path} already holds a run: pass --resume to continue it or --overwrite to replace it"
             )
+
+    def check_writable(self) -> None:
+        """Fail before any work if --out cannot hold a run (a file, or a folder we may not write)."""
+        target = self.path
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            what = f"--out {self.path}" + ("" if target == self.path else f": {target}")
+            raise UserError(f"{what} is a file, not a folder: give a folder path for --out")
+        try:
+            tempfile.TemporaryFile(dir=target).close()
+        except OSError as e:
+            raise UserError(
+                f"--out {self.path}: cannot write in {target} ({e.strerror}): give a writable folder"
+            ) from None
+
+    def open(self, cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[list[dict], list[dict]]:
+        """Create, resume (returns the finished rows and queries) or overwrite the run directory.
+
+        Call it only after every check of the new configuration passed: --overwrite deletes here.
+        """
+        self.preflight(resume, overwrite)
+        exists = self.holds_run()
+        if exists and overwrite:
+            for p in (self.rounds_path, self.queries_path, self.config_path, *self.checkpoints()):
+                p.unlink(missing_ok=True)
+            exists = False
         if exists:
             return self._load(cfg)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(json.dumps({"run_id": run_id(cfg), "config": to_dict(cfg)}, indent=2))
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            _write_text(self.config_path, json.dumps({"run_id": run_id(cfg), "config": to_dict(cfg)}, indent=2))
+        except OSError as e:
+            raise UserError(f"--out {self.path}: cannot write there ({e.strerror}): give a writable folder") from None
         return [], []
 
     def _load(self, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
         try:
             stored = json.loads(self.config_path.read_text())
         except (OSError, ValueError):
-            raise UserError(f"{self.config_path} is missing or unreadable: use --overwrite to start afresh") from None
+            stored = None
+        if not isinstance(stored, dict):
+            raise UserError(f"{self.config_path} is missing or damaged: use --overwrite to start the run afresh")
         if stored.get("run_id") != run_id(cfg):
             raise UserError(
                 f"{self.path} holds a different run ({stored.get('run_id')}): pass the same options to resume, "
                 "or --overwrite / another --out"
             )
-        rows = pq.read_table(self.rounds_path).to_pylist() if self.rounds_path.exists() else []
-        queries = pq.read_table(self.queries_path).to_pylist() if self.queries_path.exists() else []
+        rows = _read(self.rounds_path, ("run_id", "round", "n_queried"))
+        queries = _read(self.queries_path, ("round", "pool_index"))
+        if [r["round"] for r in rows] != list(range(len(rows))):
+            raise UserError(f"{self.rounds_path} does not hold rounds 0, 1, ... in order: use --overwrite")
+        if cfg.train.warm_start:
+            # a warm start continues from the last finished round's weights; if the crash came
+            # between that round's rows and its checkpoint, redo the round instead of loading older weights
+            if rows and not self.checkpoint_path(rows[-1]["round"]).exists():
+                log(f"{self.path}: the weights of round {rows[-1]['round']} were never saved: redoing it")
+                rows.pop()
+            if rows and not self.checkpoint_path(rows[-1]["round"]).exists():
+                raise UserError(
+                    f"{self.path} lacks the warm-start weights of rounds {rows[-1]['round']} and later "
+                    f"(checkpoint-r<round>.pt): use --overwrite to start the run afresh"
+                )
         # Queries are written before their round's row: drop any whose row never landed.
         last = rows[-1]["round"] if rows else -1
-        return rows, [q for q in queries if q["round"] <= last + 1]
+        queries = [q for q in queries if q["round"] <= last + 1]
+        for r in rows:
+            n = sum(q["round"] == r["round"] + 1 for q in queries)
+            if n != r["n_queried"]:
+                raise UserError(
+                    f"{self.queries_path} holds {n} queries of round {r['round']}, its row says {r['n_queried']}: "
+                    "use --overwrite to start the run afresh"
+                )
+        return rows, queries
 
-    def write_round(self, rows: list[dict], queries: list[dict]) -> None:
+    def write_queries(self, queries: list[dict]) -> None:
         _write(self.queries_path, queries, QUERY_SCHEMA)
+
+    def write_rows(self, rows: list[dict]) -> None:
         _write(self.rounds_path, rows, ROUND_SCHEMA)
+
+    def save_checkpoint(self, state: dict[str, Any], round_: int) -> None:
+        """Round `round_`'s weights, atomically (temp name + rename); then older checkpoints go."""
+        import torch
+
+        path = self.checkpoint_path(round_)
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+        for old in self.checkpoints():
+            if old != path:
+                old.unlink(missing_ok=True)
+
+    def load_checkpoint(self, round_: int) -> dict[str, Any]:
+        import torch
+
+        path = self.checkpoint_path(round_)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            # weights_only refuses pickled objects other than tensors (they could run code)
+            raise UserError(
+                f"{path} is unreadable or not plain weights ({type(e).__name__}): delete it to redo round {round_}"
+            ) from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

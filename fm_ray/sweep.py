@@ -133,10 +133,11 @@ def _restore(checkpoint: Any, rundir: Path) -> None:
 def _snapshot(rundir: Path, warm_start: bool) -> Path:
     """A copy of the run dir's durable state for a Tune checkpoint (weights only if the next round needs them)."""
     d = Path(tempfile.mkdtemp(prefix="fm_ray_ckpt_"))
-    names = ["config.json", "rounds.parquet", "queries.parquet"] + (["checkpoint.pt"] if warm_start else [])
-    for name in names:
-        if (rundir / name).exists():
-            shutil.copy2(rundir / name, d / name)
+    run = RunDir(rundir)
+    paths = [run.config_path, run.rounds_path, run.queries_path] + (run.checkpoints() if warm_start else [])
+    for path in paths:
+        if path.exists():
+            shutil.copy2(path, d / path.name)
     return d
 
 

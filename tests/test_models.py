@@ -202,8 +202,10 @@ def test_cli_runs_a_torchvision_model_then_freezes_it_from_its_checkpoint(tmp_pa
     assert len(set(picks)) == 10
 
     second = tmp_path / "second"
-    assert main([*base, "--checkpoint", str(first / "checkpoint.pt"), "--freeze-backbone", "--out", str(second)]) == 0
-    start, end = torch.load(first / "checkpoint.pt"), torch.load(second / "checkpoint.pt")
+    assert (
+        main([*base, "--checkpoint", str(first / "checkpoint-r1.pt"), "--freeze-backbone", "--out", str(second)]) == 0
+    )
+    start, end = torch.load(first / "checkpoint-r1.pt"), torch.load(second / "checkpoint-r1.pt")
     backbone = [k for k in start if not k.startswith("head.")]
     assert all(torch.equal(start[k], end[k]) for k in backbone)  # trained twice more, backbone untouched
     assert not torch.equal(start["head.weight"], end["head.weight"])

@@ -137,8 +137,23 @@ def test_interrupted_sweep_resumes_to_the_same_rows(sweep_dir, tmp_path):
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     spec = tmp_path / "bad.yaml"
     spec.write_text("grid: [1, 2\n")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("base: {setting: café}\n".encode("latin-1"))
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("sweep: {max_concurrent: two}\n")
+    floaty = tmp_path / "floaty.yaml"
+    floaty.write_text("sweep: {max_concurrent: 1.5, cpus_per_trial: 1}\n")
+    cpus = tmp_path / "cpus.yaml"
+    cpus.write_text("sweep: {cpus_per_trial: [1]}\n")
+    (tmp_path / "file").write_text("not a folder")
     cases = [
         (["--preset", "paper-nope"], "unknown preset"),
+        (["--spec", str(latin1)], "not UTF-8 text"),
+        (["--spec", str(typed)], "sweep option max_concurrent must be an integer, got 'two'"),
+        (["--spec", str(floaty)], "sweep option max_concurrent must be an integer, got 1.5"),
+        (["--spec", str(cpus)], "sweep option cpus_per_trial must be a number, got [1]"),
+        (["--cpus-per-trial", "nan"], "must be finite"),
+        (["--out", str(tmp_path / "file")], "is a file, not a folder"),
         (["--seeds", "0,x"], "--seeds"),
         (["--strategies", "random,nope"], "unknown strategy"),
         (["--spec", str(tmp_path / "missing.yaml")], "cannot read"),
