@@ -284,7 +284,8 @@ def open_source(
     source: str, resize: tuple[int, int] | None, skip_bad: bool, channels: int, data_dir: str | None
 ) -> PackSource:
     kind, _, arg = source.partition(":")
-    options = {"source": source, "resize": list(resize) if resize else None, "channels": channels, "skip_bad": skip_bad}
+    # --skip-bad-images is not part of what identifies a pack: a re-run adding it resumes the same files
+    options = {"source": source, "resize": list(resize) if resize else None, "channels": channels}
     if kind in ("fashion_mnist", "cifar10") and not arg:
         if resize is not None:
             raise UserError(f"--resize is for image files; {kind} is packed as it is: drop --resize")

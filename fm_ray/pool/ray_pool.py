@@ -90,6 +90,22 @@ class RayPool:
         self.n_shards = len(self.actors)
         self._log: list[tuple[str, tuple]] = []  # this round's state-changing calls, for replay
         self.restarts = 0
+        self._wait_started()
+
+    def _wait_started(self) -> None:
+        """Ray does not restart an actor whose constructor raised (e.g. its Parquet rows cannot be
+        read): say why now, as the one-line UserError it was, not as a dead actor at the first call."""
+        try:
+            ray.get([a.call.remote("pid") for a in self.actors])
+        except RayActorError as e:
+            if not e.actor_init_failed:
+                raise
+            self.close()
+            prefix = f"{UserError.__module__}.{UserError.__qualname__}: "
+            lines = [line for line in str(e).splitlines() if line.startswith(prefix)]
+            if lines:
+                raise UserError(lines[-1][len(prefix) :]) from None
+            raise
 
     def _reserve(self, cfg: PoolConfig) -> PlacementGroup | None:
         """One bundle per shard; inside a Tune trial the trial's placement group already holds them."""
