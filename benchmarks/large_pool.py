@@ -5,8 +5,8 @@
 Per n: packs a synthetic pool of n images (real FashionMNIST train images, repeated, with seeded
 Gaussian noise added; labels are the originals'; the test split is FashionMNIST's) into a
 temporary folder, then runs one FisherMask round (small CNN, `--sparsity` 0.01: d = 720) on
-`--shards` Ray shard actors with `--dataset parquet:<that folder>`. Packing and the run each happen in
-a fresh child process, so each peak RSS belongs to one n. One JSON line per n:
+`--shards` Ray shard actors with `--dataset parquet:<that folder>`. The run happens in a fresh child
+process, so its driver's peak RSS belongs to that n alone. One JSON line per n:
 
   pack_s              wall time of packing the pool (Parquet files + manifest)
   embed_s, select_s   the round's Fisher-embedding and greedy-selection wall times (rounds.parquet)
@@ -21,6 +21,7 @@ than linear in n / shards).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -59,11 +60,12 @@ def synthetic_source(n: int, seed: int, noise: float) -> Any:
     return PackSource("synthetic_fashion_mnist", splits, [str(c) for c in range(10)], None, False, options)
 
 
-def child_pack(a: argparse.Namespace) -> dict[str, Any]:
+def pack_pool(n: int, a: argparse.Namespace, pool: str) -> dict[str, Any]:
     from fm_ray.pack import pack_source
 
     start = time.perf_counter()
-    pack_source(synthetic_source(a.n[0], a.seed, a.noise), a.pool, ROWS_PER_FILE)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON lines only
+        pack_source(synthetic_source(n, a.seed, a.noise), pool, ROWS_PER_FILE)
     return {"pack_s": round(time.perf_counter() - start, 3)}
 
 
@@ -131,11 +133,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--sparsity", type=float, default=0.01, help="mask fraction (cnn: 0.01 gives d = 720)")
     ap.add_argument("--noise", type=float, default=8.0, help="std of the pixel noise added to the real images")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--child", choices=["pack", "run"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["run"], help=argparse.SUPPRESS)
     ap.add_argument("--pool", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        out = child_pack(a) if a.child == "pack" else child_run(a)
+        out = child_run(a)
         print(json.dumps(out), flush=True)
         return [out]
     results: list[dict[str, Any]] = []
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory(prefix=f"fm_ray_large_pool_{n}_") as tmp:
             pool = str(Path(tmp) / "pool")
             row = {"bench": "large_pool", "n": n, "shards": a.shards, "K": a.K, "sparsity": a.sparsity}
-            row |= _child("pack", ["--n", str(n), *common], pool)
+            row |= pack_pool(n, a, pool)
             row |= _child("run", ["--n", str(n), *common], pool)
         print(json.dumps(row), flush=True)
         results.append(row)

@@ -363,6 +363,11 @@ def _csv(path: Path, decode: _FileDecoder, options: dict[str, Any]) -> PackSourc
         rows = list(csv.DictReader(f))
     if not rows or "path" not in rows[0]:
         raise UserError(f"{path} needs a header with a `path` column (optional `label`, `split`): add it")
+    seen: set[str] = set()
+    for r in rows:
+        if r["path"] in seen:
+            raise UserError(f"{path} lists {r['path']} twice: ids (the paths) must be unique; remove the duplicate row")
+        seen.add(r["path"])
     labeled = "label" in rows[0]
     names = sorted({r["label"] for r in rows}) if labeled else []
     numeric = labeled and all(n.strip().lstrip("-").isdigit() for n in names)

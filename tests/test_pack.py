@@ -185,8 +185,16 @@ def test_bad_pack_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_manifest_is_json_with_the_pool_metadata(folder, tmp_path):
+def test_pack_to_a_uri_equals_pack_to_a_path(folder, tmp_path):
     root, _ = folder
-    pack(f"imagefolder:{root}", str(tmp_path / "p"))
-    m = json.loads((tmp_path / "p" / "pool.json").read_text())
+    pack(f"imagefolder:{root}", f"file://{tmp_path / 'by_uri'}")
+    pack(f"imagefolder:{root}", str(tmp_path / "by_path"))
+    assert all_files(tmp_path / "by_uri") == all_files(tmp_path / "by_path")
+    m = json.loads((tmp_path / "by_uri" / "pool.json").read_text())
     assert {"classes", "mean", "std", "augment", "image_shape", "splits"} <= m.keys() and m["augment"] is True
+
+
+def test_csv_with_a_duplicate_path_is_refused(tmp_path, capsys):
+    (tmp_path / "list.csv").write_text("path,label\na.png,0\nb.png,1\na.png,1\n")
+    assert main(["pack", f"csv:{tmp_path / 'list.csv'}", str(tmp_path / "p")]) == 2
+    assert "lists a.png twice" in capsys.readouterr().err
