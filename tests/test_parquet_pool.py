@@ -66,7 +66,7 @@ def select_all(pool, trained) -> dict[str, list[int]]:
     out = {}
     for name in CHECKED:
         pool.map("set_round", trained["weights"], trained["labeled"])
-        out[name] = STRATEGIES[name].select(pool, trained["context"](name)).indices
+        out[name] = STRATEGIES[name].select(pool, trained["context"](name, fisher_samples=128)).indices
     return out
 
 
