@@ -43,7 +43,11 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     """Every option of one active-learning run (shared by `run` and `sweep`). Defaults live in config.py."""
     d, m, t, s, pl, top = DataConfig(), ModelConfig(), TrainConfig(), StrategyConfig(), PoolConfig(), RunConfig()
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help=f"fashion_mnist | cifar10 | imagefolder:<path> (default {d.dataset})")
+    g.add_argument(
+        "--dataset",
+        help=f"fashion_mnist | cifar10 | imagefolder:<path> | parquet:<path or URI> (a pool from `fm-ray pack`; "
+        f"default {d.dataset})",
+    )
     g.add_argument("--setting", help=f"setting1 | setting2 | balanced (default {d.setting}; paper section 5)")
     g.add_argument("--class-counts", help="per-class pool sizes, e.g. 0:250,1:5000 (overrides --setting)")
     g.add_argument("--data-dir", help="dataset root (else $FM_RAY_DATA, else ~/.cache/fm_ray/data)")
@@ -141,7 +145,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     data = _replace(
         DataConfig(),
         {
-            "dataset": a.dataset,
+            "dataset": _absolute_pool(a.dataset),
             "setting": a.setting if a.setting is not None else preset.get("setting"),
             "class_counts": parse_class_counts(a.class_counts) if a.class_counts else None,
             "data_dir": a.data_dir,
@@ -212,6 +216,15 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             if v is not None
         },
     )
+
+
+def _absolute_pool(dataset: str | None) -> str | None:
+    """parquet:<relative path> -> an absolute path, so Tune trials (run in other folders) find it."""
+    if dataset is None or not dataset.startswith("parquet:") or "://" in dataset:
+        return dataset
+    import os
+
+    return "parquet:" + os.path.abspath(os.path.expanduser(dataset.split(":", 1)[1]))
 
 
 def _replace(obj: Any, values: dict[str, Any]) -> Any:
@@ -328,6 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_flags(sweep)
     add_mlflow_flags(sweep)
     add_project_parser(sub)
+    pack = sub.add_parser(
+        "pack",
+        help="convert a dataset into a Parquet pool for --dataset parquet:OUT",
+        description="Convert a dataset into a packed Parquet pool (resumable: re-run the same command after an "
+        "interruption; the same source gives the same bytes). Then run with --dataset parquet:OUT.",
+    )
+    pack.add_argument(
+        "source", help="fashion_mnist | cifar10 | imagefolder:<path> | folder:<path> (unlabeled) | csv:<file>"
+    )
+    pack.add_argument("out", help="pool folder or URI (s3://..., gs://..., file://...)")
+    pack.add_argument("--resize", help="N or HxW: resize every image (needed when the images differ in size)")
+    pack.add_argument(
+        "--skip-bad-images", action="store_true", help="drop undecodable images, listed in OUT/skipped_images.csv"
+    )
+    pack.add_argument("--channels", type=int, default=3, help="1 (grey) or 3 (RGB) for image files (default 3)")
+    pack.add_argument("--data-dir", help="root of the built-in datasets (else $FM_RAY_DATA, else the cache)")
+    pack.add_argument("--rows-per-file", type=int, default=8192, help="rows per Parquet file (default 8192)")
     report = sub.add_parser("report", help="figures and tables from a run or sweep directory")
     report.add_argument("path", help="a run directory (rounds.parquet) or a sweep directory (results/)")
     report.add_argument("--out", help="where to write the PNGs and summary.md/.csv (default <path>/report)")
@@ -384,6 +414,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1 if any(r.error is not None for r in results) else 0
         if args.command == "project":
             return project_main(args)
+        if args.command == "pack":
+            from fm_ray.pack import pack, parse_resize
+
+            pack(
+                args.source,
+                args.out,
+                resize=parse_resize(args.resize),
+                skip_bad=args.skip_bad_images,
+                channels=args.channels,
+                data_dir=args.data_dir,
+                rows_per_file=args.rows_per_file,
+            )
         if args.command == "report":
             from fm_ray.report import write_report
 

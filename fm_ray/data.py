@@ -25,6 +25,7 @@ from fm_ray.cache import cache_dir, writable_dir, write_atomically
 from fm_ray.config import DataConfig
 from fm_ray.errors import UserError
 from fm_ray.log import log
+from fm_ray.pool.source import ImageSource, TensorImages
 
 # The release's archives and their md5 (torchvision's FashionMNIST.resources), in reading order.
 FMNIST_FILES = {
@@ -35,7 +36,7 @@ FMNIST_FILES = {
 }
 # ImageFolder's sorted class folders are CIFAR-10's label order only with exactly these names.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-DATASETS = ("fashion_mnist", "cifar10", "imagefolder:<path>")
+DATASETS = ("fashion_mnist", "cifar10", "imagefolder:<path>", "parquet:<path or URI>")
 
 # The paper's settings (fishermask.md section 5): class -> pool count.
 SETTINGS: dict[str, dict[int, int] | None] = {
@@ -228,7 +229,7 @@ def _imagefolder(path: Path, skip_bad: bool) -> ImageData:
 SKIPPED_IMAGES_CSV = "skipped_images.csv"
 
 
-def write_skipped_images(run_dir: Path, data: ImageData) -> None:
+def write_skipped_images(run_dir: Path, data: ImageData | PoolData) -> None:
     """List the images --skip-bad-images dropped as run_dir/skipped_images.csv (file, reason); remove
     a list left by an earlier run in the same folder when none were dropped."""
     path = run_dir / SKIPPED_IMAGES_CSV
@@ -289,3 +290,52 @@ def make_pool(cfg: DataConfig, data: ImageData, seed: int) -> Pool:
         test_index=test_index,
         test_labels=np.array([remap[int(c)] for c in test_y[test_index]], dtype=np.int64),
     )
+
+
+# -- packed Parquet pools (`--dataset parquet:<path or URI>`, written by `fm-ray pack`) ------------
+@dataclass(frozen=True)
+class PoolData:
+    """A dataset as the loop uses it: labels in memory, pixels behind `ImageSource`s read on demand.
+
+    Built-ins and image folders wrap their in-RAM tensors; a packed pool reads Parquet row groups,
+    so a driver holds the pixels only of what it reads (the labeled set and the test split).
+    """
+
+    name: str
+    train: ImageSource
+    train_y: torch.Tensor
+    test: ImageSource
+    test_y: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool
+    skipped_images: tuple[tuple[str, str], ...] = ()  # (file, why) dropped by --skip-bad-images
+
+
+def load_pool_data(cfg: DataConfig) -> PoolData:
+    if cfg.dataset.startswith("parquet:"):
+        return _packed(cfg.dataset.split(":", 1)[1])
+    d = load_dataset(cfg)
+    train, test = TensorImages(d.train_x), TensorImages(d.test_x)
+    return PoolData(d.name, train, d.train_y, test, d.test_y, d.mean, d.std, d.augment, d.skipped_images)
+
+
+def _packed(where: str) -> PoolData:
+    from fm_ray.packed import open_pool
+
+    pool = open_pool(where)
+    m = pool.manifest
+    if "test" not in pool.splits:
+        raise UserError(f"pool {where} has no test split to evaluate on: pack a source with test images")
+    labels = {s: pool.columns(s).column("label") for s in ("train", "test")}
+    for split, col in labels.items():
+        if col.null_count:
+            raise UserError(
+                f"pool {where} has {col.null_count} unlabeled {split} rows: active learning needs every label; "
+                "pack a labeled source (imagefolder:, csv: with a label column)"
+            )
+    train_y, test_y = (torch.from_numpy(labels[s].to_numpy().astype(np.int64)) for s in ("train", "test"))
+    return PoolData(
+        f"parquet:{where}", pool.images("train"), train_y, pool.images("test"), test_y,
+        tuple(m["mean"]), tuple(m["std"]), bool(m["augment"]),
+    )  # fmt: skip

@@ -20,6 +20,7 @@ from fm_ray.log import log
 from fm_ray.models import check_model
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import ShardSpec
+from fm_ray.pool.source import ImageSource
 from fm_ray.results import RunDir, run_id
 from fm_ray.strategies import STRATEGIES, QueryContext, Selection
 from fm_ray.train import Normalizer, evaluate, fit_round, resolve_device
@@ -38,14 +39,14 @@ def planned_rounds(cfg: RunConfig, pool_size: int) -> int:
     return n if cfg.rounds is None else min(cfg.rounds, n)
 
 
-def make_sharded_pool(cfg: RunConfig, spec: ShardSpec, x_pool: torch.Tensor) -> ShardedPool:
+def make_sharded_pool(cfg: RunConfig, spec: ShardSpec, pool_images: ImageSource) -> ShardedPool:
     if cfg.pool.backend == "ray":
         from fm_ray.pool.ray_pool import RayPool  # Ray stays optional for the numeric core
 
-        return RayPool(cfg.pool, spec, x_pool)
+        return RayPool(cfg.pool, spec, pool_images)
     from fm_ray.pool.local import LocalPool
 
-    return LocalPool(spec, x_pool, cfg.pool.shards)
+    return LocalPool(spec, pool_images, cfg.pool.shards)
 
 
 def check(cfg: RunConfig) -> None:
@@ -62,7 +63,7 @@ def run_experiment(
     check(cfg)
     rundir = RunDir(out)
     rundir.preflight(resume, overwrite)  # before loading any data
-    data = fdata.load_dataset(cfg.data)
+    data = fdata.load_pool_data(cfg.data)  # labels in memory; pixels read on demand
     pool = fdata.make_pool(cfg.data, data, cfg.seed)
     T = len(pool.train_index)
     for name, value in (("--init", cfg.init), ("--budget", cfg.budget or 0)):
@@ -72,13 +73,17 @@ def run_experiment(
     n_rounds = planned_rounds(cfg, T)
     device = resolve_device(cfg.train.device)
     norm = Normalizer(data.mean, data.std)
-    x_pool = data.train_x[torch.from_numpy(pool.train_index)]
+    # position i of the pool is train row pool.train_index[i]; the shards read their own rows, the
+    # driver only the labeled set (each round) and the test split
+    pool_images = data.train.subset(pool.train_index)
     y_pool = torch.from_numpy(pool.labels)
-    x_test = data.test_x[torch.from_numpy(pool.test_index)]
-    channels, side, C = x_pool.shape[1], x_pool.shape[-1], len(pool.classes)
+    x_test = data.test.read(pool.test_index)
+    (channels, height, side), C = data.train.shape, len(pool.classes)
+    if height != side:
+        raise UserError(f"{data.name} has {height}x{side} images; the models need square ones: re-pack with --resize N")
 
     spec = ShardSpec(cfg.model, channels, side, C, norm, str(device))
-    sharded = make_sharded_pool(cfg, spec, x_pool)
+    sharded = make_sharded_pool(cfg, spec, pool_images)
     try:
         # only now, with every check passed and the pool built, may --overwrite delete the old run
         rows, queries = rundir.open(cfg, resume, overwrite)
@@ -97,7 +102,17 @@ def run_experiment(
             lab_t = torch.from_numpy(labeled)
             log(f"round {r}/{n_rounds}: training on {len(labeled)} labels")
             model, fit = fit_round(
-                cfg.model, cfg.train, cfg.seed, r, x_pool[lab_t], y_pool[lab_t], norm, data.augment, C, device, warm
+                cfg.model,
+                cfg.train,
+                cfg.seed,
+                r,
+                pool_images.read(labeled),
+                y_pool[lab_t],
+                norm,
+                data.augment,
+                C,
+                device,
+                warm,
             )
             fault_point("eval", r)
             start = time.perf_counter()

@@ -8,12 +8,14 @@ import torch
 
 from fm_ray.pool import partition
 from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec
+from fm_ray.pool.source import ImageSource, as_source
 
 
 class LocalPool:
-    def __init__(self, spec: ShardSpec, x_u8: torch.Tensor, shards: int = 1):
-        parts = partition(len(x_u8), shards, BLOCK)
-        self.shards = [PoolShard(spec, x_u8[torch.from_numpy(p)], p) for p in parts]
+    def __init__(self, spec: ShardSpec, images: ImageSource | torch.Tensor, shards: int = 1):
+        source = as_source(images)
+        parts = partition(len(source), shards, BLOCK)
+        self.shards = [PoolShard(spec, source.subset(p), p) for p in parts]
         self.n_shards = len(self.shards)
 
     def map(self, method: str, *args: Any) -> list[Any]:

@@ -24,6 +24,7 @@ from fm_ray.config import PoolConfig
 from fm_ray.errors import UserError
 from fm_ray.pool import partition
 from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec
+from fm_ray.pool.source import ImageSource, as_source
 
 # Calls that change no shard state: never replayed after a restart.
 READ_ONLY = frozenset({"top_scores", "fisher_diag_sum", "labeled_feats", "state_bytes", "pid"})
@@ -33,9 +34,9 @@ RESOURCE_WAIT_S = float(os.environ.get("FM_RAY_RESOURCE_WAIT_S", "60"))
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ShardActor:
-    def __init__(self, spec: ShardSpec, x_u8: torch.Tensor, index_N: np.ndarray, threads: int):
+    def __init__(self, spec: ShardSpec, images: ImageSource, index_N: np.ndarray, threads: int):
         torch.set_num_threads(threads)
-        self.shard = PoolShard(spec, x_u8, index_N)
+        self.shard = PoolShard(spec, images, index_N)
 
     def call(self, method: str, *args: Any) -> Any:
         return os.getpid() if method == "pid" else getattr(self.shard, method)(*args)
@@ -66,7 +67,7 @@ def _nbytes(a: Any) -> int:
 
 
 class RayPool:
-    def __init__(self, cfg: PoolConfig, spec: ShardSpec, x_u8: torch.Tensor):
+    def __init__(self, cfg: PoolConfig, spec: ShardSpec, images: ImageSource | torch.Tensor):
         self._own_ray = not ray.is_initialized()
         if self._own_ray:  # address None: $RAY_ADDRESS if set, else a local instance for this run
             ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
@@ -77,9 +78,11 @@ class RayPool:
         threads = max(1, int(cfg.cpus_per_shard))
         self.actors = []
         self._images = []  # held so a restarted actor can re-read its constructor arguments
-        for i, part in enumerate(partition(len(x_u8), cfg.shards, BLOCK)):
+        source = as_source(images)
+        for i, part in enumerate(partition(len(source), cfg.shards, BLOCK)):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i) if self._pg else None
-            self._images.append(ray.put(x_u8[torch.from_numpy(part)]))
+            # in-RAM pixels, or for a Parquet pool a small descriptor the actor reads its rows with
+            self._images.append(ray.put(source.subset(part)))
             actor = ShardActor.options(
                 num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard, scheduling_strategy=strategy
             ).remote(spec, self._images[-1], part, threads)
@@ -87,6 +90,22 @@ class RayPool:
         self.n_shards = len(self.actors)
         self._log: list[tuple[str, tuple]] = []  # this round's state-changing calls, for replay
         self.restarts = 0
+        self._wait_started()
+
+    def _wait_started(self) -> None:
+        """Ray does not restart an actor whose constructor raised (e.g. its Parquet rows cannot be
+        read): say why now, as the one-line UserError it was, not as a dead actor at the first call."""
+        try:
+            ray.get([a.call.remote("pid") for a in self.actors])
+        except RayActorError as e:
+            if not e.actor_init_failed:
+                raise
+            self.close()
+            prefix = f"{UserError.__module__}.{UserError.__qualname__}: "
+            lines = [line for line in str(e).splitlines() if line.startswith(prefix)]
+            if lines:
+                raise UserError(lines[-1][len(prefix) :]) from None
+            raise
 
     def _reserve(self, cfg: PoolConfig) -> PlacementGroup | None:
         """One bundle per shard; inside a Tune trial the trial's placement group already holds them."""

@@ -14,6 +14,7 @@ from fm_ray.config import ModelConfig
 from fm_ray.core import badge, fisher, kcenter, scores
 from fm_ray.core.greedy import GreedyState
 from fm_ray.models import build_model
+from fm_ray.pool.source import ImageSource, read_all
 from fm_ray.train import Normalizer, predict
 
 BLOCK = 256  # inference batch; shards are cut on multiples of it (see pool.partition)
@@ -34,9 +35,11 @@ class ShardSpec:
 
 
 class PoolShard:
-    def __init__(self, spec: ShardSpec, x_u8: torch.Tensor, index_N: np.ndarray):
+    def __init__(self, spec: ShardSpec, images: ImageSource | torch.Tensor, index_N: np.ndarray):
+        """`images`: this shard's images, position i = pool position `index_N[i]`; a Parquet source
+        is read here, in the shard's own process, so its pixels never pass through the driver."""
         self.spec = spec
-        self.x_u8 = x_u8
+        self.x_u8 = read_all(images)
         self.index_N = torch.as_tensor(index_N, dtype=torch.long)
         self.device = torch.device(spec.device)
         if spec.module is not None:

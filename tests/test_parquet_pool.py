@@ -1,0 +1,244 @@
+"""`--dataset parquet:<pool>`: a packed FashionMNIST gives bit-identical inputs and the same picks as the
+in-RAM dataset for 1, 2 (Ray) and 3 shards; the driver reads only labeled and test pixels; bad pools
+fail with one line; the large-pool benchmark runs at tiny n."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from fm_ray.cli import main
+from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
+from fm_ray.data import load_pool_data, make_pool
+from fm_ray.errors import UserError
+from fm_ray.loop import initial_labeled, run_experiment
+from fm_ray.pack import pack
+from fm_ray.packed import ParquetImages, open_pool
+from fm_ray.pool.local import LocalPool
+from fm_ray.pool.ray_pool import RayPool
+from fm_ray.results import TIMING_COLUMNS
+from fm_ray.strategies import STRATEGIES
+
+pytestmark = pytest.mark.ray
+CHECKED = ["fishermask", "entropy"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """FashionMNIST packed once, in files of 20,000 rows (so the pool spans several files)."""
+    out = tmp_path_factory.mktemp("pools") / "fmnist"
+    pack("fashion_mnist", str(out), rows_per_file=20_000)
+    return out
+
+
+def test_packed_builtin_gives_bit_identical_inputs(fmnist, packed):
+    data = load_pool_data(DataConfig(dataset=f"parquet:{packed}"))
+    assert (data.mean, data.std, data.augment) == (fmnist.mean, fmnist.std, fmnist.augment)
+    assert torch.equal(data.train_y, fmnist.train_y) and torch.equal(data.test_y, fmnist.test_y)
+    rows = np.array([59_999, 0, 19_999, 20_000, 1023, 1024, 41_234])  # across row groups and files
+    assert torch.equal(data.train.read(rows), fmnist.train_x[rows])
+    assert torch.equal(data.test.read(np.arange(10_000)), fmnist.test_x)
+    cfg = DataConfig(dataset="fashion_mnist", setting="setting2")
+    a, b = make_pool(cfg, fmnist, 3), make_pool(cfg, data, 3)
+    assert np.array_equal(a.train_index, b.train_index) and np.array_equal(a.test_index, b.test_index)
+
+
+def test_uri_reads_like_a_path(packed):
+    by_uri = load_pool_data(DataConfig(dataset=f"parquet:file://{packed}"))
+    by_path = load_pool_data(DataConfig(dataset=f"parquet:{packed}"))
+    rows = np.array([5, 33_000])
+    assert torch.equal(by_uri.train.read(rows), by_path.train.read(rows))
+
+
+def select_all(pool, trained) -> dict[str, list[int]]:
+    out = {}
+    for name in CHECKED:
+        pool.map("set_round", trained["weights"], trained["labeled"])
+        out[name] = STRATEGIES[name].select(pool, trained["context"](name, fisher_samples=128)).indices
+    return out
+
+
+@pytest.fixture(scope="module")
+def in_ram_picks(trained):
+    return select_all(LocalPool(trained["spec"], trained["x_pool"], 1), trained)
+
+
+def parquet_pool_images(packed):
+    """The conftest pool (the first 560 train images), as rows of the packed pool."""
+    return open_pool(str(packed)).images("train").subset(np.arange(560))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_local_shards_on_parquet_pick_like_in_ram(trained, packed, in_ram_picks, shards):
+    pool = LocalPool(trained["spec"], parquet_pool_images(packed), shards)
+    assert pool.n_shards == shards
+    assert select_all(pool, trained) == in_ram_picks
+
+
+def test_ray_shards_read_only_their_own_rows_and_pick_like_in_ram(trained, packed, in_ram_picks, monkeypatch):
+    driver_reads = []
+    original = ParquetImages.read
+    monkeypatch.setattr(ParquetImages, "read", lambda self, pos: driver_reads.append(pos) or original(self, pos))
+    images = parquet_pool_images(packed)
+    pool = RayPool(PoolConfig(backend="ray", shards=2), trained["spec"], images)
+    try:
+        # each actor got a descriptor of its own rows (not pixels) and read them itself
+        shipped = [ray.get(ref) for ref in pool._images]
+        assert [len(s) for s in shipped] == [256, 304]  # 560 rows = 3 blocks of 256: cut after one
+        assert np.array_equal(np.concatenate([s.rows for s in shipped]), np.arange(560))
+        assert all(isinstance(s, ParquetImages) for s in shipped)
+        assert select_all(pool, trained) == in_ram_picks
+    finally:
+        pool.close()
+    assert driver_reads == []  # the driver process never read a pixel of the pool
+
+
+def small_cfg(dataset: str, backend: str = "ray", shards: int = 2) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(dataset=dataset, setting="custom", class_counts=((0, 60), (1, 300), (2, 60))),
+        train=TrainConfig(epochs=1, device="cpu"),
+        strategy=StrategyConfig(name="fishermask", fisher_samples=128),
+        pool=PoolConfig(backend=backend, shards=shards),
+        init=20,
+        batch=10,
+        rounds=2,
+        seed=4,
+    )
+
+
+def test_run_on_parquet_equals_run_on_fashion_mnist_and_driver_reads_no_pool_pixels(packed, tmp_path, monkeypatch):
+    reads: list[tuple[str, np.ndarray]] = []
+    original = ParquetImages.read
+    monkeypatch.setattr(
+        ParquetImages, "read", lambda self, pos: reads.append((self.split, self.rows[pos])) or original(self, pos)
+    )
+    run_experiment(small_cfg(f"parquet:{packed}"), tmp_path / "pq")
+    monkeypatch.setattr(ParquetImages, "read", original)
+    run_experiment(small_cfg("fashion_mnist", backend="local", shards=1), tmp_path / "fm")
+
+    def rows(d, name):
+        skip = {*TIMING_COLUMNS, "backend", "shards", "run_id", "dataset"}
+        return [{k: v for k, v in r.items() if k not in skip} for r in pq.read_table(tmp_path / d / name).to_pylist()]
+
+    assert rows("pq", "queries.parquet") == rows("fm", "queries.parquet")
+    assert rows("pq", "rounds.parquet") == rows("fm", "rounds.parquet")
+    # what the driver read: the test split once, and from train only the labeled samples' rows
+    data = load_pool_data(DataConfig(dataset=f"parquet:{packed}"))
+    pool = make_pool(small_cfg("fashion_mnist").data, data, 4)
+    queried = pq.read_table(tmp_path / "pq" / "queries.parquet").column("dataset_index").to_numpy()
+    labeled_rows = np.union1d(pool.train_index[initial_labeled(len(pool.train_index), 20, 4)], queried)
+    train_read = np.concatenate([r for s, r in reads if s == "train"])
+    assert len(train_read) == 20 + 30 + 40  # one read of the labeled set per round (rounds 0, 1, 2)
+    assert set(train_read.tolist()) <= set(labeled_rows.tolist())
+    assert [r.tolist() for s, r in reads if s == "test"] == [pool.test_index.tolist()]
+
+
+def rewrite(path, fn):
+    table = pq.read_table(path)
+    pq.write_table(fn(table).replace_schema_metadata(table.schema.metadata), path)
+
+
+@pytest.fixture
+def small_pool(packed, tmp_path):
+    """A copy of the packed pool to damage."""
+    out = tmp_path / "pool"
+    shutil.copytree(packed, out)
+    return out
+
+
+def run_argv(pool, out) -> list[str]:
+    return ["run", "--dataset", f"parquet:{pool}", "--class-counts", "0:60,1:300,2:60", "--init", "20",
+            "--batch", "10", "--rounds", "1", "--epochs", "1", "--backend", "local", "--out", str(out)]  # fmt: skip
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_missing_and_non_pool_paths(tmp_path, capsys):
+    assert main(run_argv(tmp_path / "nope", tmp_path / "r1")) == 2
+    assert "does not exist: create it with `fm-ray pack" in one_line_error(capsys)
+    (tmp_path / "junk").mkdir()
+    assert main(run_argv(tmp_path / "junk", tmp_path / "r2")) == 2
+    assert "is not an fm_ray pool" in one_line_error(capsys)
+
+
+def test_duplicate_ids(small_pool, tmp_path, capsys):
+    test_file = small_pool / "test" / "part-00000.parquet"
+    rewrite(test_file, lambda t: t.set_column(0, "id", pa.array([f"train/{i}" for i in range(len(t))])))
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    assert "has the id 'train/0' more than once" in one_line_error(capsys)
+
+
+def test_file_changed_after_packing(small_pool, tmp_path, capsys):
+    rewrite(small_pool / "train" / "part-00001.parquet", lambda t: t.slice(0, 100))
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    assert "part-00001.parquet holds 100 rows, the manifest says 20000" in one_line_error(capsys)
+
+
+def damage_first_row_group_images(pool) -> None:
+    """Zero the start of row group 0's image pages in train/part-00000; ids, labels and footer stay readable."""
+    path = pool / "train" / "part-00000.parquet"
+    col = pq.ParquetFile(path).metadata.row_group(0).column(1)
+    start = col.dictionary_page_offset or col.data_page_offset
+    blob = bytearray(path.read_bytes())
+    blob[start : start + 256] = bytes(256)
+    path.write_bytes(bytes(blob))
+
+
+def test_unreadable_row_range_names_the_rows(small_pool, tmp_path, capsys):
+    damage_first_row_group_images(small_pool)
+    with pytest.raises(UserError, match=r"rows 0-1023 of train \(train/part-00000.parquet\) cannot be read"):
+        open_pool(str(small_pool)).images("train").read(np.array([3]))
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    assert "cannot be read" in one_line_error(capsys)
+
+
+def test_unreadable_rows_on_a_ray_shard_fail_fast_with_the_message(small_pool, trained):
+    damage_first_row_group_images(small_pool)
+    images = open_pool(str(small_pool)).images("train").subset(np.arange(560))
+    with pytest.raises(UserError, match="cannot be read"):
+        RayPool(PoolConfig(backend="ray", shards=2), trained["spec"], images)
+
+
+def test_unlabeled_pool_cannot_run(small_pool, tmp_path, capsys):
+    rewrite(
+        small_pool / "test" / "part-00000.parquet", lambda t: t.set_column(2, "label", pa.nulls(len(t), pa.int64()))
+    )
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    assert "unlabeled test rows" in one_line_error(capsys)
+
+
+def test_relative_pool_path_is_made_absolute_for_trials(tmp_path, monkeypatch):
+    from fm_ray.cli import _absolute_pool
+
+    monkeypatch.chdir(tmp_path)
+    assert _absolute_pool("parquet:pools/x") == f"parquet:{tmp_path}/pools/x"
+    assert _absolute_pool("parquet:s3://bucket/x") == "parquet:s3://bucket/x"
+    assert _absolute_pool("fashion_mnist") == "fashion_mnist"
+
+
+def test_large_pool_benchmark_smoke(capsys):
+    from benchmarks import large_pool
+
+    rows = large_pool.main(["--n", "600", "--shards", "2", "--K", "4", "--init", "40", "--sparsity", "0.002"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert printed == rows and [r["bench"] for r in rows] == ["large_pool", "large_pool_ratio"]
+    keys = {"n", "pack_s", "embed_s", "select_s", "driver_peak_rss_mb", "shard_peak_rss_mb", "d"}
+    assert keys <= rows[0].keys() and rows[0]["n"] == 600 and rows[0]["d"] == 144
+    assert all(rows[0][k] > 0 for k in keys)
+    assert rows[1]["driver_rss_ratio"] == 1.0 and rows[1]["n_ratio"] == 1.0
