@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fm_ray.config import ModelConfig, PoolConfig, StrategyConfig
+from fm_ray.config import DataConfig, ModelConfig, PoolConfig, RunConfig, StrategyConfig
 from fm_ray.errors import UserError
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import ShardSpec
+from fm_ray.pool.source import ImageSource, TensorImages, as_source
 from fm_ray.strategies import STRATEGIES, QueryContext, Selection
 from fm_ray.train import Normalizer
 
@@ -86,12 +87,44 @@ def dataset_tensor(pool: Any) -> torch.Tensor:
         raise UserError(f"pool items differ in shape ({e}): resize them to one shape") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class NamedPool:
+    """A pool given by name: its ids, its images (read on demand) and their normalization."""
+
+    ids: list[Any]
+    images: ImageSource
+    norm: Normalizer
+
+
+def open_named_pool(source: str) -> NamedPool:
+    """`parquet:<pool>` (a packed pool's train split, labeled or not), `folder:<path>` (images,
+    recursive; ids are relative paths) or `imagefolder:<path>` (its train/ split; ids are indices)."""
+    if source.startswith("parquet:"):
+        from fm_ray.packed import open_pool
+
+        packed = open_pool(source.split(":", 1)[1])
+        ids = packed.columns("train").column("id").to_pylist()
+        m = packed.manifest
+        return NamedPool(ids, packed.images("train"), Normalizer(tuple(m["mean"]), tuple(m["std"])))
+    if source.startswith("folder:"):
+        from fm_ray.project import load_pool
+
+        pool = load_pool(RunConfig(data=DataConfig(dataset=source)))
+        return NamedPool(list(pool.ids), pool.images, Normalizer(pool.mean, pool.std))
+    if source.startswith("imagefolder:"):
+        from fm_ray.data import load_dataset
+
+        data = load_dataset(DataConfig(dataset=source))
+        return NamedPool(list(range(len(data.train_x))), TensorImages(data.train_x), Normalizer(data.mean, data.std))
+    raise UserError(f"pool {source!r}: give parquet:<pool>, folder:<path>, imagefolder:<path>, a Dataset or a tensor")
+
+
 class PoolSession:
     """The pool on its shards (in-process or Ray actors), reused by every `select` call."""
 
     def __init__(
         self,
-        images: torch.Tensor,
+        images: ImageSource | torch.Tensor,
         ids: Sequence[Any],
         n_classes: int,
         norm: Normalizer,
@@ -104,7 +137,8 @@ class PoolSession:
             raise ValueError("one id per pool sample")
         self.ids = list(ids)
         self.position = {i: p for p, i in enumerate(self.ids)}
-        channels, side = images.shape[1], images.shape[-1]
+        shape = as_source(images).shape
+        channels, side = shape[0], shape[-1]
         if isinstance(model, ModelConfig):
             spec = ShardSpec(model, channels, side, n_classes, norm, device)
         else:
@@ -138,7 +172,7 @@ class PoolSession:
         self.pool.close()
 
 
-def make_pool(cfg: PoolConfig, spec: ShardSpec, images: torch.Tensor) -> ShardedPool:
+def make_pool(cfg: PoolConfig, spec: ShardSpec, images: ImageSource | torch.Tensor) -> ShardedPool:
     if cfg.backend == "ray":
         from fm_ray.pool.ray_pool import RayPool  # Ray stays optional for the numeric core
 
@@ -167,8 +201,10 @@ def select(
 
     Args:
         model: any `nn.Module` mapping a batch of pool inputs to logits (N, C).
-        pool: a torch `Dataset` (items `x` or `(x, y)`; ids are the integer indices) or a tensor.
-            Inputs are used as given (already transformed); uint8 images are scaled to [0, 1].
+        pool: a torch `Dataset` (items `x` or `(x, y)`; ids are the integer indices) or a tensor,
+            used as given (already transformed; uint8 is scaled to [0, 1]); or by name
+            `parquet:<pool>` (`fm-ray pack`; ids from its id column), `folder:<path>` (ids are
+            relative paths) or `imagefolder:<path>`, normalized with the pool's statistics.
         k: how many to pick.
         labeled: pool id -> label of the samples already labeled (BAIT/FisherMask start their
             Fisher from them; k-center measures distance to them). Never picked again.
@@ -187,15 +223,19 @@ def select(
     unknown = set(strategy_options) - fields
     if unknown:
         raise UserError(f"unknown strategy option(s) {sorted(unknown)}: use {', '.join(sorted(fields))}")
-    images = dataset_tensor(pool)
+    if isinstance(pool, str):
+        named = open_named_pool(pool)
+    else:
+        x = dataset_tensor(pool)
+        named = NamedPool(list(range(len(x))), TensorImages(x), Normalizer((), ()))
     # the caller's model is left as it was (device, train/eval mode): the shards get a copy
     template = as_embedded(copy.deepcopy(model).cpu(), embed).eval()
     if n_classes is None:
         with torch.no_grad():
-            n_classes = int(template(Normalizer((), ())(images[:1])).shape[-1])
+            n_classes = int(template(named.norm(named.images.read(np.array([0])))).shape[-1])
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pool_cfg = PoolConfig(backend=backend, shards=shards)
-    session = PoolSession(images, list(range(len(images))), n_classes, Normalizer((), ()), template, pool_cfg, dev)
+    session = PoolSession(named.images, named.ids, n_classes, named.norm, template, pool_cfg, dev)
     try:
         cfg = StrategyConfig(name=strategy, **strategy_options)
         return session.select(template, k, list(labeled or {}), cfg, seed=seed)

@@ -36,6 +36,7 @@ from fm_ray import labels as flabels
 from fm_ray.config import RunConfig, from_dict, to_dict
 from fm_ray.errors import UserError
 from fm_ray.log import log
+from fm_ray.pool.source import ImageSource, TensorImages
 
 FORMAT = 1
 
@@ -43,7 +44,7 @@ FORMAT = 1
 @dataclasses.dataclass
 class ProjectPool:
     ids: list[str]
-    images: torch.Tensor  # uint8 (N, C, H, W)
+    images: ImageSource  # uint8 (C, H, W) images, read on demand (a packed pool stays on disk)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool
@@ -58,10 +59,10 @@ def load_pool(cfg: RunConfig) -> ProjectPool:
         return _folder(Path(source.split(":", 1)[1]).expanduser())
     from fm_ray import data as fdata
 
-    data = fdata.load_dataset(cfg.data)
+    data = fdata.load_pool_data(cfg.data)
     pool = fdata.make_pool(cfg.data, data, cfg.seed)
-    images = data.train_x[torch.from_numpy(pool.train_index)]
-    ids = [str(int(i)) for i in pool.train_index]  # the sample's index in the source's train split
+    ids = [str(int(i)) for i in pool.train_index]  # the sample's row in the source's train split
+    images = data.train.subset(pool.train_index)
     return ProjectPool(ids, images, data.mean, data.std, data.augment, None, len(pool.classes))
 
 
@@ -83,7 +84,7 @@ def _folder(root: Path) -> ProjectPool:
     mean = tuple(float(v) for v in scaled.mean((0, 2, 3)))
     std = tuple(float(v) for v in scaled.std((0, 2, 3)))
     ids = [p.relative_to(root).as_posix() for p in files]
-    return ProjectPool(ids, x, mean, std, False, [str(p.resolve()) for p in files], None)
+    return ProjectPool(ids, TensorImages(x), mean, std, False, [str(p.resolve()) for p in files], None)
 
 
 class Project:
@@ -196,11 +197,20 @@ class Project:
             train_ids = sorted((i for i in labels if not self.held_out(i)), key=position.__getitem__)
             if not train_ids:
                 raise UserError("every label so far is held out for evaluation: label more samples, or lower --holdout")
-            lab = torch.tensor([position[i] for i in train_ids])
+            lab = np.array([position[i] for i in train_ids])
             y = torch.tensor([classes.index(labels[i]) for i in train_ids])
             log(f"batch {b}: training on {len(train_ids)} labels")
             model, fit = fit_round(
-                cfg.model, cfg.train, cfg.seed, b - 1, pool.images[lab], y, norm, pool.augment, len(classes), device
+                cfg.model,
+                cfg.train,
+                cfg.seed,
+                b - 1,
+                pool.images.read(lab),
+                y,
+                norm,
+                pool.augment,
+                len(classes),
+                device,
             )
             summary |= {"n_train": len(train_ids), "train_epochs": fit["epochs"], "train_seconds": fit["train_seconds"]}
             summary |= self._holdout_accuracy(model, pool, labels, classes, norm, device)
@@ -211,7 +221,7 @@ class Project:
             finally:
                 session.close()
             summary |= {"query_seconds": time.perf_counter() - start, **sel.timings}
-            probs, _ = predict(model, pool.images[torch.tensor(sel.indices)], norm, device)
+            probs, _ = predict(model, pool.images.read(np.array(sel.indices)), norm, device)
         return self._write_batch(b, pool, sel.indices, probs, classes, summary, model, image_url)
 
     def _holdout_accuracy(self, model, pool, labels, classes, norm, device) -> dict[str, Any]:
@@ -221,7 +231,7 @@ class Project:
         if not held:
             return {"n_holdout": 0, "holdout_accuracy": None}
         pos = {i: p for p, i in enumerate(pool.ids)}
-        probs, _ = predict(model, pool.images[torch.tensor([pos[i] for i in held])], norm, device)
+        probs, _ = predict(model, pool.images.read(np.array([pos[i] for i in held])), norm, device)
         truth = torch.tensor([classes.index(labels[i]) for i in held])
         return {"n_holdout": len(held), "holdout_accuracy": float((probs.argmax(1) == truth).float().mean())}
 
@@ -234,7 +244,11 @@ class Project:
             rows, tasks = [], []
             for rank, p in enumerate(picks):
                 sid = pool.ids[p]
-                path = pool.paths[p] if pool.paths is not None else _export_png(pool.images[p], tmp, sid, final)
+                path = (
+                    pool.paths[p]
+                    if pool.paths is not None
+                    else _export_png(pool.images.read(np.array([p]))[0], tmp, sid, final)
+                )
                 row: dict[str, Any] = {"id": sid, "path": path, "rank": rank, "predicted": ""}
                 row |= {f"p_{c}": "" for c in classes}
                 task: dict[str, Any] = {"data": {"id": sid, "image": _image_url(path, image_url, sid)}}

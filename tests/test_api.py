@@ -93,3 +93,25 @@ def test_uint8_tensor_pool_is_scaled(fmnist):
     sel_f = fm_ray.select(model, x.float() / 255, 4, strategy="margin", device="cpu")
     assert sel_u8.ids == sel_f.ids
     assert np.unique(sel_u8.ids).size == 4
+
+
+@pytest.mark.slow
+def test_named_pools_folder_and_packed(fmnist, tmp_path):
+    """`folder:` ids are relative paths; a packed copy of the folder (`parquet:`) has the same ids."""
+    from PIL import Image
+
+    from fm_ray.pack import pack
+
+    root = tmp_path / "imgs"
+    for i in range(60):
+        (root / f"s{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(fmnist.train_x[i, 0].numpy()).save(root / f"s{i % 2}" / f"{i:02d}.png")
+    model = sequential(6)
+    sel = fm_ray.select(model, f"folder:{root}", 5, labeled={"s0/00.png": 1}, strategy="entropy", device="cpu")
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*.png")}
+    assert len(set(sel.ids)) == 5 and set(sel.ids) <= files - {"s0/00.png"}
+    pack(f"folder:{root}", str(tmp_path / "pool"), channels=1)
+    packed = fm_ray.select(model, f"parquet:{tmp_path / 'pool'}", 5, strategy="bait", device="cpu")
+    assert len(set(packed.ids)) == 5 and set(packed.ids) <= files
+    with pytest.raises(UserError, match="give parquet:"):
+        fm_ray.select(model, "s3-bucket-typo", 5)
