@@ -43,3 +43,13 @@ def test_scaling_benchmark(capsys):
     assert keys | {"step_overhead_ms", "same_picks", "method"} <= rows[0].keys()
     assert all(r["bench"] == "scaling" and r["same_picks"] is True for r in rows)
     assert rows[0]["speedup"] == 1.0 and all(r["step_overhead_ms"] > 0 for r in rows)
+
+
+def test_paper_scale_benchmark_smoke(capsys):
+    from benchmarks import paper_scale
+
+    out = paper_scale.main(["--scale", "0.01", "--epochs", "1"])
+    assert last_json(capsys) == out
+    assert out["bench"] == "paper_scale" and out["picks"] == out["K"] == 2 and out["S"] == 58
+    assert out["d"] == round(0.002 * 0.01 * 11_181_642)  # ResNet-18 with a 10-way head
+    assert {"mask_s", "embed_s", "reduce_s", "select_s", "total_s", "peak_gpu_mb"} <= out.keys()
