@@ -45,6 +45,7 @@ class StrategyConfig:
     greedy: str = "fast"  # fast | reference
     chunk_size: int = 64  # samples per batched gradient chunk
     fisher_dtype: str = "float32"  # float32 | float64: compute dtype of Fisher diagonal and embeddings
+    embed_dtype: str = "float32"  # float32 (= as computed) | bfloat16 | float16: stored Fisher embeddings
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--greedy must be fast or reference, got {cfg.strategy.greedy!r}")
     if cfg.strategy.fisher_dtype not in ("float32", "float64"):
         raise UserError(f"--fisher-dtype must be float32 or float64, got {cfg.strategy.fisher_dtype!r}")
+    if cfg.strategy.embed_dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--embed-dtype must be float32, bfloat16 or float16, got {cfg.strategy.embed_dtype!r}")
     if cfg.pool.gpus_per_shard is not None and cfg.pool.gpus_per_shard < 0:
         raise UserError(f"--gpus-per-shard must be >= 0, got {cfg.pool.gpus_per_shard}")
     if cfg.pool.cpus_per_shard <= 0:

@@ -18,7 +18,7 @@ from fm_ray.errors import UserError
 from fm_ray.log import log
 from fm_ray.models import build_model, check_model
 from fm_ray.pool import ShardedPool
-from fm_ray.pool.shard import ShardSpec
+from fm_ray.pool.shard import ShardSpec, peak_memory_mb, peak_rss_mb, set_round, state_bytes
 from fm_ray.results import RunDir, run_id
 from fm_ray.strategies import STRATEGIES, QueryContext, Selection
 from fm_ray.train import Normalizer, evaluate, resolve_device, train_model
@@ -112,12 +112,12 @@ def run_experiment(
                 log(f"round {r}/{n_rounds}: test acc {ev['accuracy']:.4f}; querying {k} with {cfg.strategy.name}")
                 start = time.perf_counter()
                 weights = {n: t.cpu() for n, t in model.state_dict().items()} if strategy.needs_model else None
-                sharded.map("set_round", weights, labeled)
+                sharded.map(set_round, weights, labeled)
                 ctx = QueryContext(r, k, cfg.seed, labeled, T, cfg.strategy, model)
                 sel = strategy.select(sharded, ctx)
                 query_s = time.perf_counter() - start
                 # largest selection state any one shard held (issue: per-shard memory report)
-                sel.info["selection_state_bytes"] = max(sharded.map("state_bytes"))
+                sel.info["selection_state_bytes"] = max(sharded.map(state_bytes))
                 _check_selection(sel, labeled, k, cfg.strategy.name)
             picked = np.array(sel.indices, dtype=np.int64)
             queries += [
@@ -152,6 +152,7 @@ def run_experiment(
                 **sel.info,
                 "backend": cfg.pool.backend,
                 "shards": cfg.pool.shards,
+                **_peak_memory(sharded),
             }
             rows.append(row)
             rundir.write_round(rows, queries)
@@ -168,6 +169,17 @@ def run_experiment(
     finally:
         sharded.close()
     return rundir.path
+
+
+def _peak_memory(sharded: ShardedPool) -> dict[str, float | None]:
+    """Peak memory so far of the driver and of the largest shard (RSS; GPU where shards use one)."""
+    shards = sharded.map(peak_memory_mb)
+    gpu = [g for _, g in shards if g is not None]
+    return {
+        "driver_peak_rss_mb": peak_rss_mb(),
+        "shard_peak_rss_mb": max(r for r, _ in shards),
+        "shard_peak_gpu_mb": max(gpu) if gpu else None,
+    }
 
 
 def _check_selection(sel: Selection, labeled: np.ndarray, k: int, name: str) -> None:

@@ -43,6 +43,9 @@ ROUND_SCHEMA = pa.schema(
         ("selection_state_bytes", pa.int64()),
         ("backend", pa.string()),
         ("shards", pa.int64()),
+        ("driver_peak_rss_mb", pa.float64()),
+        ("shard_peak_rss_mb", pa.float64()),
+        ("shard_peak_gpu_mb", pa.float64()),  # null when the shards run on CPU
     ]
 )
 QUERY_SCHEMA = pa.schema(
@@ -57,7 +60,8 @@ QUERY_SCHEMA = pa.schema(
 # A sweep's results dataset partitions queries by these columns (hive layout: values in the path).
 PARTITIONS = ("dataset", "setting")
 SWEEP_QUERY_SCHEMA = QUERY_SCHEMA.append(pa.field("dataset", pa.string())).append(pa.field("setting", pa.string()))
-TIMING_COLUMNS = tuple(n for n in ROUND_SCHEMA.names if n.endswith("_seconds")) + ("selection_state_bytes",)
+# measurements that differ between runs computing the same thing (left out when comparing rows)
+TIMING_COLUMNS = tuple(n for n in ROUND_SCHEMA.names if n.endswith(("_seconds", "_mb"))) + ("selection_state_bytes",)
 
 
 def run_id(cfg: RunConfig) -> str:

@@ -6,9 +6,11 @@ import pytest
 import ray
 
 from fm_ray.config import PoolConfig
+from fm_ray.core.greedy import GreedyState
 from fm_ray.errors import UserError
 from fm_ray.pool.local import LocalPool
 from fm_ray.pool.ray_pool import RayPool
+from fm_ray.pool.shard import on_state, pid, set_round
 from fm_ray.strategies import STRATEGIES
 
 pytestmark = pytest.mark.ray
@@ -25,7 +27,7 @@ def local_ray():
 def select_all(pool, trained, strategies=CHECKED) -> dict[str, list[int]]:
     out = {}
     for name in strategies:
-        pool.map("set_round", trained["weights"], trained["labeled"])
+        pool.map(set_round, trained["weights"], trained["labeled"])
         out[name] = STRATEGIES[name].select(pool, trained["context"](name)).indices
     return out
 
@@ -50,19 +52,19 @@ def test_killed_shard_is_restarted_and_round_completes(trained, local_picks):
     steps = {"n": 0}
     original = pool.map
 
-    def map_and_kill(method, *args):
-        if method == "state_call" and args[0] == "step":
+    def map_and_kill(fn, *args):
+        if fn is on_state and args[1] is GreedyState.step:
             steps["n"] += 1
             if steps["n"] == 3:  # mid-selection: shard 1 dies holding its greedy state
                 ray.kill(pool.actors[1], no_restart=False)
-        return original(method, *args)
+        return original(fn, *args)
 
     pool.map = map_and_kill
     try:
-        pids = original("pid")
+        pids = original(pid)
         assert select_all(pool, trained, ["fishermask"]) == {"fishermask": local_picks["fishermask"]}
         assert pool.restarts >= 1
-        assert original("pid")[1] != pids[1]  # really a new process
+        assert original(pid)[1] != pids[1]  # really a new process
     finally:
         pool.close()
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar
 
 import torch
 
 from fm_ray.pool import partition
 from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class LocalPool:
@@ -16,8 +20,8 @@ class LocalPool:
         self.shards = [PoolShard(spec, x_u8[torch.from_numpy(p)], p) for p in parts]
         self.n_shards = len(self.shards)
 
-    def map(self, method: str, *args: Any) -> list[Any]:
-        return [getattr(s, method)(*args) for s in self.shards]
+    def map(self, fn: Callable[Concatenate[PoolShard, P], R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
+        return [fn(s, *args, **kwargs) for s in self.shards]
 
     def close(self) -> None:
         self.shards = []
