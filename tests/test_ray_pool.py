@@ -19,7 +19,7 @@ CHECKED = ["entropy", "fishermask", "bait", "kcenter", "badge"]
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=3, num_gpus=0, include_dashboard=False, log_to_driver=False)  # shards on CPU, GPU or not
     yield
     ray.shutdown()
 
@@ -94,6 +94,10 @@ def test_run_end_to_end_on_two_ray_shards_equals_local(tmp_path):
         assert rows("ray", name) == rows("local", name)
     ray_rows = pq.read_table(tmp_path / "ray" / "rounds.parquet").to_pylist()
     assert ray_rows[0]["backend"] == "ray" and ray_rows[0]["selection_state_bytes"] > 0
+    for row in ray_rows:  # peak memory so far: the shard actors' own processes, no GPU in this Ray instance
+        assert row["driver_peak_rss_mb"] > 100 and row["shard_peak_rss_mb"] > 100 and row["shard_peak_gpu_mb"] is None
+    local_rows = pq.read_table(tmp_path / "local" / "rounds.parquet").to_pylist()
+    assert all(0 < r["shard_peak_rss_mb"] <= r["driver_peak_rss_mb"] for r in local_rows)  # in-process shards
 
 
 def test_run_interrupted_between_rounds_resumes_under_ray(tmp_path):
