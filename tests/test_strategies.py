@@ -124,3 +124,11 @@ def test_state_stays_on_the_shards_gpu(trained):
         for shard in pool.shards:
             tensors = {k: v for k, v in vars(shard.state).items() if torch.is_tensor(v)}
             assert {v.device.type for v in tensors.values()} == {"cuda"}, (strategy, tensors.keys())
+
+
+def test_unknown_embed_dtype_is_a_user_error():
+    from fm_ray.config import RunConfig, StrategyConfig, validate
+    from fm_ray.errors import UserError
+
+    with pytest.raises(UserError, match="--embed-dtype must be float32, bfloat16 or float16, got 'int8'"):
+        validate(RunConfig(strategy=StrategyConfig(name="fishermask", embed_dtype="int8")))
