@@ -69,13 +69,6 @@ def pack_pool(n: int, a: argparse.Namespace, pool: str) -> dict[str, Any]:
     return {"pack_s": round(time.perf_counter() - start, 3)}
 
 
-def _vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child_run(a: argparse.Namespace) -> dict[str, Any]:
     import ray
 
@@ -83,14 +76,11 @@ def child_run(a: argparse.Namespace) -> dict[str, Any]:
     from fm_ray.config import DataConfig, ModelConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
 
     ray.init(address="local", num_cpus=a.shards, include_dashboard=False, log_to_driver=False)
-    pools: list[Any] = []
-    make = loop.make_sharded_pool
-    loop.make_sharded_pool = lambda *args: pools.append(make(*args)) or pools[-1]  # to ask the actors' pids
     out: dict[str, Any] = {}
 
     def after_round(row: dict) -> None:
-        if row["round"] == 0:  # the pool is still up: its actors' peak RSS so far
-            out["shard_peak_rss_mb"] = round(max(_vm_hwm_mb(p) for p in pools[0].map("pid")), 1)
+        if row["round"] == 0:  # the largest shard actor's peak RSS, as every round row records it
+            out["shard_peak_rss_mb"] = round(row["shard_peak_rss_mb"], 1)
             out.update(embed_s=round(row["embed_seconds"], 3), select_s=round(row["select_seconds"], 3))
             out["d"] = row["mask_size"]
 

@@ -13,7 +13,7 @@ all kept up, and the counts are timed in turns (order alternating per repeat), s
 processes on the machine hits every count alike; only one pool computes at a time.
 
 Per shard count, one JSON line:
-  embed_s           wall time of pool.map("build_greedy", mask, "fast", chunk, "float32"): Fisher embeddings and
+  embed_s           wall time of pool.map(build_greedy_state, mask, "fast", chunk, "float32", "float32"): Fisher embeddings and
                     partial V^T V sums on all shards in parallel (min over --repeats)
   select_s          wall time of greedy_select over K steps, shard state init included (min over --repeats)
   step_ms           mean wall time of one greedy step (one broadcast + every shard's step + reduce)
@@ -41,16 +41,18 @@ import torch
 
 from fm_ray.config import DataConfig, ModelConfig, PoolConfig
 from fm_ray.core.fisher import fisher_diag_sum
-from fm_ray.core.greedy import greedy_select
+from fm_ray.core.greedy import GreedyState, greedy_select
 from fm_ray.core.mask import fisher_mask, mask_size
 from fm_ray.models import build_model
-from fm_ray.pool import partition
-from fm_ray.pool.shard import BLOCK, ShardSpec
+from fm_ray.pool import state_call
+from fm_ray.pool.shard import ShardSpec, pid, set_round
+from fm_ray.strategies.fisher import build_greedy_state
+from fm_ray.strategies.uncertainty import top_scores
 from fm_ray.train import Normalizer
 
 CLASSES = 10
 METHOD = (
-    "step_overhead_ms: mean wall time of no-op round trips pool.map('pid', 'step', update, backward) "
+    "step_overhead_ms: mean wall time of no-op round trips pool.map(pid, update, backward) "
     "replaying each greedy step's exact arguments to every shard actor (a pid comes back, not a ShardBest)"
 )
 
@@ -90,11 +92,11 @@ class Timed:
 
         self.a, self.labeled = a, labeled
         self.pool = RayPool(PoolConfig(backend="ray", shards=shards, cpus_per_shard=a.cpus_per_shard), spec, x_u8)
-        self.pool.map("set_round", weights, labeled)
-        # warm-up outside the timings: actors up, one sample's Fisher pass per shard (lazy torch init)
-        firsts = np.array([p[0] for p in partition(len(x_u8), shards, BLOCK) if len(p)])
-        self.pool.map("fisher_diag_sum", firsts, a.chunk, "float32")
-        self.pids = self.pool.map("pid")
+        self.pool.map(set_round, weights, labeled)
+        # warm-up outside the timings: actors up, a forward pass over every shard (lazy torch init)
+        self.pool.map(top_scores, "entropy", 1)
+        self.pids = self.pool.map(pid)
+        self._states = state_call(self.pool, GreedyState)
         self.embed: list[float] = []
         self.embed_cpu: list[float] = []  # the busiest shard's CPU seconds in each embed phase
         self.select: list[float] = []
@@ -105,25 +107,25 @@ class Timed:
     def _cpu_s(self) -> list[float]:
         """CPU seconds (user + system) of each shard actor's process so far; NaN where /proc is unreadable."""
         out = []
-        for pid in self.pids:
+        for shard_pid in self.pids:
             try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                fields = Path(f"/proc/{shard_pid}/stat").read_text().rsplit(")", 1)[1].split()
                 out.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
             except (OSError, ValueError, IndexError):
                 out.append(math.nan)
         return out
 
-    def _call(self, method: str, *args: Any) -> list:
+    def _call(self, fn: Any, *args: Any) -> list:
         start = time.perf_counter()
-        out = self.pool.map("state_call", method, *args)
-        if method == "step":
+        out = self._states(fn, *args)
+        if fn is GreedyState.step:
             self.steps.append((time.perf_counter() - start, args))
         return out
 
     def round(self, mask: torch.Tensor) -> None:
         cpu0 = self._cpu_s()
         start = time.perf_counter()
-        parts = self.pool.map("build_greedy", mask, "fast", self.a.chunk, "float32")
+        parts = self.pool.map(build_greedy_state, mask, "fast", self.a.chunk, "float32", "float32")
         fisher_D_D = sum(p for p, _, _ in parts) / sum(c for _, _, c in parts)
         labeled_sum = sum(s for _, s, _ in parts)
         self.embed.append(time.perf_counter() - start)
@@ -145,7 +147,7 @@ class Timed:
         out = []
         for _, args in self.best_steps:
             start = time.perf_counter()
-            self.pool.map("pid", "step", *args)
+            self.pool.map(pid, *args)
             out.append(1e3 * (time.perf_counter() - start))
         return out
 

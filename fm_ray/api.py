@@ -22,7 +22,7 @@ from torch import nn
 from fm_ray.config import DataConfig, ModelConfig, PoolConfig, RunConfig, StrategyConfig
 from fm_ray.errors import UserError
 from fm_ray.pool import ShardedPool
-from fm_ray.pool.shard import ShardSpec
+from fm_ray.pool.shard import ShardSpec, set_round
 from fm_ray.pool.source import ImageSource, TensorImages, as_source
 from fm_ray.strategies import STRATEGIES, QueryContext, Selection
 from fm_ray.train import Normalizer
@@ -133,10 +133,11 @@ class PoolSession:
         device: str = "cpu",
     ):
         """`model`: a user's module (copied onto each shard) or an fm_ray model config (built there)."""
-        if len(ids) != len(images):
+        if len(ids) != len(as_source(images)):
             raise ValueError("one id per pool sample")
-        self.ids = list(ids)
-        self.position = {i: p for p, i in enumerate(self.ids)}
+        self.ids = ids if isinstance(ids, range) else list(ids)
+        # ids that are the positions themselves (the loop's range(T)) need no pool-sized lookup table
+        self.position = None if self.ids == range(len(self.ids)) else {i: p for p, i in enumerate(self.ids)}
         shape = as_source(images).shape
         channels, side = shape[0], shape[-1]
         if isinstance(model, ModelConfig):
@@ -146,10 +147,15 @@ class PoolSession:
         self.pool: ShardedPool = make_pool(pool_cfg, spec, images)
 
     def positions(self, ids: Any) -> np.ndarray:
-        unknown = [i for i in ids if i not in self.position]
+        if self.position is None:
+            pos = np.asarray(ids, dtype=np.int64).reshape(-1)
+            unknown = pos[(pos < 0) | (pos >= len(self.ids))].tolist()
+        else:
+            unknown = [i for i in ids if i not in self.position]
+            pos = np.array([self.position[i] for i in ids if i in self.position], dtype=np.int64)
         if unknown:
             raise UserError(f"labeled ids not in the pool: {unknown[:5]}: pass ids of pool samples")
-        return np.sort(np.array([self.position[i] for i in ids], dtype=np.int64))
+        return np.sort(pos)
 
     def select(
         self, model: nn.Module, k: int, labeled_ids: Any, cfg: StrategyConfig, seed: int = 0, round: int = 0
@@ -162,7 +168,7 @@ class PoolSession:
             raise UserError(f"k = {k} but {free} pool samples are unlabeled: pick 1..{free}")
         strategy = STRATEGIES[cfg.name]
         weights = {n: t.detach().cpu() for n, t in model.state_dict().items()} if strategy.needs_model else None
-        self.pool.map("set_round", weights, labeled)
+        self.pool.map(set_round, weights, labeled)
         ctx = QueryContext(round, k, seed, labeled, len(self.ids), cfg, model)
         sel = strategy.select(self.pool, ctx)
         sel.ids = [self.ids[i] for i in sel.indices]

@@ -119,6 +119,12 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         choices=("float32", "float64"),
         help="compute dtype of the Fisher diagonal and embeddings; sums are float64 either way (default float32)",
     )
+    g.add_argument(
+        "--embed-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype the shards store the Fisher embeddings in; bfloat16/float16 halve their memory, the "
+        "selection still computes in float32/float64 (default float32: as computed)",
+    )
     g = p.add_argument_group("pool backend")
     g.add_argument("--backend", help=f"ray | local (default {pl.backend}; local runs the shards in-process)")
     g.add_argument("--shards", type=int, help=f"pool shards (default {pl.shards})")
@@ -189,6 +195,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                 "include_last_layer": a.include_last_layer,
                 "greedy": a.greedy,
                 "fisher_dtype": a.fisher_dtype,
+                "embed_dtype": a.embed_dtype,
             },
         ),
         pool=_replace(

@@ -13,16 +13,16 @@ import numpy as np
 import torch
 
 from fm_ray import data as fdata
+from fm_ray.api import PoolSession
 from fm_ray.config import RunConfig, rounds_for_budget, validate
 from fm_ray.errors import UserError
 from fm_ray.faults import fault_point
 from fm_ray.log import log
 from fm_ray.models import check_model
 from fm_ray.pool import ShardedPool
-from fm_ray.pool.shard import ShardSpec
-from fm_ray.pool.source import ImageSource
+from fm_ray.pool.shard import peak_memory_mb, peak_rss_mb, state_bytes
 from fm_ray.results import RunDir, run_id
-from fm_ray.strategies import STRATEGIES, QueryContext, Selection
+from fm_ray.strategies import STRATEGIES, Selection
 from fm_ray.train import Normalizer, evaluate, fit_round, resolve_device
 
 RoundHook = Callable[[dict], None]  # called with each finished round's row (Tune reports through it)
@@ -37,16 +37,6 @@ def planned_rounds(cfg: RunConfig, pool_size: int) -> int:
     cap = min(cfg.budget or pool_size, pool_size)
     n = rounds_for_budget(cfg.init, cfg.batch, cap)
     return n if cfg.rounds is None else min(cfg.rounds, n)
-
-
-def make_sharded_pool(cfg: RunConfig, spec: ShardSpec, pool_images: ImageSource) -> ShardedPool:
-    if cfg.pool.backend == "ray":
-        from fm_ray.pool.ray_pool import RayPool  # Ray stays optional for the numeric core
-
-        return RayPool(cfg.pool, spec, pool_images)
-    from fm_ray.pool.local import LocalPool
-
-    return LocalPool(spec, pool_images, cfg.pool.shards)
 
 
 def check(cfg: RunConfig) -> None:
@@ -69,7 +59,6 @@ def run_experiment(
     for name, value in (("--init", cfg.init), ("--budget", cfg.budget or 0)):
         if value > T:
             raise UserError(f"{name} {value} is beyond the pool of {T} samples: lower it or enlarge the pool")
-    strategy = STRATEGIES[cfg.strategy.name]
     n_rounds = planned_rounds(cfg, T)
     device = resolve_device(cfg.train.device)
     norm = Normalizer(data.mean, data.std)
@@ -78,12 +67,12 @@ def run_experiment(
     pool_images = data.train.subset(pool.train_index)
     y_pool = torch.from_numpy(pool.labels)
     x_test = data.test.read(pool.test_index)
-    (channels, height, side), C = data.train.shape, len(pool.classes)
+    (_, height, side), C = data.train.shape, len(pool.classes)
     if height != side:
         raise UserError(f"{data.name} has {height}x{side} images; the models need square ones: re-pack with --resize N")
 
-    spec = ShardSpec(cfg.model, channels, side, C, norm, str(device))
-    sharded = make_sharded_pool(cfg, spec, pool_images)
+    # the pool on its shards for the whole run: the same PoolSession as fm_ray.select and projects
+    session = PoolSession(pool_images, range(T), C, norm, cfg.model, cfg.pool, str(device))
     try:
         # only now, with every check passed and the pool built, may --overwrite delete the old run
         rows, queries = rundir.open(cfg, resume, overwrite)
@@ -124,13 +113,10 @@ def run_experiment(
                 log(f"round {r}/{n_rounds}: test acc {ev['accuracy']:.4f}; querying {k} with {cfg.strategy.name}")
                 fault_point("query", r)
                 start = time.perf_counter()
-                weights = {n: t.cpu() for n, t in model.state_dict().items()} if strategy.needs_model else None
-                sharded.map("set_round", weights, labeled)
-                ctx = QueryContext(r, k, cfg.seed, labeled, T, cfg.strategy, model)
-                sel = strategy.select(sharded, ctx)
+                sel = session.select(model, k, labeled, cfg.strategy, cfg.seed, r)
                 query_s = time.perf_counter() - start
                 # largest selection state any one shard held (issue: per-shard memory report)
-                sel.info["selection_state_bytes"] = max(sharded.map("state_bytes"))
+                sel.info["selection_state_bytes"] = max(session.pool.map(state_bytes))
                 _check_selection(sel, labeled, k, cfg.strategy.name)
             picked = np.array(sel.indices, dtype=np.int64)
             queries += [
@@ -165,6 +151,7 @@ def run_experiment(
                 **sel.info,
                 "backend": cfg.pool.backend,
                 "shards": cfg.pool.shards,
+                **_peak_memory(session.pool),
             }
             rows.append(row)
             # order matters for resume: queries, then the row, then the round's weights (see RunDir)
@@ -183,8 +170,19 @@ def run_experiment(
             if on_round is not None:
                 on_round(row)
     finally:
-        sharded.close()
+        session.close()
     return rundir.path
+
+
+def _peak_memory(sharded: ShardedPool) -> dict[str, float | None]:
+    """Peak memory so far of the driver and of the largest shard (RSS; GPU where shards use one)."""
+    shards = sharded.map(peak_memory_mb)
+    gpu = [g for _, g in shards if g is not None]
+    return {
+        "driver_peak_rss_mb": peak_rss_mb(),
+        "shard_peak_rss_mb": max(r for r, _ in shards),
+        "shard_peak_gpu_mb": max(gpu) if gpu else None,
+    }
 
 
 def _check_selection(sel: Selection, labeled: np.ndarray, k: int, name: str) -> None:

@@ -40,13 +40,17 @@ ROUND_SCHEMA = pa.schema(
         ("eval_seconds", pa.float64()),
         ("query_seconds", pa.float64()),
         ("mask_seconds", pa.float64()),
-        ("embed_seconds", pa.float64()),
+        ("embed_seconds", pa.float64()),  # Fisher embeddings and their partial sums, reduce included
+        ("reduce_seconds", pa.float64()),  # adding the shards' d x d partial sums on the driver
         ("select_seconds", pa.float64()),
         ("mask_size", pa.int64()),
         ("mask_profile", pa.list_(_PROFILE)),
         ("selection_state_bytes", pa.int64()),
         ("backend", pa.string()),
         ("shards", pa.int64()),
+        ("driver_peak_rss_mb", pa.float64()),
+        ("shard_peak_rss_mb", pa.float64()),
+        ("shard_peak_gpu_mb", pa.float64()),  # null when the shards run on CPU
     ]
 )
 QUERY_SCHEMA = pa.schema(
@@ -61,7 +65,8 @@ QUERY_SCHEMA = pa.schema(
 # A sweep's results dataset partitions queries by these columns (hive layout: values in the path).
 PARTITIONS = ("dataset", "setting")
 SWEEP_QUERY_SCHEMA = QUERY_SCHEMA.append(pa.field("dataset", pa.string())).append(pa.field("setting", pa.string()))
-TIMING_COLUMNS = tuple(n for n in ROUND_SCHEMA.names if n.endswith("_seconds")) + ("selection_state_bytes",)
+# measurements that differ between runs computing the same thing (left out when comparing rows)
+TIMING_COLUMNS = tuple(n for n in ROUND_SCHEMA.names if n.endswith(("_seconds", "_mb"))) + ("selection_state_bytes",)
 
 
 def run_id(cfg: RunConfig) -> str:

@@ -160,3 +160,24 @@ def test_fast_state_holds_no_d_by_d_matrix_or_second_copy() -> None:
     greedy_select(local_call([state]), p["F"], 5, n_labeled=5, labeled_sum_D_D=p["S_L"])
     big = [k for k, v in vars(state).items() if torch.is_tensor(v) and v.numel() >= 40 * 40]
     assert big == ["emb_N_C_D"]
+
+
+@pytest.mark.parametrize("method", ["fast", "reference"])
+def test_bfloat16_storage_computes_in_float32_on_the_rounded_values(method: str, monkeypatch) -> None:
+    """Stored bfloat16 embeddings are widened before any arithmetic: the picks are those of float32
+    embeddings holding the same (rounded) values, the scores equal to float32 rounding (the widened
+    copy may take another GEMM kernel), also when widened chunk by chunk."""
+    p = make_problem(8, 90, 4, 16, n_L=10)
+    p32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in p.items()}
+    p32["V"] = p["V"].bfloat16().float()
+    want = run(p32, 9, method, True, 1)
+    p16 = dict(p32, V=p["V"].bfloat16())
+    assert run(p16, 9, method, True, 1) == want
+    state = GreedyState(p16["V"], torch.arange(90), method=method)
+    greedy_select(local_call([state]), p16["F"], 5, n_labeled=10, labeled_sum_D_D=p16["S_L"])
+    assert state.emb_N_C_D.dtype == torch.bfloat16 and state.compute_dtype == torch.float32
+    ref = GreedyState(p32["V"], torch.arange(90), method=method)
+    greedy_select(local_call([ref]), p32["F"], 5, n_labeled=10, labeled_sum_D_D=p32["S_L"])
+    torch.testing.assert_close(state.scores(), ref.scores(), rtol=1e-5, atol=0)
+    monkeypatch.setattr(greedy, "_CHUNK_ROWS", 12)  # widen three candidates at a time
+    assert run(p16, 9, method, True, 1) == want

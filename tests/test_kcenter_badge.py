@@ -1,4 +1,7 @@
-"""k-center greedy, BADGE k-means++ seeding and hash uniforms: brute force and partition invariance."""
+"""k-center greedy, BADGE k-means++ seeding and hash uniforms: brute force and partition invariance.
+
+BADGE's shards keep Kronecker factors (g, h) only; the brute force works on the materialized
+embeddings g kron h, so every BADGE comparison also checks the factorized distances."""
 
 from __future__ import annotations
 
@@ -6,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fm_ray.core import kcenter
-from fm_ray.core.badge import KMeansPPState, badge_embeddings, badge_select
+from fm_ray.core import badge, kcenter
+from fm_ray.core.badge import KMeansPPState, badge_embeddings, badge_factors, badge_select
 from fm_ray.core.greedy import local_call
 from fm_ray.core.kcenter import KCenterState, kcenter_select, min_sq_dist
 from fm_ray.core.random import hash_uniform
@@ -19,6 +22,27 @@ def feats(seed: int, N: int, E: int, dup: int = 0) -> torch.Tensor:
     if dup:
         x[N - dup :] = x[:dup]  # exact duplicates: ties must go to the lowest global index
     return x
+
+
+def gradients(seed: int, N: int, C: int, E: int, dup: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """BADGE factors (g, h) of seeded softmax outputs and features, float64; duplicated rows at the end."""
+    g = torch.Generator().manual_seed(seed)
+    probs = (torch.randn(N, C, generator=g, dtype=torch.float64) * 2).softmax(-1)
+    h = feats(seed + 1000, N, E)
+    if dup:
+        probs[N - dup :] = probs[:dup]
+        h[N - dup :] = h[:dup]
+    return badge_factors(probs, h)
+
+
+def kron(g: torch.Tensor, h: torch.Tensor) -> np.ndarray:
+    return (g[:, :, None] * h[:, None, :]).reshape(len(g), -1).numpy()
+
+
+def badge_call(g: torch.Tensor, h: torch.Tensor, parts: list[np.ndarray]):
+    return local_call(
+        [KMeansPPState(g[torch.from_numpy(p)], h[torch.from_numpy(p)], torch.from_numpy(p)) for p in parts]
+    )
 
 
 def sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -93,23 +117,56 @@ def test_min_sq_dist_does_not_depend_on_chunking(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_badge_matches_bruteforce_any_partition(seed: int) -> None:
-    x = feats(10 + seed, 110, 6, dup=15)
-    want = brute_badge(x.numpy(), 20, seed)
+    g, h = gradients(10 + seed, 110, 4, 6, dup=15)
+    want = brute_badge(kron(g, h), 20, seed)
     assert len(set(want)) == 20
     for parts in partitions(110):
-        assert badge_select(sharded(KMeansPPState, x, parts), 20, seed) == want
+        assert badge_select(badge_call(g, h, parts), 20, seed) == want
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_badge_factorized_distances_equal_materialized(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After every pick, each shard's D^2 equals min_c |x - c|^2 on the materialized embeddings."""
+    g, h = gradients(20 + seed, 90, 5, 7, dup=10)
+    x = kron(g, h)
+    want = brute_badge(x, 12, seed)
+    monkeypatch.setattr(badge, "_CHUNK_ELEMS", 13)  # row dot products in blocks of one or two rows
+    for parts in partitions(90)[:3]:
+        states = [KMeansPPState(g[torch.from_numpy(p)], h[torch.from_numpy(p)], torch.from_numpy(p)) for p in parts]
+        assert badge_select(local_call(states), 12, seed) == want
+        d2 = np.full(90, np.nan)
+        for p, s in zip(parts, states, strict=True):
+            d2[p] = s.d2_N.numpy()
+        brute = np.min([sqdist(x, x[c]) for c in want[:-1]], axis=0)  # the last pick was never added
+        np.testing.assert_allclose(d2, brute, rtol=1e-10, atol=1e-12 * float((x * x).sum(-1).max()))
+        assert np.all(d2[np.isin(np.arange(90), want[:-1])] == 0)  # a center is exactly at distance 0
+        dup = want[0] + 80 if want[0] < 10 else None
+        if dup is not None:
+            assert d2[dup] == 0  # an exact duplicate of a center too
+
+
+def test_badge_state_holds_factors_not_the_embedding_matrix() -> None:
+    g, h = gradients(3, 50, 10, 64)
+    state = KMeansPPState(g, h, torch.arange(50))
+    badge_select(local_call([state]), 5, 0)
+    sizes = {k: v.numel() for k, v in vars(state).items() if torch.is_tensor(v)}
+    assert max(sizes.values()) == 50 * 64  # h; never N x C E = 50 x 640
+    assert sorted(sizes) == ["chosen_N", "d2_N", "g_N_C", "gg_N", "h_N_E", "hh_N", "index_N"]
 
 
 def test_badge_never_repeats_when_only_duplicates_remain() -> None:
-    x = torch.ones(6, 3, dtype=torch.float64)  # every D^2 is 0 after the first pick
-    assert badge_select(sharded(KMeansPPState, x, [np.arange(6)]), 6, 0) == list(range(6))
+    g, h = (
+        torch.ones(6, 1, dtype=torch.float64),
+        torch.ones(6, 3, dtype=torch.float64),
+    )  # every D^2 is 0 after the first pick
+    assert badge_select(badge_call(g, h, [np.arange(6)]), 6, 0) == list(range(6))
 
 
 def test_badge_race_samples_proportional_to_d2() -> None:
     # first center = the largest norm, point 0; D^2 of the others to it: 1, 2, 3, 4
     x = torch.tensor([[10.0], [9.0], [10.0 - 2**0.5], [10.0 - 3**0.5], [8.0]], dtype=torch.float64)
     n = 4000
-    call = sharded(KMeansPPState, x, [np.arange(5)])
+    call = badge_call(torch.ones(5, 1, dtype=torch.float64), x, [np.arange(5)])  # C = 1: the embedding is h
     counts = np.bincount([badge_select(call, 2, s)[1] for s in range(n)], minlength=5)
     assert counts[0] == 0
     p = np.array([1, 2, 3, 4]) / 10
@@ -118,6 +175,7 @@ def test_badge_race_samples_proportional_to_d2() -> None:
 
 
 def test_badge_embeddings_are_cross_entropy_gradients() -> None:
+    """The materialized reference (g kron h from badge_factors) is the gradient BADGE defines."""
     g = torch.Generator().manual_seed(0)
     N, E, C = 9, 5, 4
     h = torch.randn(N, E, generator=g, dtype=torch.float64)

@@ -21,6 +21,7 @@ from fm_ray.pack import pack
 from fm_ray.packed import ParquetImages, open_pool
 from fm_ray.pool.local import LocalPool
 from fm_ray.pool.ray_pool import RayPool
+from fm_ray.pool.shard import set_round
 from fm_ray.results import TIMING_COLUMNS
 from fm_ray.strategies import STRATEGIES
 
@@ -65,7 +66,7 @@ def test_uri_reads_like_a_path(packed):
 def select_all(pool, trained) -> dict[str, list[int]]:
     out = {}
     for name in CHECKED:
-        pool.map("set_round", trained["weights"], trained["labeled"])
+        pool.map(set_round, trained["weights"], trained["labeled"])
         out[name] = STRATEGIES[name].select(pool, trained["context"](name, fisher_samples=128)).indices
     return out
 

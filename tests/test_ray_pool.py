@@ -6,9 +6,11 @@ import pytest
 import ray
 
 from fm_ray.config import PoolConfig
+from fm_ray.core.greedy import GreedyState
 from fm_ray.errors import UserError
 from fm_ray.pool.local import LocalPool
 from fm_ray.pool.ray_pool import RayPool
+from fm_ray.pool.shard import on_state, pid, set_round
 from fm_ray.strategies import STRATEGIES
 
 pytestmark = pytest.mark.ray
@@ -17,7 +19,7 @@ CHECKED = ["entropy", "fishermask", "bait", "kcenter", "badge"]
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=3, num_gpus=0, include_dashboard=False, log_to_driver=False)  # shards on CPU, GPU or not
     yield
     ray.shutdown()
 
@@ -25,7 +27,7 @@ def local_ray():
 def select_all(pool, trained, strategies=CHECKED) -> dict[str, list[int]]:
     out = {}
     for name in strategies:
-        pool.map("set_round", trained["weights"], trained["labeled"])
+        pool.map(set_round, trained["weights"], trained["labeled"])
         out[name] = STRATEGIES[name].select(pool, trained["context"](name)).indices
     return out
 
@@ -50,19 +52,19 @@ def test_killed_shard_is_restarted_and_round_completes(trained, local_picks):
     steps = {"n": 0}
     original = pool.map
 
-    def map_and_kill(method, *args):
-        if method == "state_call" and args[0] == "step":
+    def map_and_kill(fn, *args):
+        if fn is on_state and args[1] is GreedyState.step:
             steps["n"] += 1
             if steps["n"] == 3:  # mid-selection: shard 1 dies holding its greedy state
                 ray.kill(pool.actors[1], no_restart=False)
-        return original(method, *args)
+        return original(fn, *args)
 
     pool.map = map_and_kill
     try:
-        pids = original("pid")
+        pids = original(pid)
         assert select_all(pool, trained, ["fishermask"]) == {"fishermask": local_picks["fishermask"]}
         assert pool.restarts >= 1
-        assert original("pid")[1] != pids[1]  # really a new process
+        assert original(pid)[1] != pids[1]  # really a new process
     finally:
         pool.close()
 
@@ -92,6 +94,10 @@ def test_run_end_to_end_on_two_ray_shards_equals_local(tmp_path):
         assert rows("ray", name) == rows("local", name)
     ray_rows = pq.read_table(tmp_path / "ray" / "rounds.parquet").to_pylist()
     assert ray_rows[0]["backend"] == "ray" and ray_rows[0]["selection_state_bytes"] > 0
+    for row in ray_rows:  # peak memory so far: the shard actors' own processes, no GPU in this Ray instance
+        assert row["driver_peak_rss_mb"] > 100 and row["shard_peak_rss_mb"] > 100 and row["shard_peak_gpu_mb"] is None
+    local_rows = pq.read_table(tmp_path / "local" / "rounds.parquet").to_pylist()
+    assert all(0 < r["shard_peak_rss_mb"] <= r["driver_peak_rss_mb"] for r in local_rows)  # in-process shards
 
 
 def test_run_interrupted_between_rounds_resumes_under_ray(tmp_path):

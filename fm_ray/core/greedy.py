@@ -18,24 +18,42 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Concatenate, Generic, Literal, ParamSpec, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
-ShardCall = Callable[..., list]
-"""``call(method_name, *args) -> [getattr(state, method_name)(*args) for each shard]``."""
+from fm_ray.log import progress
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S")
+S_co = TypeVar("S_co", covariant=True)
 
 _CHUNK_ROWS = 1 << 16  # rows of V (candidates x C) multiplied by a d x d matrix at once
 
 
-def local_call(states: Sequence[Any]) -> ShardCall:
-    """In-process ShardCall over ``states`` (the Ray pool provides the same callable over actors)."""
+class StateCall(Protocol[S_co]):
+    """How a selection driver talks to its shards' states (``GreedyState``, ``KCenterState``,
+    ``KMeansPPState``): ``call(fn, *args)`` runs ``fn(state, *args)`` on every shard's state and
+    returns the answers in shard order. ``fn`` is a module-level function or an unbound method
+    (e.g. ``GreedyState.step``), so a type checker follows the call and Ray pickles it by name."""
 
-    def call(method: str, *args: Any) -> list:
-        return [getattr(s, method)(*args) for s in states]
+    def __call__(self, fn: Callable[Concatenate[S_co, P], R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]: ...
 
-    return call
+
+class LocalCall(Generic[S]):
+    """In-process ``StateCall`` over ``states`` (the pools provide the same over their shards)."""
+
+    def __init__(self, states: Sequence[S]) -> None:
+        self.states = list(states)
+
+    def __call__(self, fn: Callable[Concatenate[S, P], R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
+        return [fn(s, *args, **kwargs) for s in self.states]
+
+
+def local_call(states: Sequence[S]) -> StateCall[S]:
+    return LocalCall(states)
 
 
 @dataclass(frozen=True)
@@ -79,14 +97,15 @@ def trace_solve(A_S_C_C: Tensor, N_S_C_C: Tensor) -> Tensor:
 def literal_state(emb_S_C_D: Tensor, B_D_D: Tensor, F_D_D: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """``A = I + V B V^T`` and ``N = V B F B V^T`` with ``V = scale * emb``, literally (O(S C d^2)).
 
-    Scaled in chunks, so the state never holds a second copy of the embeddings.
+    Computed in ``B``'s dtype and scaled in chunks, so the state never holds a second copy of the
+    embeddings (which may be stored in a narrower dtype than ``B``).
     """
     S, C, _ = emb_S_C_D.shape
-    A_S_C_C = emb_S_C_D.new_empty(S, C, C)
-    N_S_C_C = emb_S_C_D.new_empty(S, C, C)
+    A_S_C_C = B_D_D.new_empty(S, C, C)
+    N_S_C_C = B_D_D.new_empty(S, C, C)
     step = max(1, _CHUNK_ROWS // max(C, 1))
     for lo in range(0, S, step):
-        V = emb_S_C_D[lo : lo + step] * scale
+        V = emb_S_C_D[lo : lo + step].to(B_D_D) * scale
         VB = V @ B_D_D  # (s, C, D)
         A_S_C_C[lo : lo + step] = VB @ V.transpose(1, 2)
         N_S_C_C[lo : lo + step] = (VB @ F_D_D) @ VB.transpose(1, 2)
@@ -120,6 +139,11 @@ class GreedyUpdate:
 class GreedyState:
     """One shard's candidates for greedy Fisher selection.
 
+    Everything pool-sized stays on the embeddings' device (a shard's GPU); factors that arrive from
+    the driver are moved there. Embeddings may be stored in bfloat16/float16 to halve their memory;
+    all arithmetic on them is done in at least float32 (``compute_dtype``), the C x C sums of the
+    fast state in float64.
+
     Args:
         emb_N_C_D: Fisher embeddings ``V_x`` of this shard's candidates (unscaled).
         index_N: their global pool indices (int64).
@@ -137,19 +161,19 @@ class GreedyState:
         self.emb_N_C_D = emb_N_C_D
         self.index_N = torch.as_tensor(index_N, dtype=torch.int64, device=emb_N_C_D.device)
         self.method = method
+        self.compute_dtype = torch.promote_types(emb_N_C_D.dtype, torch.float32)
         # 0: candidate, 1: in the selected set, 2: removed by backward pruning
         self.status_N = torch.zeros(len(self.index_N), dtype=torch.int8, device=emb_N_C_D.device)
 
     def init(self, inverse_D_D: Tensor, fisher_D_D: Tensor, scale: float) -> bool:
         """Set the embedding scale and ``B = M_0^-1``; returns whether ``B`` is needed every step."""
-        like = self.emb_N_C_D
         self.scale = scale
         self.status_N.zero_()
         if self.method == "reference":
-            self.F_D_D, self.B_D_D = fisher_D_D.to(like), inverse_D_D.to(like)
+            self.F_D_D, self.B_D_D = self._here(fisher_D_D), self._here(inverse_D_D)
             return True
         # the fast state never touches a d x d matrix again; its C x C sums accumulate in float64
-        A_N_C_C, N_N_C_C = literal_state(like, inverse_D_D.to(like), fisher_D_D.to(like), scale)
+        A_N_C_C, N_N_C_C = literal_state(self.emb_N_C_D, self._here(inverse_D_D), self._here(fisher_D_D), scale)
         self.A_N_C_C, self.N_N_C_C = A_N_C_C.double(), N_N_C_C.double()
         return False
 
@@ -164,7 +188,9 @@ class GreedyState:
         pos = local_best(score_N, self.status_N == (1 if backward else 0), self.index_N)
         if pos < 0:
             return ShardBest(-math.inf, -1)
-        return ShardBest(float(score_N[pos]), int(self.index_N[pos]), self.emb_N_C_D[pos] * self.scale)
+        return ShardBest(
+            float(score_N[pos]), int(self.index_N[pos]), self.emb_N_C_D[pos].to(self.compute_dtype) * self.scale
+        )
 
     def scores(self, backward: bool = False) -> Tensor:
         """Current eq. 12 score of every local candidate (chosen ones included), shape (N,)."""
@@ -182,15 +208,13 @@ class GreedyState:
         self.status_N[mine_N] = 1 if update.sign > 0 else 2
         if self.method == "reference":
             assert update.inverse_D_D is not None, "reference states need the full inverse"
-            self.B_D_D = update.inverse_D_D.to(self.emb_N_C_D)
+            self.B_D_D = update.inverse_D_D.to(self.B_D_D)
             return
-        emb_N_C_D = self.emb_N_C_D
-        N, C, D = emb_N_C_D.shape
-        WZ_D_2C = torch.cat([update.W_D_C, update.Z_D_C], dim=1).to(emb_N_C_D) * self.scale
+        N, C, _ = self.emb_N_C_D.shape
+        WZ_D_2C = self._here(torch.cat([update.W_D_C, update.Z_D_C], dim=1)) * self.scale
         G, WFW = update.G_C_C.to(self.A_N_C_C), update.WFW_C_C.to(self.A_N_C_C)
-        # the only O(C^2 d) work: P = V W, Q = V Z (V = scale * emb) as one (2C x d)(d x NC) GEMM
-        PQ_2C_NC = (WZ_D_2C.T @ emb_N_C_D.reshape(N * C, D).T).to(self.A_N_C_C)
-        P_NC_C, Q_NC_C = PQ_2C_NC[:C].T, PQ_2C_NC[C:].T
+        PQ_NC_2C = self._times(WZ_D_2C).to(self.A_N_C_C)
+        P_NC_C, Q_NC_C = PQ_NC_2C[:, :C], PQ_NC_2C[:, C:]
         PG_NC_C = P_NC_C @ G
         # N' = N + PG Y^T + Y PG^T with Y = PG (W^T F W) / 2 - Q  (= N - PG Q^T - Q PG^T + PG WFW PG^T)
         Y_NC_C = PG_NC_C @ (WFW / 2) - Q_NC_C
@@ -198,6 +222,26 @@ class GreedyState:
         self.A_N_C_C -= torch.bmm(PG, P_NC_C.reshape(N, C, C).transpose(1, 2))
         X = torch.bmm(PG, Y_NC_C.reshape(N, C, C).transpose(1, 2))
         self.N_N_C_C += X + X.transpose(1, 2)
+
+    def _here(self, t: Tensor) -> Tensor:
+        """A factor from the driver, on this state's device in its compute dtype."""
+        return t.to(device=self.emb_N_C_D.device, dtype=self.compute_dtype)
+
+    def _times(self, WZ_D_2C: Tensor) -> Tensor:
+        """``emb @ WZ`` as (N C, 2C): the only O(C^2 d) work of a step (P = V W, Q = V Z).
+
+        One (2C x d)(d x NC) GEMM over embeddings stored in the compute dtype; embeddings stored
+        narrower are widened chunk by chunk, so no full-precision copy of them is ever made.
+        """
+        N, C, D = self.emb_N_C_D.shape
+        if self.emb_N_C_D.dtype == self.compute_dtype:
+            return (WZ_D_2C.T @ self.emb_N_C_D.reshape(N * C, D).T).T
+        out_NC_2C = WZ_D_2C.new_empty(N * C, WZ_D_2C.shape[1])
+        step = max(1, _CHUNK_ROWS // max(C, 1))
+        for lo in range(0, N, step):
+            rows = self.emb_N_C_D[lo : lo + step]
+            out_NC_2C[lo * C : lo * C + rows.shape[0] * C] = (WZ_D_2C.T @ rows.reshape(-1, D).to(WZ_D_2C).T).T
+        return out_NC_2C
 
 
 def woodbury_update(
@@ -227,7 +271,7 @@ def woodbury_update(
 
 
 def greedy_select(
-    call: ShardCall,
+    call: StateCall[GreedyState],
     fisher_D_D: Tensor,
     K: int,
     *,
@@ -245,8 +289,8 @@ def greedy_select(
     ``tr(M^-1 F)`` least.
 
     Args:
-        call: ShardCall over ``GreedyState`` shards.
-        fisher_D_D: pool Fisher ``F``.
+        call: runs a function on every shard's ``GreedyState``.
+        fisher_D_D: pool Fisher ``F``, on the driver's device (``M^-1`` is kept there too).
         K: batch size.
         n_labeled: number of labeled samples ``n_L`` (used by the scaling even without labeled_sum).
         labeled_sum_D_D: ``sum_{x in L} V_x^T V_x``, or None for no labeled initialization.
@@ -264,13 +308,15 @@ def greedy_select(
         M0_D_D = M0_D_D + labeled_sum_D_D.to(fisher_D_D) / (n_labeled + K)
     B_D_D = torch.linalg.inv(M0_D_D)
     scale = math.sqrt(K / (n_labeled + K))
-    send_inverse = any(call("init", B_D_D, fisher_D_D, scale))
+    send_inverse = any(call(GreedyState.init, B_D_D, fisher_D_D, scale))
 
     chosen: list[int] = []
     update: GreedyUpdate | None = None
+    bar = iter(progress(range((1 + 2 * backward_steps) * K), "greedy selection", unit="step"))
     for backward in (False, True):
         while len(chosen) > K if backward else len(chosen) < (1 + backward_steps) * K:
-            best = best_of(call("step", update, backward))
+            next(bar, None)
+            best = best_of(call(GreedyState.step, update, backward))
             update = None
             if best.index < 0:
                 break

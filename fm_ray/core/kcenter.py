@@ -13,20 +13,27 @@ import math
 import torch
 from torch import Tensor
 
-from fm_ray.core.greedy import ShardBest, ShardCall, best_of, local_best
+from fm_ray.core.greedy import ShardBest, StateCall, best_of, local_best
+from fm_ray.log import progress
 
-_CHUNK_ELEMS = 1 << 22
+_CHUNK_ELEMS = 1 << 22  # elements of one (rows x centers x E) difference block
 
 
 def min_sq_dist(feats_N_E: Tensor, centers_L_E: Tensor) -> Tensor:
-    """``min_l sum_e (x_e - c_le)^2`` per row of ``feats_N_E`` (``+inf`` if no centers), shape (N,)."""
+    """``min_l sum_e (x_e - c_le)^2`` per row of ``feats_N_E`` (``+inf`` if no centers), shape (N,).
+
+    Blocks of rows and of centers bound the temporary to ``_CHUNK_ELEMS`` elements (at least one
+    row and one center), however many centers there are; the minimum does not depend on the blocks.
+    """
     N, E = feats_N_E.shape
     out_N = torch.full((N,), math.inf, dtype=feats_N_E.dtype, device=feats_N_E.device)
     L = centers_L_E.shape[0]
-    rows = max(1, _CHUNK_ELEMS // max(L * E, 1))
+    cols = max(1, min(L, _CHUNK_ELEMS // max(E, 1)))
+    rows = max(1, _CHUNK_ELEMS // max(cols * E, 1))
     for lo in range(0, N if L else 0, rows):
-        diff = feats_N_E[lo : lo + rows, None, :] - centers_L_E[None, :, :]
-        out_N[lo : lo + rows] = (diff * diff).sum(-1).min(dim=1).values
+        for c in range(0, L, cols):
+            diff = feats_N_E[lo : lo + rows, None, :] - centers_L_E[None, c : c + cols, :]
+            out_N[lo : lo + rows] = torch.minimum(out_N[lo : lo + rows], (diff * diff).sum(-1).min(dim=1).values)
     return out_N
 
 
@@ -67,19 +74,19 @@ class KCenterState:
         return ShardBest(float(self.dist_N[pos]), int(self.index_N[pos]), self.feats_N_E[pos].clone())
 
 
-def kcenter_select(call: ShardCall, K: int, labeled_feats_L_E: Tensor) -> list[int]:
+def kcenter_select(call: StateCall[KCenterState], K: int, labeled_feats_L_E: Tensor) -> list[int]:
     """k-center greedy over ``KCenterState`` shards; ``K`` global indices in selection order.
 
     Args:
-        call: ShardCall over ``KCenterState`` shards.
+        call: runs a function on every shard's ``KCenterState``.
         K: batch size.
         labeled_feats_L_E: features of the labeled set (may have zero rows).
     """
-    call("init", labeled_feats_L_E)
+    call(KCenterState.init, labeled_feats_L_E)
     chosen: list[int] = []
     message: tuple[int, Tensor] | None = None
-    while len(chosen) < K:
-        best = best_of(call("step", message))
+    for _ in progress(range(K), "k-center selection", unit="pick"):
+        best = best_of(call(KCenterState.step, message))
         if best.index < 0:
             break
         assert best.emb is not None

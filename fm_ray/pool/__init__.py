@@ -1,27 +1,50 @@
-"""The pool abstraction: shards of the unlabeled pool, driven in-process (LocalPool) or on Ray actors."""
+"""The pool abstraction: shards of the unlabeled pool, driven in-process (LocalPool) or on Ray actors.
+
+A strategy calls ``pool.map(fn, *args)``: every shard runs ``fn(shard, *args)`` (``fn`` a module-level
+function beside the strategy that needs it) and the answers come back in shard order, as Ray Train's
+``WorkerGroup.execute(fn, *args)``. Typed end to end: a type checker follows ``fn``'s signature.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 import numpy as np
 
-from fm_ray.core.greedy import ShardCall
+if TYPE_CHECKING:
+    from fm_ray.pool.shard import PoolShard
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S")
 
 
 class ShardedPool(Protocol):
-    """What strategies see: call one `PoolShard` method on every shard, answers in shard order."""
+    """What strategies see: run one function on every shard, answers in shard order."""
 
     n_shards: int
 
-    def map(self, method: str, *args: Any) -> list[Any]: ...
+    def map(self, fn: Callable[Concatenate[PoolShard, P], R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]: ...
 
     def close(self) -> None: ...
 
 
-def state_call(pool: ShardedPool) -> ShardCall:
-    """A `ShardCall` for the selection drivers: forwards to each shard's current selection state."""
-    return lambda method, *args: pool.map("state_call", method, *args)
+class PoolStateCall(Generic[S]):
+    """A ``StateCall`` (core.greedy) for the selection drivers: runs ``fn(state, *args)`` on each
+    shard's current selection state, which must be a ``kind`` (else the shard was never built)."""
+
+    def __init__(self, pool: ShardedPool, kind: type[S]) -> None:
+        self.pool, self.kind = pool, kind
+
+    def __call__(self, fn: Callable[Concatenate[S, P], R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
+        from fm_ray.pool.shard import on_state
+
+        return self.pool.map(on_state, self.kind, fn, *args, **kwargs)
+
+
+def state_call(pool: ShardedPool, kind: type[S]) -> PoolStateCall[S]:
+    return PoolStateCall(pool, kind)
 
 
 def partition(n: int, shards: int, block: int) -> list[np.ndarray]:

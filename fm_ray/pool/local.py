@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar
 
 import torch
 
 from fm_ray.pool import partition
 from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec
 from fm_ray.pool.source import ImageSource, as_source
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class LocalPool:
@@ -18,8 +22,8 @@ class LocalPool:
         self.shards = [PoolShard(spec, source.subset(p), p) for p in parts]
         self.n_shards = len(self.shards)
 
-    def map(self, method: str, *args: Any) -> list[Any]:
-        return [getattr(s, method)(*args) for s in self.shards]
+    def map(self, fn: Callable[Concatenate[PoolShard, P], R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
+        return [fn(s, *args, **kwargs) for s in self.shards]
 
     def close(self) -> None:
         self.shards = []

@@ -1,9 +1,16 @@
 """The pool on Ray: one actor per shard wrapping the same `PoolShard` the local pool runs.
 
-Ray is the transport only. Large arguments (model weights, masks) are `ray.put` once per call and
-shared by every actor. A shard actor that dies is restarted by Ray; its state is rebuilt by
-replaying this round's state-changing calls (they are deterministic), then the failed call is
-re-issued, so the round completes with the same picks.
+Ray is the transport only. Large arguments (model weights, masks, a greedy step's factors) are
+`ray.put` once per call and shared by every actor; tensors cross the wire on the CPU (the shard
+and the driver move them to their own devices on arrival).
+
+Restarts: a shard actor that dies is restarted by Ray (`max_restarts=-1`) with a fresh, empty
+`PoolShard`. Every actor draws an incarnation token in `__init__`; every call carries the token
+the pool last saw, and an actor whose token differs runs nothing and answers its own. Whether the
+actor died during the call (RayActorError) or while idle between calls (token mismatch), the pool
+replays this round's state-changing calls (they are deterministic, and `set_round` starts from a
+clean shard) and re-issues the call, so the round completes with the same picks; `restarts`
+counts every new incarnation seen.
 """
 
 from __future__ import annotations
@@ -11,35 +18,91 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+import uuid
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fm_ray.config import PoolConfig
 from fm_ray.errors import UserError
 from fm_ray.pool import partition
-from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec
+from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec, is_read_only, set_round
 from fm_ray.pool.source import ImageSource, as_source
 
-# Calls that change no shard state: never replayed after a restart.
-READ_ONLY = frozenset({"top_scores", "fisher_diag_sum", "labeled_feats", "state_bytes", "pid"})
+P = ParamSpec("P")
+R = TypeVar("R")
 PUT_BYTES = 64 * 1024  # arguments larger than this go through the object store once per call
 RESOURCE_WAIT_S = float(os.environ.get("FM_RAY_RESOURCE_WAIT_S", "60"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    incarnation: str  # the answering actor's token
+    ran: bool  # False: the caller expected another incarnation, nothing ran
+    value: Any = None
+
+
+def to_cpu(x: Any) -> Any:
+    """Tensors (also inside tuples, lists, dicts and dataclasses) moved to the CPU for the wire."""
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, tuple | list):
+        return type(x)(to_cpu(v) for v in x)
+    if isinstance(x, dict):
+        return {k: to_cpu(v) for k, v in x.items()}
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: to_cpu(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init})
+    return x
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ShardActor:
     def __init__(self, spec: ShardSpec, images: ImageSource, index_N: np.ndarray, threads: int):
         torch.set_num_threads(threads)
+        self.incarnation = uuid.uuid4().hex  # new in every process Ray starts for this actor
         self.shard = PoolShard(spec, images, index_N)
 
-    def call(self, method: str, *args: Any) -> Any:
-        return os.getpid() if method == "pid" else getattr(self.shard, method)(*args)
+    def token(self) -> str:
+        return self.incarnation
+
+    def call(self, expected: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Answer:
+        if expected != self.incarnation:  # restarted since the pool last heard from us: state lost
+            return Answer(self.incarnation, ran=False)
+        return Answer(self.incarnation, ran=True, value=to_cpu(fn(self.shard, *args, **kwargs)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One `map` call as sent: arguments already on the CPU / in the object store."""
+
+    fn: Callable[..., Any]
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def submit(self, actor: Any, expected: str) -> Any:
+        return actor.call.remote(expected, self.fn, *self.args, **self.kwargs)
+
+
+def _get(future: Any) -> Answer | None:
+    """The answer, None if the actor died meanwhile; a shard's UserError is re-raised as itself."""
+    try:
+        return ray.get(future)
+    except RayActorError:
+        return None
+    except RayTaskError as e:
+        if isinstance(e.cause, UserError):
+            raise e.cause from None
+        raise
+
+
+class _Restarted(Exception):
+    """A shard actor answered with a new incarnation (or died) while being replayed."""
 
 
 def _gpus_per_shard(cfg: PoolConfig) -> float:
@@ -63,7 +126,17 @@ def _nbytes(a: Any) -> int:
         return a.nbytes
     if isinstance(a, dict):
         return sum(_nbytes(v) for v in a.values())
+    if isinstance(a, tuple | list):
+        return sum(_nbytes(v) for v in a)
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return sum(_nbytes(getattr(a, f.name)) for f in dataclasses.fields(a))
     return 0
+
+
+def _share(a: Any) -> Any:
+    """On the CPU, and through the object store (once for all actors) when large."""
+    a = to_cpu(a)
+    return ray.put(a) if _nbytes(a) > PUT_BYTES else a
 
 
 class RayPool:
@@ -83,20 +156,22 @@ class RayPool:
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i) if self._pg else None
             # in-RAM pixels, or for a Parquet pool a small descriptor the actor reads its rows with
             self._images.append(ray.put(source.subset(part)))
-            actor = ShardActor.options(
+            actor = ShardActor.options(  # type: ignore[attr-defined]
                 num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard, scheduling_strategy=strategy
             ).remote(spec, self._images[-1], part, threads)
             self.actors.append(actor)
         self.n_shards = len(self.actors)
-        self._log: list[tuple[str, tuple]] = []  # this round's state-changing calls, for replay
+        # the incarnation each actor last answered with (waits for the actors to start)
+        self._incarnation: list[str] = self._wait_started()
+        self._log: list[_Call] = []  # this round's state-changing calls, for replay
         self.restarts = 0
-        self._wait_started()
 
-    def _wait_started(self) -> None:
-        """Ray does not restart an actor whose constructor raised (e.g. its Parquet rows cannot be
-        read): say why now, as the one-line UserError it was, not as a dead actor at the first call."""
+    def _wait_started(self) -> list[str]:
+        """Each actor's incarnation, once all have started. Ray does not restart an actor whose
+        constructor raised (e.g. its Parquet rows cannot be read): say why now, as the one-line
+        UserError it was, not as a dead actor at the first call."""
         try:
-            ray.get([a.call.remote("pid") for a in self.actors])
+            return list(ray.get([a.token.remote() for a in self.actors]))
         except RayActorError as e:
             if not e.actor_init_failed:
                 raise
@@ -130,37 +205,44 @@ class RayPool:
             )
         return pg
 
-    def map(self, method: str, *args: Any) -> list[Any]:
-        if method == "set_round":
+    def map(self, fn: Callable[Concatenate[PoolShard, P], R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
+        if fn is set_round:
             self._log = []
-        shared = tuple(ray.put(a) if _nbytes(a) > PUT_BYTES else a for a in args)
-        if method not in READ_ONLY:
-            self._log.append((method, shared))
-        futures = [a.call.remote(method, *shared) for a in self.actors]
-        results: list[Any] = []
+        call = _Call(fn, tuple(_share(a) for a in args), {k: _share(v) for k, v in kwargs.items()})
+        if not is_read_only(fn):
+            self._log.append(call)
+        futures = [call.submit(a, token) for a, token in zip(self.actors, self._incarnation, strict=True)]
+        results: list[R] = []
         for i, fut in enumerate(futures):
-            try:
-                results.append(ray.get(fut))
-            except RayActorError:
-                results.append(self._recover(i, method, shared))
+            answer = _get(fut)
+            while answer is None or not answer.ran:  # died during the call, or restarted before it
+                self._rejoin(i, self._log if is_read_only(fn) else self._log[:-1])
+                answer = _get(call.submit(self.actors[i], self._incarnation[i]))
+            results.append(answer.value)
         return results
 
-    def _recover(self, i: int, method: str, args: tuple) -> Any:
-        """Wait for Ray to restart shard i, replay this round's calls, then re-issue the failed one."""
-        self.restarts += 1
+    def _rejoin(self, i: int, replay: list[_Call]) -> None:
+        """Wait for Ray to restart shard i, then replay `replay` on it, as often as it dies meanwhile."""
         deadline = time.monotonic() + RESOURCE_WAIT_S
         while True:
             try:
-                ray.get(self.actors[i].call.remote("pid"))
-                break
-            except RayActorError:
+                token = ray.get(self.actors[i].token.remote())
+            except RayActorError:  # not restarted yet
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        replay = self._log if method in READ_ONLY else self._log[:-1]
-        for m, a in replay:
-            ray.get(self.actors[i].call.remote(m, *a))
-        return ray.get(self.actors[i].call.remote(method, *args))
+                continue
+            if token != self._incarnation[i]:
+                self.restarts += 1
+                self._incarnation[i] = token
+            try:
+                for c in replay:
+                    answer = _get(c.submit(self.actors[i], token))
+                    if answer is None or not answer.ran:
+                        raise _Restarted
+                return
+            except _Restarted:
+                continue
 
     def close(self) -> None:
         for a in self.actors:

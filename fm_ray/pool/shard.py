@@ -1,24 +1,41 @@
 """One shard of the pool: its images, their global pool positions, and the per-sample state a
-strategy builds. The local pool calls it in-process; the Ray pool wraps the same class in an actor."""
+strategy builds. The local pool calls it in-process; the Ray pool wraps the same class in an actor.
+
+Strategies act on a shard through module-level functions ``fn(shard, *args)`` (``pool.map(fn, ...)``);
+the ones every strategy shares live here. Everything pool-sized a shard builds (predictions aside,
+which `train.predict` returns on the CPU) lives on the shard's device.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+import os
+import resource
+import sys
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import torch
 
 from fm_ray.config import ModelConfig
-from fm_ray.core import badge, fisher, kcenter, scores
+from fm_ray.core.badge import KMeansPPState
 from fm_ray.core.greedy import GreedyState
+from fm_ray.core.kcenter import KCenterState
 from fm_ray.models import build_model
 from fm_ray.pool.source import ImageSource, read_all
 from fm_ray.train import Normalizer, predict
 
 BLOCK = 256  # inference batch; shards are cut on multiples of it (see pool.partition)
-DTYPES = {"float32": torch.float32, "float64": torch.float64}  # Fisher compute dtypes
+# Fisher compute dtypes (--fisher-dtype) and stored embedding dtypes (--embed-dtype)
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S")
+F = TypeVar("F", bound=Callable)
+SelectionState = GreedyState | KCenterState | KMeansPPState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,96 +71,80 @@ class PoolShard:
                 spec.n_classes,
             )
         self.labeled_N = torch.zeros(len(index_N), dtype=torch.bool)
-        self.state: Any = None
+        self.state: SelectionState | None = None
         self._preds: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    # -- round set-up ---------------------------------------------------------------------------
-    def set_round(self, weights: dict[str, torch.Tensor] | None, labeled: np.ndarray) -> None:
-        """New model weights (None: keep) and the labeled set (global positions); clears caches."""
-        if weights is not None:
-            self.model.load_state_dict(weights)
-        self.model.to(self.device).eval()
-        self.labeled_N = torch.from_numpy(np.isin(self.index_N.numpy(), labeled))
-        self.state, self._preds = None, None
-
-    def _predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs_N_C, feats_N_E) of every member under this round's weights, cached, on the CPU."""
         if self._preds is None:
             self._preds = predict(self.model, self.x_u8, self.spec.norm, self.device, batch=BLOCK)
         return self._preds
 
-    def _inputs(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def inputs(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.spec.norm(self.x_u8[rows]).to(self.device, dtype)
 
-    def _model_in(self, dtype: torch.dtype) -> torch.nn.Module:
+    def model_in(self, dtype: torch.dtype) -> torch.nn.Module:
         """The model in the Fisher compute dtype (float64 on request: a copy)."""
         return self.model if dtype == torch.float32 else copy.deepcopy(self.model).to(dtype)
 
-    # -- uncertainty ----------------------------------------------------------------------------
-    def top_scores(self, score: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        probs, _ = self._predictions()
-        free = ~self.labeled_N
-        return scores.top_k(scores.SCORES[score](probs[free]), self.index_N[free], k)
+    def blocks(self) -> list[torch.Tensor]:
+        """Member positions in inference batches (the same batches whatever the shard count)."""
+        return list(torch.arange(len(self.index_N)).split(BLOCK))
 
-    # -- Fisher ---------------------------------------------------------------------------------
-    def fisher_diag_sum(self, positions: np.ndarray, chunk_size: int, dtype: str) -> tuple[torch.Tensor, int]:
-        """Partial float64 sum over this shard's members among `positions`, for the driver to add up."""
-        rows = torch.from_numpy(np.flatnonzero(np.isin(self.index_N.numpy(), positions)))
-        model, dt = self._model_in(DTYPES[dtype]), DTYPES[dtype]
-        total = torch.zeros(sum(p.numel() for p in self.model.parameters()), dtype=torch.float64)
-        for chunk in rows.split(BLOCK):
-            total += fisher.fisher_diag_sum(model, self._inputs(chunk, dt), chunk_size=chunk_size).cpu()
-        return total, len(rows)
 
-    def build_greedy(
-        self, mask_idx: torch.Tensor | None, method: str, chunk_size: int, dtype: str
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Fisher embeddings of every member (`mask_idx` None: last layer, i.e. BAIT); keeps the
-        unlabeled ones as greedy candidates and returns partial float64 (pool sum, labeled sum, count)
-        of V^T V, accumulated block by block so no float64 copy of all embeddings is ever made."""
-        dt = DTYPES[dtype]
-        if mask_idx is None:
-            probs, feats = self._predictions()
-            emb_N_C_D = fisher.last_layer_embeddings(probs.to(dt), feats.to(dt))
-        else:
-            model = self._model_in(dt)
-            parts = [
-                fisher.fisher_embeddings(model, self._inputs(chunk, dt), mask_idx, chunk_size=chunk_size).cpu()
-                for chunk in torch.arange(len(self.index_N)).split(BLOCK)
-            ]
-            emb_N_C_D = torch.cat(parts)
-        D = emb_N_C_D.shape[-1]
-        pool_sum = torch.zeros(D, D, dtype=torch.float64)
-        labeled_sum = torch.zeros(D, D, dtype=torch.float64)
-        for rows in torch.arange(len(self.index_N)).split(BLOCK):
-            block = emb_N_C_D[rows].double()
-            flat, lab = block.reshape(-1, D), block[self.labeled_N[rows]].reshape(-1, D)
-            pool_sum += flat.T @ flat
-            labeled_sum += lab.T @ lab
-        free = ~self.labeled_N
-        self.state = GreedyState(emb_N_C_D[free], self.index_N[free], method=method)
-        return pool_sum, labeled_sum, len(self.index_N)
+def read_only(fn: F) -> F:
+    """Mark a shard function that changes no shard state: the Ray pool never replays it."""
+    fn.read_only = True  # type: ignore[attr-defined]
+    return fn
 
-    # -- diversity ------------------------------------------------------------------------------
-    def labeled_feats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        _, feats = self._predictions()
-        return feats[self.labeled_N], self.index_N[self.labeled_N]
 
-    def build_kcenter(self) -> None:
-        _, feats = self._predictions()
-        free = ~self.labeled_N
-        self.state = kcenter.KCenterState(feats[free], self.index_N[free])
+def is_read_only(fn: Callable) -> bool:
+    return bool(getattr(fn, "read_only", False))
 
-    def build_badge(self) -> None:
-        probs, feats = self._predictions()
-        free = ~self.labeled_N
-        self.state = badge.KMeansPPState(badge.badge_embeddings(probs[free], feats[free]), self.index_N[free])
 
-    # -- the selection drivers talk to the state through this -----------------------------------
-    def state_call(self, method: str, *args: Any) -> Any:
-        return getattr(self.state, method)(*args)
+def set_round(shard: PoolShard, weights: dict[str, torch.Tensor] | None, labeled: np.ndarray) -> None:
+    """New model weights (None: keep) and the labeled set (global positions); clears every cache
+    and state, so a round's calls replayed from here rebuild a restarted shard exactly."""
+    if weights is not None:
+        shard.model.load_state_dict(weights)
+    shard.model.to(shard.device).eval()
+    shard.labeled_N = torch.from_numpy(np.isin(shard.index_N.numpy(), labeled))
+    shard.state, shard._preds = None, None
 
-    def state_bytes(self) -> int:
-        """Bytes of tensors held by the current selection state (per-shard memory report)."""
-        if self.state is None:
-            return 0
-        return sum(v.numel() * v.element_size() for v in vars(self.state).values() if isinstance(v, torch.Tensor))
+
+def on_state(
+    shard: PoolShard, kind: type[S], fn: Callable[Concatenate[S, P], R], *args: P.args, **kwargs: P.kwargs
+) -> R:
+    """``fn(shard.state, *args)``, the shard's selection state checked to be a ``kind``."""
+    state = shard.state
+    if not isinstance(state, kind):
+        raise RuntimeError(f"shard holds {type(state).__name__}, not the {kind.__name__} this call needs")
+    return fn(state, *args, **kwargs)
+
+
+@read_only
+def state_bytes(shard: PoolShard) -> int:
+    """Bytes of tensors held by the current selection state (per-shard memory report)."""
+    if shard.state is None:
+        return 0
+    return sum(v.numel() * v.element_size() for v in vars(shard.state).values() if isinstance(v, torch.Tensor))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+@read_only
+def peak_memory_mb(shard: PoolShard) -> tuple[float, float | None]:
+    """The shard process's peak resident memory so far, and the peak CUDA memory allocated on the
+    shard's device so far (None on CPU), in MB."""
+    gpu_mb = torch.cuda.max_memory_allocated(shard.device) / 2**20 if shard.device.type == "cuda" else None
+    return peak_rss_mb(), gpu_mb
+
+
+@read_only
+def pid(shard: PoolShard, *_: object) -> int:
+    """The shard's process id (any arguments are ignored: a no-op round trip carrying them)."""
+    return os.getpid()

@@ -32,9 +32,11 @@ class ImageSource(Protocol):
 class TensorImages:
     """Images already in memory: uint8 (N, C, H, W)."""
 
+    shape: tuple[int, int, int]
+
     def __init__(self, x_N_C_H_W: torch.Tensor):
         self.x_N_C_H_W = x_N_C_H_W
-        self.shape = tuple(x_N_C_H_W.shape[1:])  # type: ignore[assignment]
+        self.shape = tuple(x_N_C_H_W.shape[1:])  # type: ignore[assignment]  # (C, H, W); (F,) for feature rows
 
     def __len__(self) -> int:
         return len(self.x_N_C_H_W)
