@@ -83,8 +83,15 @@ def pack(
         raise UserError(f"--rows-per-file must be positive, got {rows_per_file}")
     if channels not in (1, 3):
         raise UserError(f"--channels must be 1 or 3, got {channels}")
-    src = open_source(source, resize, skip_bad, channels, data_dir)
-    return pack_source(src, out, rows_per_file, stop_after)
+    import ray
+
+    started = not ray.is_initialized()  # file sources decode on Ray Data, which starts Ray if needed
+    try:
+        src = open_source(source, resize, skip_bad, channels, data_dir)
+        return pack_source(src, out, rows_per_file, stop_after)
+    finally:
+        if started and ray.is_initialized():  # leave no Ray instance behind that this call started
+            ray.shutdown()
 
 
 def pack_source(src: PackSource, out: str, rows_per_file: int = ROWS_PER_FILE, stop_after: int | None = None) -> dict:
