@@ -49,6 +49,7 @@ class StrategyConfig:
     greedy: str = "fast"  # fast | reference
     chunk_size: int = 64  # samples per batched gradient chunk
     fisher_dtype: str = "float32"  # float32 | float64: compute dtype of Fisher diagonal and embeddings
+    embed_dtype: str = "float32"  # float32 | bfloat16 | float16: storage dtype of the gradient embeddings
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--greedy must be fast or reference, got {s.greedy!r}")
     if s.fisher_dtype not in ("float32", "float64"):
         raise UserError(f"--fisher-dtype must be float32 or float64, got {s.fisher_dtype!r}")
+    if s.embed_dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--embed-dtype must be float32, bfloat16 or float16, got {s.embed_dtype!r}")
     if pl.gpus_per_shard is not None:
         _in_range("--gpus-per-shard", pl.gpus_per_shard, 0, inf, False, ">= 0")
     _in_range("--cpus-per-shard", pl.cpus_per_shard, 0, inf, True, "positive")
