@@ -1,8 +1,9 @@
 """The sweep grid: paper presets, spec files and list flags -> one `RunConfig` per trial.
 
 `fm-ray sweep` accepts every `fm-ray run` flag plus list-valued axes (`--strategies a,b --seeds 0,1`),
-a YAML/JSON spec (`base`, `grid`, `sweep` sections) and sweep presets. Each grid point goes through
-`cli.config_from_args`, so a trial means exactly what the same `fm-ray run` flags mean.
+a YAML/JSON spec (`base`, `grid`, `sweep` sections) and sweep presets. Spec values, flags and axis
+values all name run flags of `fm_ray.flags.RUN_FLAGS`, and each grid point goes through
+`flags.config_from_values`, so a trial means exactly what the same `fm-ray run` flags mean.
 """
 
 from __future__ import annotations
@@ -11,26 +12,26 @@ import argparse
 import dataclasses
 import itertools
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fm_ray.config import PRESETS, RunConfig
 from fm_ray.errors import UserError
+from fm_ray.flags import BY_DEST, config_from_values, parse_values, values_from_args
 from fm_ray.results import run_id
 
-# Grid axes: list flag -> (the `fm-ray run` flag's attribute it sweeps, value type).
-GRID_AXES: dict[str, tuple[str, type]] = {
-    "strategies": ("strategy", str),
-    "seeds": ("seed", int),
-    "datasets": ("dataset", str),
-    "settings": ("setting", str),
-    "presets": ("preset", str),
-    "sparsities": ("sparsity", float),
-    "lams": ("lam", float),
-    "batches": ("batch", int),
-    "models": ("model", str),
+# Grid axes: list flag -> the run flag (fm_ray.flags.RUN_FLAGS) it sweeps; values parse as that flag's.
+GRID_AXES: dict[str, str] = {
+    "strategies": "strategy",
+    "seeds": "seed",
+    "datasets": "dataset",
+    "settings": "setting",
+    "presets": "preset",
+    "sparsities": "sparsity",
+    "lams": "lam",
+    "batches": "batch",
+    "models": "model",
 }
 SWEEP_KEYS = ("max_concurrent", "cpus_per_trial", "gpus_per_trial")
 
@@ -114,10 +115,17 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     return {k: dict(v or {}) for k, v in spec.items()}
 
 
+def axis_type(axis: str) -> type:
+    """str, int or float: the parser of the run flag the axis sweeps."""
+    parse = BY_DEST[GRID_AXES[axis]].parse
+    assert isinstance(parse, type), f"grid axis {axis} sweeps a flag without a plain type"
+    return parse
+
+
 def _grid_values(axis: str, values: Any) -> list[Any]:
     if axis not in GRID_AXES:
         raise UserError(f"unknown grid axis {axis!r}: choose from {', '.join(GRID_AXES)}")
-    typ = GRID_AXES[axis][1]
+    typ = axis_type(axis)
     if isinstance(values, str | int | float):
         return parse_list(str(values), typ, axis)
     if not isinstance(values, list) or not values:
@@ -125,48 +133,19 @@ def _grid_values(axis: str, values: Any) -> list[Any]:
     return parse_list(",".join(str(v) for v in values), typ, axis)
 
 
-def base_argv(base: dict[str, Any]) -> list[str]:
-    """Spec `base` mapping -> `fm-ray run` flags, so a spec means exactly what the flags mean."""
-    argv: list[str] = []
-    for key, value in base.items():
-        flag = "--" + str(key).replace("_", "-")
-        if value is None:
-            continue
-        if value is True:
-            argv.append(flag)
-        elif value is False:
-            argv.append("--no-" + flag[2:])
-        elif key == "class_counts" and isinstance(value, dict):
-            argv += [flag, ",".join(f"{c}:{n}" for c, n in value.items())]
-        else:
-            argv += [flag, str(value)]
-    return argv
+def expand(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[RunConfig]:
+    """The cross product of the grid over base run-flag values ({dest: value}); duplicates dropped.
 
-
-def run_flags_namespace(argv: Sequence[str]) -> argparse.Namespace:
-    from fm_ray.cli import _Parser, add_run_flags
-
-    p = _Parser(prog="fm-ray sweep (spec base)", add_help=False)
-    add_run_flags(p)
-    return p.parse_args(list(argv))
-
-
-def expand(base: argparse.Namespace, grid: dict[str, list[Any]]) -> list[RunConfig]:
-    """The cross product of the grid over a base of `fm-ray run` flags; duplicates dropped.
-
-    Each point goes through `cli.config_from_args`, so precedence matches `fm-ray run`: explicit
+    Each point goes through `flags.config_from_values`, so precedence matches `fm-ray run`: explicit
     flags (and the settings axis) win over a regime preset's setting/init/batch/budget.
     """
-    from fm_ray.cli import config_from_args
     from fm_ray.loop import check
 
     axes = [a for a in GRID_AXES if a in grid]
     configs: dict[str, RunConfig] = {}
     for point in itertools.product(*(grid[a] for a in axes)):
-        ns = argparse.Namespace(**vars(base))
-        for axis, value in zip(axes, point, strict=True):
-            setattr(ns, GRID_AXES[axis][0], value)
-        cfg = _absolute_data_dir(config_from_args(ns))
+        values = {**base, **{GRID_AXES[axis]: value for axis, value in zip(axes, point, strict=True)}}
+        cfg = _absolute_data_dir(config_from_values(values))
         check(cfg)
         configs.setdefault(run_id(cfg), cfg)
     return list(configs.values())
@@ -183,6 +162,7 @@ def _absolute_data_dir(cfg: RunConfig) -> RunConfig:
 def sweep_from_args(args: argparse.Namespace) -> tuple[list[RunConfig], SweepOptions]:
     """`fm-ray sweep` flags -> (configs, options). Precedence: sweep preset < --spec file < flags."""
     spec: dict[str, Any] = {"base": {}, "grid": {}, "sweep": {}}
+    explicit = {k: v for k, v in values_from_args(args).items() if v is not None}
     preset = args.preset
     if preset is not None and preset not in PRESETS:
         if preset not in SWEEP_PRESETS:
@@ -191,13 +171,10 @@ def sweep_from_args(args: argparse.Namespace) -> tuple[list[RunConfig], SweepOpt
                 f"or a regime ({', '.join(PRESETS)})"
             )
         spec = _merge(spec, SWEEP_PRESETS[preset])
-        args = argparse.Namespace(**{**vars(args), "preset": None})
+        del explicit["preset"]  # a sweep preset is no regime: it is a spec, merged above
     if args.spec is not None:
         spec = _merge(spec, load_spec(args.spec))
-    base = run_flags_namespace(base_argv(spec["base"]))
-    for key, value in vars(args).items():
-        if hasattr(base, key) and value is not None:
-            setattr(base, key, value)
+    base = {**parse_values(spec["base"], "spec base"), **explicit}
     grid = {axis: _grid_values(axis, values) for axis, values in spec["grid"].items()}
     for axis in GRID_AXES:
         if getattr(args, axis, None) is not None:
@@ -207,7 +184,7 @@ def sweep_from_args(args: argparse.Namespace) -> tuple[list[RunConfig], SweepOpt
     if unknown:
         raise UserError(f"unknown sweep option(s) {', '.join(sorted(unknown))}: use {', '.join(SWEEP_KEYS)}")
     opts = SweepOptions(out=args.out, resume=args.resume, **sweep)
-    given = preset is not None or args.spec is not None or grid or any(v is not None for v in vars(base).values())
+    given = preset is not None or args.spec is not None or grid or bool(base)
     if args.resume and not given:
         return [], opts  # --resume alone: the stored grid
     return expand(base, grid), opts
@@ -218,10 +195,12 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_sweep_flags(p: argparse.ArgumentParser) -> None:
-    """The grid and Tune flags of `fm-ray sweep` (every `fm-ray run` flag comes from cli.add_run_flags)."""
+    """The grid and Tune flags of `fm-ray sweep` (every `fm-ray run` flag comes from flags.add_run_flags)."""
     g = p.add_argument_group("grid (comma-separated lists; each replaces the single-value run flag)")
-    for axis, (flag, typ) in GRID_AXES.items():
-        g.add_argument(f"--{axis}", metavar="LIST", help=f"values of --{flag}, e.g. {_example(typ)}")
+    for axis, dest in GRID_AXES.items():
+        g.add_argument(
+            f"--{axis}", metavar="LIST", help=f"values of {BY_DEST[dest].flag}, e.g. {_example(axis_type(axis))}"
+        )
     g.add_argument(
         "--spec", help="YAML/JSON file: {base: {<run flag>: value}, grid: {<axis>: [...]}, sweep: {max_concurrent: 2}}"
     )

@@ -227,11 +227,10 @@ def test_cli_model_errors_exit_2_before_loading_data(args, message, tmp_path, ca
 
 
 def test_sweep_spec_keys_reach_the_config(tmp_path):
-    from fm_ray.cli import config_from_args
-    from fm_ray.grid import base_argv, run_flags_namespace
+    from fm_ray.flags import config_from_values, parse_values
 
     base = {"model": "torchvision:resnet34", "pretrained": False, "freeze_backbone": True, "checkpoint": "w.pt"}
-    cfg = config_from_args(run_flags_namespace(base_argv(base)))
+    cfg = config_from_values(parse_values(base, "spec base"))
     assert cfg.model.name == "torchvision:resnet34" and cfg.model.pretrained is False
     assert cfg.train.freeze_backbone is True
     assert cfg.model.checkpoint == str(Path("w.pt").absolute())  # a Tune trial runs in another directory

@@ -225,12 +225,12 @@ def test_unlabeled_pool_cannot_run(small_pool, tmp_path, capsys):
 
 
 def test_relative_pool_path_is_made_absolute_for_trials(tmp_path, monkeypatch):
-    from fm_ray.cli import _absolute_pool
+    from fm_ray.flags import absolute_pool
 
     monkeypatch.chdir(tmp_path)
-    assert _absolute_pool("parquet:pools/x") == f"parquet:{tmp_path}/pools/x"
-    assert _absolute_pool("parquet:s3://bucket/x") == "parquet:s3://bucket/x"
-    assert _absolute_pool("fashion_mnist") == "fashion_mnist"
+    assert absolute_pool("parquet:pools/x") == f"parquet:{tmp_path}/pools/x"
+    assert absolute_pool("parquet:s3://bucket/x") == "parquet:s3://bucket/x"
+    assert absolute_pool("fashion_mnist") == "fashion_mnist"
 
 
 def test_large_pool_benchmark_smoke(capsys):
