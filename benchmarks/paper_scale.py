@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from benchmarks.timing import timed
 from fm_ray.api import PoolSession
 from fm_ray.config import DataConfig, ModelConfig, PoolConfig, StrategyConfig, TrainConfig
 from fm_ray.data import load_dataset
+from fm_ray.errors import UserError
 from fm_ray.pool.source import TensorImages
 from fm_ray.train import Normalizer, fit_round
 
@@ -90,4 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # e.g. no CIFAR-10 under --data-dir / $FM_RAY_DATA: one line, exit 2
+        print(f"paper_scale: error: {e}", file=sys.stderr)
+        sys.exit(2)
