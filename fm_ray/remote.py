@@ -25,12 +25,12 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from ray.exceptions import RayTaskError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fm_ray.config import RunConfig, from_dict, to_dict
 from fm_ray.errors import UserError
-from fm_ray.pool.ray_pool import RESOURCE_WAIT_S
+from fm_ray.pool.ray_pool import reserve
 from fm_ray.results import RunDir
 
 
@@ -107,23 +107,6 @@ def drive(cfg_dict: dict[str, Any], files: dict[str, bytes], threads: int) -> It
             yield kind, payload
 
 
-def _reserve(cpus: float, gpus: float) -> PlacementGroup:
-    """The driver's resources, or a UserError at once (too big for the cluster) or after RESOURCE_WAIT_S."""
-    bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
-    have = ray.cluster_resources()
-    short = {k: v for k, v in bundle.items() if v > have.get(k, 0.0)}
-    hint = "lower --driver-cpus / --driver-gpus, or join a cluster with such a node with --ray-address"
-    if short:
-        raise UserError(
-            f"the Ray cluster cannot host the driver: needs {short}, has { {k: have.get(k, 0.0) for k in short} }: {hint}"
-        )
-    pg = placement_group([bundle])
-    if not pg.wait(timeout_seconds=RESOURCE_WAIT_S):
-        remove_placement_group(pg)
-        raise UserError(f"no room on the Ray cluster for the driver ({bundle}) within {RESOURCE_WAIT_S:.0f}s: {hint}")
-    return pg
-
-
 def _beside_driver(cfg: RunConfig, driver_gpus: float) -> RunConfig:
     """Shard actors' default GPU share counts only the GPUs the driver leaves free (pool options
     are not part of run_id, so results do not change)."""
@@ -162,7 +145,9 @@ def run_remote(
     pg = items = None
     finished = False
     try:
-        pg = _reserve(cpus, gpus)
+        bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+        hint = "lower --driver-cpus / --driver-gpus, or join a cluster with such a node with --ray-address"
+        pg = reserve([bundle], "the driver", hint)
         cfg = _beside_driver(cfg, gpus)
         placed = drive.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(pg))
         items = placed.remote(to_dict(cfg), read_files(rundir), max(1, int(cpus)))

@@ -119,6 +119,25 @@ def _gpus_per_shard(cfg: PoolConfig) -> float:
     return min(1.0, gpus / cfg.shards)
 
 
+def reserve(bundles: list[dict[str, float]], what: str, hint: str) -> PlacementGroup:
+    """A placement group for `bundles`, or a UserError: at once when the cluster is too small in all,
+    else after RESOURCE_WAIT_S without room (never a silent hang)."""
+    need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+    have = ray.cluster_resources()
+    short = {k: v for k, v in need.items() if v > have.get(k, 0.0)}
+    if short:
+        raise UserError(
+            f"the Ray cluster cannot host {what}: needs {short}, has { {k: have.get(k, 0.0) for k in short} }: {hint}"
+        )
+    pg = placement_group(bundles, strategy="PACK")
+    if not pg.wait(timeout_seconds=RESOURCE_WAIT_S):
+        remove_placement_group(pg)
+        raise UserError(
+            f"no room on the Ray cluster for {what} ({bundles[0]} each) within {RESOURCE_WAIT_S:.0f}s: {hint}"
+        )
+    return pg
+
+
 def _nbytes(a: Any) -> int:
     if isinstance(a, torch.Tensor):
         return a.numel() * a.element_size()
@@ -187,23 +206,9 @@ class RayPool:
         if ray.util.get_current_placement_group() is not None:
             return None
         assert cfg.gpus_per_shard is not None  # resolved in __init__
-        need = {"CPU": cfg.cpus_per_shard * cfg.shards, "GPU": cfg.gpus_per_shard * cfg.shards}
-        have = ray.cluster_resources()
-        short = {k: v for k, v in need.items() if v > have.get(k, 0.0)}
-        hint = "lower --shards, --cpus-per-shard or --gpus-per-shard, or join a larger cluster with --ray-address"
-        if short:
-            raise UserError(
-                f"the Ray cluster cannot host {cfg.shards} shards: needs {short}, has "
-                f"{ {k: have.get(k, 0.0) for k in short} }: {hint}"
-            )
         bundle = {"CPU": cfg.cpus_per_shard} | ({"GPU": cfg.gpus_per_shard} if cfg.gpus_per_shard else {})
-        pg = placement_group([bundle] * cfg.shards, strategy="PACK")
-        if not pg.wait(timeout_seconds=RESOURCE_WAIT_S):
-            remove_placement_group(pg)
-            raise UserError(
-                f"no room on the Ray cluster for {cfg.shards} x {bundle} within {RESOURCE_WAIT_S:.0f}s: {hint}"
-            )
-        return pg
+        hint = "lower --shards, --cpus-per-shard or --gpus-per-shard, or join a larger cluster with --ray-address"
+        return reserve([bundle] * cfg.shards, f"{cfg.shards} shards", hint)
 
     def map(self, fn: Callable[Concatenate[PoolShard, P], R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
         if fn is set_round:
