@@ -20,6 +20,7 @@ again and count as labeled for the selection.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -66,14 +67,30 @@ def load_pool(cfg: RunConfig) -> ProjectPool:
     return ProjectPool(ids, images, data.mean, data.std, data.augment, None, len(pool.classes))
 
 
-def _folder(root: Path) -> ProjectPool:
-    from fm_ray.images import IMAGE_SUFFIXES, decode_image_file
+def _image_files(root: Path) -> list[Path]:
+    from fm_ray.images import IMAGE_SUFFIXES
 
     if not root.is_dir():
         raise UserError(f"folder {root} does not exist: give folder:<a folder of images>")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
         raise UserError(f"folder {root} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}): add images")
+    return files
+
+
+def pool_ids(cfg: RunConfig) -> list[str]:
+    """The pool's ids without decoding a folder's images (what checking an import needs)."""
+    source = cfg.data.dataset
+    if source.startswith("folder:"):
+        root = Path(source.split(":", 1)[1]).expanduser()
+        return [p.relative_to(root).as_posix() for p in _image_files(root)]
+    return load_pool(cfg).ids
+
+
+def _folder(root: Path) -> ProjectPool:
+    from fm_ray.images import decode_image_file
+
+    files = _image_files(root)
     images = [decode_image_file(p) for p in files]
     shapes = {tuple(im.shape): p for im, p in zip(images, files, strict=True)}
     if len(shapes) > 1:
@@ -113,7 +130,8 @@ class Project:
         flabels.write_rows(self.labels_path, [], flabels.STORE_FIELDS)
         log(f"project {self.path}: pool of {len(pool.ids)} ({cfg.data.dataset}), classes {', '.join(classes)}")
 
-    def meta(self) -> dict[str, Any]:
+    @functools.cached_property
+    def _meta(self) -> dict[str, Any]:
         try:
             meta = json.loads(self.meta_path.read_text())
         except (OSError, ValueError):
@@ -126,8 +144,16 @@ class Project:
             )
         return meta
 
-    def config(self) -> RunConfig:
+    def meta(self) -> dict[str, Any]:
+        """project.json (written once by init; read once per Project)."""
+        return self._meta
+
+    @functools.cached_property
+    def _config(self) -> RunConfig:
         return from_dict(self.meta()["config"])
+
+    def config(self) -> RunConfig:
+        return self._config
 
     def labels(self) -> list[dict[str, str]]:
         return flabels.read_rows(self.labels_path)
@@ -155,7 +181,7 @@ class Project:
         the new ones atomically. Returns how many were new (0 on a re-import)."""
         meta, rows = self.meta(), self.labels()
         parsed = flabels.read_label_file(file)
-        ids = set(load_pool(self.config()).ids)
+        ids = set(pool_ids(self.config()))
         new = flabels.check_labels(parsed, {r["id"]: r["label"] for r in rows}, ids, meta["classes"])
         batch_of = {}
         for b in self.batches():
