@@ -155,7 +155,7 @@ class PoolSession:
             pos = np.array([self.position[i] for i in ids if i in self.position], dtype=np.int64)
         if unknown:
             raise UserError(f"labeled ids not in the pool: {unknown[:5]}: pass ids of pool samples")
-        return np.sort(pos)
+        return np.unique(pos)  # sorted, each once
 
     def select(
         self, model: nn.Module, k: int, labeled_ids: Any, cfg: StrategyConfig, seed: int = 0, round: int = 0
