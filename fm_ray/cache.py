@@ -37,12 +37,22 @@ def writable_dir(folder: Path) -> Path:
     return folder
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once at import (os.umask can only be read by setting it)
+
+
 def write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Call `write(file)` on a fresh temporary file beside `path`, then rename it to `path`."""
+    """Call `write(file)` on a fresh temporary file beside `path`, then rename it to `path`.
+
+    The file is on disk (fsync) before the rename, so a crash leaves the old file or the whole new
+    one; the temporary name is unique, so two processes writing one path never collide."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600: give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -79,7 +79,7 @@ class RunConfig:
     preset: str | None = None
 
 
-# The paper's regimes (fishermask.md section 5). The paper gives setting 1's low regime only as
+# The paper's regimes (Gul et al., arXiv 2411.05752, section 5; see docs/method.md). The paper gives setting 1's low regime only as
 # "575 labels in all (10%)"; we start from 115 and add 115 a round (4 rounds), our choice.
 PRESETS: dict[str, dict[str, Any]] = {
     "s1-low": {"setting": "setting1", "init": 115, "batch": 115, "budget": 575},

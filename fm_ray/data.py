@@ -38,7 +38,7 @@ FMNIST_FILES = {
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DATASETS = ("fashion_mnist", "cifar10", "imagefolder:<path>", "parquet:<path or URI>")
 
-# The paper's settings (fishermask.md section 5): class -> pool count.
+# The paper's settings (Gul et al., arXiv 2411.05752, section 5; docs/method.md): class -> pool count.
 SETTINGS: dict[str, dict[int, int] | None] = {
     "setting1": {0: 250, 1: 5000, 2: 250, 3: 250},
     "setting2": {**{c: 250 for c in range(9)}, 9: 5000},

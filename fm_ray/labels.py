@@ -12,13 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fm_ray.cache import write_atomically
 from fm_ray.errors import UserError
 
 STORE_FIELDS = ("id", "label", "batch")
@@ -132,12 +131,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> None:
-    """A CSV file at once, atomically (a temporary file in the same folder, then a rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(fields))
-        w.writeheader()
-        w.writerows({k: r[k] for k in fields} for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A CSV file at once, atomically (see `cache.write_atomically`)."""
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(fields))
+    w.writeheader()
+    w.writerows({k: r[k] for k in fields} for r in rows)
+    write_atomically(path, lambda f: f.write(text.getvalue().encode("utf-8")))

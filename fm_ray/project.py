@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fm_ray import labels as flabels
+from fm_ray.cache import write_atomically
 from fm_ray.config import RunConfig, from_dict, to_dict
 from fm_ray.errors import UserError
 from fm_ray.log import log
@@ -352,7 +353,4 @@ def _image_url(path: str, prefix: str | None, sid: str) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))

@@ -28,6 +28,7 @@ from ray.exceptions import RayTaskError
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from fm_ray.cache import write_atomically
 from fm_ray.config import RunConfig, from_dict, to_dict
 from fm_ray.errors import UserError
 from fm_ray.pool.ray_pool import reserve
@@ -48,9 +49,7 @@ def write_files(rundir: RunDir, files: dict[str, bytes]) -> None:
     (a crash leaves the previous round); then drop checkpoints the task no longer has."""
     for name, data in files.items():
         path = rundir.path / Path(name).name  # names only: nothing lands outside the run dir
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        write_atomically(path, lambda f, data=data: f.write(data))
     for old in rundir.checkpoints():
         if old.name not in files:
             old.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fm_ray.cache import write_atomically
 from fm_ray.config import RunConfig, to_dict
 from fm_ray.errors import UserError
 from fm_ray.log import log
@@ -83,9 +84,8 @@ def run_id(cfg: RunConfig) -> str:
 
 
 def _write(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-    tmp.replace(path)  # atomic: a crash leaves the previous round's file intact
+    table = pa.Table.from_pylist(rows, schema=schema)
+    write_atomically(path, lambda f: pq.write_table(table, f))  # a crash leaves the previous round's file
 
 
 def _read(path: Path, needs: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -227,9 +227,7 @@ class RunDir:
         import torch
 
         path = self.checkpoint_path(round_)
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        write_atomically(path, lambda f: torch.save(state, f))
         for old in self.checkpoints():
             if old != path:
                 old.unlink(missing_ok=True)
@@ -248,6 +246,4 @@ class RunDir:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomically(path, lambda f: f.write(text.encode()))

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fm_ray.cache import write_atomically
 from fm_ray.errors import UserError
 
 EXPERIMENT = "fm_ray"  # default MLflow experiment (--mlflow-experiment)
@@ -123,9 +124,8 @@ class RunTracker:
         for batch in _chunks(sorted(params.items()), 100):
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in batch], synchronous=True)
         self.rundir.mkdir(parents=True, exist_ok=True)
-        tmp = state.with_name(f".mlflow.json.{os.getpid()}")
-        tmp.write_text(json.dumps({"uri": self.uri, "run_id": self.run_id, "mlflow_run_id": run_id}))
-        tmp.replace(state)
+        known = {"uri": self.uri, "run_id": self.run_id, "mlflow_run_id": run_id}
+        write_atomically(state, lambda f: f.write(json.dumps(known).encode()))
         return run_id
 
     def on_round(self, row: dict[str, Any], keys: tuple[str, ...] = ROUND_METRICS) -> None:

@@ -238,15 +238,20 @@ def readme_commands() -> list[str]:
     return [m.group(1) for m in found if m]
 
 
-def test_readme_fm_ray_commands_parse_and_fit_the_launcher_gpu_nodes():
-    commands = readme_commands()
-    assert any(c.startswith("fm-ray sweep") for c in commands) and any(c.startswith("fm-ray report") for c in commands)
-    smallest_gpu_node_cpus = min(
+def gpu_node_cpus() -> float:
+    """CPUs of the smallest GPU node type in the cloud launcher configs."""
+    return min(
         t["resources"]["CPU"]
         for name in CLOUD
         for t in load(name)["available_node_types"].values()
         if t["resources"].get("GPU", 0) >= 1
     )
+
+
+def test_readme_fm_ray_commands_parse_and_fit_the_launcher_gpu_nodes():
+    commands = readme_commands()
+    assert any(c.startswith("fm-ray sweep") for c in commands) and any(c.startswith("fm-ray report") for c in commands)
+    smallest_gpu_node_cpus = gpu_node_cpus()
     for command in commands:
         _, configs, opts = parse_fm_ray(command)
         if opts is not None:
@@ -712,12 +717,7 @@ def test_readme_submits_one_large_run_with_its_driver_on_a_gpu_node():
     text = (CLUSTERS / "README.md").read_text().replace("\\\n", " ")
     submits = [line for line in text.splitlines() if "ray job submit" in line and "fm-ray run" in line]
     assert submits, "no `ray job submit ... -- fm-ray run` in clusters/README.md"
-    node_cpus = min(
-        t["resources"]["CPU"]
-        for name in CLOUD
-        for t in load(name)["available_node_types"].values()
-        if t["resources"].get("GPU", 0) >= 1
-    )
+    node_cpus = gpu_node_cpus()
     for line in submits:
         args, _, _ = parse_fm_ray(re.search(r"(fm-ray run\b.*)", line).group(1))
         assert args.driver_gpus == 1 and 0 < args.driver_cpus <= node_cpus, line
