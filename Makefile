@@ -21,6 +21,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check fm_ray tests benchmarks
 	$(BIN)/ruff format --check fm_ray tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -40,8 +40,8 @@ ROWS_PER_FILE = 8192
 def synthetic_source(n: int, seed: int, noise: float) -> Any:
     """Rows i = FashionMNIST train image i mod 60,000 plus N(0, noise^2) pixel noise, seeded per file."""
     from fm_ray.config import DataConfig
-    from fm_ray.data import load_dataset
-    from fm_ray.pack import Chunk, PackSource, Split
+    from fm_ray.data.builtin import load_dataset
+    from fm_ray.data.pack import Chunk, PackSource, Split
 
     fm = load_dataset(DataConfig(dataset="fashion_mnist"))
     base_x, base_y = fm.train_x.numpy(), fm.train_y.numpy()
@@ -61,7 +61,7 @@ def synthetic_source(n: int, seed: int, noise: float) -> Any:
 
 
 def pack_pool(n: int, a: argparse.Namespace, pool: str) -> dict[str, Any]:
-    from fm_ray.pack import pack_source
+    from fm_ray.data.pack import pack_source
 
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON lines only
@@ -72,7 +72,7 @@ def pack_pool(n: int, a: argparse.Namespace, pool: str) -> dict[str, Any]:
 def child_run(a: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    import fm_ray.loop as loop
+    import fm_ray.run.recipe as loop
     from fm_ray.config import DataConfig, ModelConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
 
     ray.init(address="local", num_cpus=a.shards, include_dashboard=False, log_to_driver=False)

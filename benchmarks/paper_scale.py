@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from benchmarks.timing import timed
-from fm_ray.api import PoolSession
 from fm_ray.config import DataConfig, ModelConfig, PoolConfig, StrategyConfig, TrainConfig
-from fm_ray.data import load_dataset
+from fm_ray.data.builtin import load_dataset
+from fm_ray.data.normalize import Normalizer
+from fm_ray.data.source import TensorImages
 from fm_ray.errors import UserError
-from fm_ray.pool.source import TensorImages
-from fm_ray.train import Normalizer, fit_round
+from fm_ray.model.train import fit_round
+from fm_ray.session import PoolSession
 
 PAPER = {"S": 5750, "K": 250, "labeled": 250, "sparsity": 0.002}
 

@@ -43,12 +43,12 @@ from fm_ray.config import DataConfig, ModelConfig, PoolConfig
 from fm_ray.core.fisher import fisher_diag_sum
 from fm_ray.core.greedy import GreedyState, greedy_select
 from fm_ray.core.mask import fisher_mask, mask_size
-from fm_ray.models import build_model
+from fm_ray.data.normalize import Normalizer
+from fm_ray.model.zoo import build_model
 from fm_ray.pool import state_call
 from fm_ray.pool.shard import ShardSpec, pid, set_round
 from fm_ray.strategies.fisher import build_greedy_state
 from fm_ray.strategies.uncertainty import top_scores
-from fm_ray.train import Normalizer
 
 CLASSES = 10
 METHOD = (
@@ -61,7 +61,7 @@ def load_images(S: int, seed: int, data: str) -> tuple[torch.Tensor, Normalizer,
     """The first S FashionMNIST train images if $FM_RAY_DATA has them, else seeded random uint8 images."""
     root = os.environ.get("FM_RAY_DATA")
     if data != "random" and root and (Path(root).expanduser() / "FashionMNIST" / "raw").is_dir():
-        from fm_ray.data import load_dataset
+        from fm_ray.data.builtin import load_dataset
 
         try:
             ds = load_dataset(DataConfig(dataset="fashion_mnist"))

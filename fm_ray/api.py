@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fm_ray.config import DataConfig, ModelConfig, PoolConfig, RunConfig, StrategyConfig
+from fm_ray.config import PoolConfig, StrategyConfig
+from fm_ray.data.normalize import Normalizer
+from fm_ray.data.source import TensorImages
+from fm_ray.data.sources import NamedPool, open_named_pool
 from fm_ray.errors import UserError
-from fm_ray.pool import ShardedPool
-from fm_ray.pool.shard import ShardSpec, set_round
-from fm_ray.pool.source import ImageSource, TensorImages, as_source
-from fm_ray.strategies import STRATEGIES, QueryContext, Selection
-from fm_ray.train import Normalizer
+from fm_ray.session import PoolSession
+from fm_ray.strategies import Selection
 
 Embed = Callable[[torch.Tensor], torch.Tensor]  # inputs -> penultimate features (N, E)
 
@@ -85,107 +85,6 @@ def dataset_tensor(pool: Any) -> torch.Tensor:
         return torch.stack([torch.as_tensor(x) for x in xs])
     except RuntimeError as e:
         raise UserError(f"pool items differ in shape ({e}): resize them to one shape") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class NamedPool:
-    """A pool given by name: its ids, its images (read on demand) and their normalization."""
-
-    ids: list[Any]
-    images: ImageSource
-    norm: Normalizer
-
-
-def open_named_pool(source: str) -> NamedPool:
-    """`parquet:<pool>` (a packed pool's train split, labeled or not), `folder:<path>` (images,
-    recursive; ids are relative paths) or `imagefolder:<path>` (its train/ split; ids are indices)."""
-    if source.startswith("parquet:"):
-        from fm_ray.packed import open_pool
-
-        packed = open_pool(source.split(":", 1)[1])
-        ids = packed.columns("train").column("id").to_pylist()
-        m = packed.manifest
-        return NamedPool(ids, packed.images("train"), Normalizer(tuple(m["mean"]), tuple(m["std"])))
-    if source.startswith("folder:"):
-        from fm_ray.project import load_pool
-
-        pool = load_pool(RunConfig(data=DataConfig(dataset=source)))
-        return NamedPool(list(pool.ids), pool.images, Normalizer(pool.mean, pool.std))
-    if source.startswith("imagefolder:"):
-        from fm_ray.data import load_dataset
-
-        data = load_dataset(DataConfig(dataset=source))
-        return NamedPool(list(range(len(data.train_x))), TensorImages(data.train_x), Normalizer(data.mean, data.std))
-    raise UserError(f"pool {source!r}: give parquet:<pool>, folder:<path>, imagefolder:<path>, a Dataset or a tensor")
-
-
-class PoolSession:
-    """The pool on its shards (in-process or Ray actors), reused by every `select` call."""
-
-    def __init__(
-        self,
-        images: ImageSource | torch.Tensor,
-        ids: Sequence[Any],
-        n_classes: int,
-        norm: Normalizer,
-        model: nn.Module | ModelConfig,
-        pool_cfg: PoolConfig,
-        device: str = "cpu",
-    ):
-        """`model`: a user's module (copied onto each shard) or an fm_ray model config (built there)."""
-        if len(ids) != len(as_source(images)):
-            raise ValueError("one id per pool sample")
-        self.ids = ids if isinstance(ids, range) else list(ids)
-        # ids that are the positions themselves (the loop's range(T)) need no pool-sized lookup table
-        self.position = None if self.ids == range(len(self.ids)) else {i: p for p, i in enumerate(self.ids)}
-        shape = as_source(images).shape
-        channels, side = shape[0], shape[-1]
-        if isinstance(model, ModelConfig):
-            spec = ShardSpec(model, channels, side, n_classes, norm, device)
-        else:
-            spec = ShardSpec(None, channels, side, n_classes, norm, device, module=model)
-        self.pool: ShardedPool = make_pool(pool_cfg, spec, images)
-
-    def positions(self, ids: Any) -> np.ndarray:
-        if self.position is None:
-            pos = np.asarray(ids, dtype=np.int64).reshape(-1)
-            unknown = pos[(pos < 0) | (pos >= len(self.ids))].tolist()
-        else:
-            unknown = [i for i in ids if i not in self.position]
-            pos = np.array([self.position[i] for i in ids if i in self.position], dtype=np.int64)
-        if unknown:
-            raise UserError(f"labeled ids not in the pool: {unknown[:5]}: pass ids of pool samples")
-        return np.unique(pos)  # sorted, each once
-
-    def select(
-        self, model: nn.Module, k: int, labeled_ids: Any, cfg: StrategyConfig, seed: int = 0, round: int = 0
-    ) -> Selection:
-        if cfg.name not in STRATEGIES:
-            raise UserError(f"unknown strategy {cfg.name!r}: choose one of {', '.join(STRATEGIES)}")
-        labeled = self.positions(labeled_ids)
-        free = len(self.ids) - len(labeled)
-        if not 0 < k <= free:
-            raise UserError(f"k = {k} but {free} pool samples are unlabeled: pick 1..{free}")
-        strategy = STRATEGIES[cfg.name]
-        weights = {n: t.detach().cpu() for n, t in model.state_dict().items()} if strategy.needs_model else None
-        self.pool.map(set_round, weights, labeled)
-        ctx = QueryContext(round, k, seed, labeled, len(self.ids), cfg, model)
-        sel = strategy.select(self.pool, ctx)
-        sel.ids = [self.ids[i] for i in sel.indices]
-        return sel
-
-    def close(self) -> None:
-        self.pool.close()
-
-
-def make_pool(cfg: PoolConfig, spec: ShardSpec, images: ImageSource | torch.Tensor) -> ShardedPool:
-    if cfg.backend == "ray":
-        from fm_ray.pool.ray_pool import RayPool  # Ray stays optional for the numeric core
-
-        return RayPool(cfg, spec, images)
-    from fm_ray.pool.local import LocalPool
-
-    return LocalPool(spec, images, cfg.shards)
 
 
 def select(

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from fm_ray.config import to_dict
+from fm_ray.config.flags import add_run_flags, config_from_args
 from fm_ray.errors import UserError
-from fm_ray.flags import add_run_flags, config_from_args
-from fm_ray.grid import add_sweep_flags
+from fm_ray.sweep.grid import add_sweep_flags
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +64,7 @@ def add_project_parser(sub: Any) -> None:
 
 
 def project_main(args: argparse.Namespace) -> int:
-    from fm_ray.project import Project
+    from fm_ray.project.project import Project
 
     project = Project(args.dir)
     if args.project_command == "init":
@@ -76,7 +76,7 @@ def project_main(args: argparse.Namespace) -> int:
     elif args.project_command == "next":
         batch = project.next(args.k, args.image_url)
         if args.mlflow:
-            from fm_ray.tracking import log_project_batch
+            from fm_ray.sweep.tracking import log_project_batch
 
             log_project_batch(args.mlflow, project, batch, args.mlflow_experiment)
     elif args.project_command == "import":
@@ -150,22 +150,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name:18s} {s.doc}")
             return 0
         if args.command == "run":
-            from fm_ray.loop import run_experiment
+            from fm_ray.run.recipe import run_experiment
 
             if args.resume and args.overwrite:
                 raise UserError("--resume and --overwrite exclude each other: pass one")
             cfg = config_from_args(args)
             tracker = None
             if args.mlflow:
-                from fm_ray.results import run_id
-                from fm_ray.tracking import RunTracker
+                from fm_ray.run.rundir import run_id
+                from fm_ray.sweep.tracking import RunTracker
 
                 tracker = RunTracker(
                     args.mlflow, args.out, run_id(cfg), to_dict(cfg), args.mlflow_experiment, fresh=args.overwrite
                 )
             on_round = tracker.on_round if tracker is not None else None
             if cfg.pool.driver_cpus is not None or cfg.pool.driver_gpus is not None:
-                from fm_ray.remote import run_remote
+                from fm_ray.run.remote import run_remote
 
                 run_remote(cfg, args.out, resume=args.resume, overwrite=args.overwrite, on_round=on_round)
             else:
@@ -173,25 +173,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             if tracker is not None:
                 tracker.finish()
         if args.command == "sweep":
-            from fm_ray.grid import sweep_from_args
-            from fm_ray.sweep import run_sweep
+            from fm_ray.sweep.grid import sweep_from_args
+            from fm_ray.sweep.tune import run_sweep
 
             configs, opts = sweep_from_args(args)
             callbacks = []
             if args.mlflow:
-                from fm_ray.tracking import tune_callback
+                from fm_ray.sweep.tracking import tune_callback
 
                 callbacks.append(tune_callback(args.mlflow, args.mlflow_experiment))
             results = run_sweep(configs, opts, callbacks=callbacks, ray_address=args.ray_address)
             if args.mlflow and "://" not in str(opts.out):  # the report reads local folders
-                from fm_ray.tracking import log_sweep_report
+                from fm_ray.sweep.tracking import log_sweep_report
 
                 log_sweep_report(args.mlflow, str(opts.out), args.mlflow_experiment)
             return 1 if any(r.error is not None for r in results) else 0
         if args.command == "project":
             return project_main(args)
         if args.command == "pack":
-            from fm_ray.pack import pack, parse_resize
+            from fm_ray.data.pack import pack, parse_resize
 
             pack(
                 args.source,
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows_per_file=args.rows_per_file,
             )
         if args.command == "report":
-            from fm_ray.report import write_report
+            from fm_ray.sweep.report import write_report
 
             print(write_report(args.path, args.out))
         return 0

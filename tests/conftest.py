@@ -16,7 +16,7 @@ os.environ["FM_RAY_OFFLINE"] = "1"  # a missing dataset must fail fast, never ha
 @pytest.fixture(scope="session")
 def fmnist():
     from fm_ray.config import DataConfig
-    from fm_ray.data import load_dataset
+    from fm_ray.data.builtin import load_dataset
 
     return load_dataset(DataConfig(dataset="fashion_mnist"))
 
@@ -28,10 +28,11 @@ def trained(fmnist):
     import torch
 
     from fm_ray.config import ModelConfig, StrategyConfig, TrainConfig
-    from fm_ray.models import build_model
+    from fm_ray.data.normalize import Normalizer
+    from fm_ray.model.train import train_model
+    from fm_ray.model.zoo import build_model
     from fm_ray.pool.shard import ShardSpec
     from fm_ray.strategies import QueryContext
-    from fm_ray.train import Normalizer, train_model
 
     norm = Normalizer((0.2860,), (0.3530,))
     x_pool = fmnist.train_x[:560]

@@ -100,7 +100,7 @@ def test_named_pools_folder_and_packed(fmnist, tmp_path):
     """`folder:` ids are relative paths; a packed copy of the folder (`parquet:`) has the same ids."""
     from PIL import Image
 
-    from fm_ray.pack import pack
+    from fm_ray.data.pack import pack
 
     root = tmp_path / "imgs"
     for i in range(60):

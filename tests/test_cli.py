@@ -127,7 +127,7 @@ def test_non_cli_options_are_validated_too():
 def fake_run(out: Path) -> dict[str, bytes]:
     """A run directory as `fm-ray run BASE` leaves it (config.json for BASE's config + a rows file)."""
     from fm_ray.cli import build_parser, config_from_args
-    from fm_ray.results import RunDir
+    from fm_ray.run.rundir import RunDir
 
     cfg = config_from_args(build_parser().parse_args([*BASE, "--out", str(out)]))
     RunDir(out).open(cfg, resume=False, overwrite=False)
@@ -188,7 +188,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_config_passed(bad, message, t
 def test_damaged_files_on_resume_are_one_line(name, content, message, tmp_path, capsys):
     from fm_ray.cli import build_parser, config_from_args
     from fm_ray.errors import UserError
-    from fm_ray.results import RunDir
+    from fm_ray.run.rundir import RunDir
 
     out = tmp_path / "run"
     fake_run(out)
@@ -207,7 +207,7 @@ def test_inconsistent_results_on_resume_are_refused(tmp_path):
 
     from fm_ray.cli import build_parser, config_from_args
     from fm_ray.errors import UserError
-    from fm_ray.results import RunDir
+    from fm_ray.run.rundir import RunDir
 
     out = tmp_path / "run"
     fake_run(out)
@@ -231,7 +231,7 @@ def test_warm_start_resume_redoes_a_round_whose_weights_never_landed(tmp_path):
 
     from fm_ray.cli import build_parser, config_from_args
     from fm_ray.errors import UserError
-    from fm_ray.results import RunDir
+    from fm_ray.run.rundir import RunDir
 
     out = tmp_path / "run"
     cfg = config_from_args(build_parser().parse_args([*BASE, "--out", str(out), "--warm-start"]))
@@ -254,7 +254,7 @@ def test_checkpoints_load_weights_only(tmp_path):
     import torch
 
     from fm_ray.errors import UserError
-    from fm_ray.results import RunDir
+    from fm_ray.run.rundir import RunDir
 
     run = RunDir(tmp_path)
     run.save_checkpoint({"w": torch.ones(2)}, 0)
@@ -277,8 +277,8 @@ def test_run_ids_and_sweep_paths_stay_inside_out(name, tmp_path):
     import dataclasses
 
     from fm_ray.cli import build_parser, config_from_args
-    from fm_ray.results import run_id
-    from fm_ray.sweep import local_run_dir, partition_dir
+    from fm_ray.run.rundir import run_id
+    from fm_ray.sweep.tune import local_run_dir, partition_dir
 
     argv = [*BASE, "--out", "o", "--class-counts", "0:40,1:60", "--setting", name, "--strategy", name]
     cfg = config_from_args(build_parser().parse_args(argv))

@@ -207,7 +207,7 @@ def parse_fm_ray(command: str) -> Any:
     assert argv[0] == "fm-ray", command
     args = build_parser().parse_args(argv[1:])
     if args.command == "sweep":
-        from fm_ray.grid import sweep_from_args
+        from fm_ray.sweep.grid import sweep_from_args
 
         return args, *sweep_from_args(args)
     return args, None, None
@@ -319,7 +319,7 @@ def test_job_submit_on_local_multinode_cluster(monkeypatch):
         assert status == JobStatus.SUCCEEDED, f"{status}\n{logs}"
         listed = [j for j in client.list_jobs() if j.submission_id == job]
         assert listed and listed[0].entrypoint == entrypoint
-        from fm_ray.report import load_rounds
+        from fm_ray.sweep.report import load_rounds
 
         rounds = load_rounds(out)
         assert len(rounds) == 4  # 2 strategies x (round 0 + 1 query round)
@@ -334,7 +334,7 @@ def test_job_submit_on_local_multinode_cluster(monkeypatch):
 def test_paper_grid_size_matches_the_sweep_preset_lists():
     """The README's and the RayJob's 126 = 2 x 3 x 7 x 3 is the grid fm_ray's own presets define."""
     from fm_ray.config import PRESETS
-    from fm_ray.grid import PAPER_STRATEGIES
+    from fm_ray.sweep.grid import PAPER_STRATEGIES
 
     assert 2 * len(PRESETS) * len(PAPER_STRATEGIES) * 3 == PAPER_GRID_RUNS
 

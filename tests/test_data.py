@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from fm_ray.config import DataConfig
-from fm_ray.data import SETTINGS, load_dataset, make_pool
+from fm_ray.data.builtin import load_dataset
+from fm_ray.data.settings import SETTINGS, sample_pool
 from fm_ray.errors import UserError
 
 
@@ -17,7 +18,7 @@ def test_fashion_mnist_is_real(fmnist):
 @pytest.mark.parametrize("setting", ["setting1", "setting2"])
 def test_settings_have_exact_counts_and_are_seeded(fmnist, setting):
     cfg = DataConfig(setting=setting)
-    pool = make_pool(cfg, fmnist, seed=3)
+    pool = sample_pool(cfg, fmnist, seed=3)
     expected = SETTINGS[setting]
     assert expected is not None
     counts = np.bincount(fmnist.train_y[torch.from_numpy(pool.train_index)].numpy(), minlength=10)
@@ -29,22 +30,22 @@ def test_settings_have_exact_counts_and_are_seeded(fmnist, setting):
     assert np.array_equal(
         np.array(pool.classes)[pool.labels], fmnist.train_y[torch.from_numpy(pool.train_index)].numpy()
     )
-    again = make_pool(cfg, fmnist, seed=3)
-    other = make_pool(cfg, fmnist, seed=4)
+    again = sample_pool(cfg, fmnist, seed=3)
+    other = sample_pool(cfg, fmnist, seed=4)
     assert np.array_equal(pool.train_index, again.train_index)
     assert not np.array_equal(pool.train_index, other.train_index)
 
 
 def test_custom_class_counts_and_limits(fmnist):
-    pool = make_pool(DataConfig(class_counts=((2, 30), (7, 5))), fmnist, seed=0)
+    pool = sample_pool(DataConfig(class_counts=((2, 30), (7, 5))), fmnist, seed=0)
     assert pool.classes == (2, 7)
     assert np.bincount(pool.labels).tolist() == [30, 5]
     with pytest.raises(UserError, match="class 7 .* 6000 train samples, 6001 asked"):
-        make_pool(DataConfig(class_counts=((7, 6001),)), fmnist, seed=0)
+        sample_pool(DataConfig(class_counts=((7, 6001),)), fmnist, seed=0)
 
 
 def test_balanced_is_whole_train_split(fmnist):
-    assert len(make_pool(DataConfig(setting="balanced"), fmnist, seed=0).train_index) == 60000
+    assert len(sample_pool(DataConfig(setting="balanced"), fmnist, seed=0).train_index) == 60000
 
 
 def test_cifar10_jpg_loads_in_standard_class_order():

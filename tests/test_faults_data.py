@@ -21,11 +21,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fm_ray import data as fdata
 from fm_ray.cli import main
 from fm_ray.config import DataConfig
+from fm_ray.data import builtin as fdata
+from fm_ray.data.decode import BadImage, decode_image_bytes
 from fm_ray.errors import UserError
-from fm_ray.images import BadImage, decode_image_bytes
 
 SHARED = Path(os.environ["FM_RAY_DATA"])
 CIFAR = SHARED / "CIFAR10-jpg"
@@ -165,7 +165,7 @@ CHILD = textwrap.dedent(
     import hashlib, json, os, sys, time
     import torch
     from fm_ray.config import DataConfig
-    from fm_ray.data import load_dataset
+    from fm_ray.data.builtin import load_dataset
 
     root, sync, me = sys.argv[1], sys.argv[2], sys.argv[3]
     real_save, saves = torch.save, [0]

@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from fm_ray.cli import build_parser, config_from_args
-from fm_ray.faults import PHASES
-from fm_ray.loop import run_experiment
-from fm_ray.results import TIMING_COLUMNS
+from fm_ray.run._faults import PHASES
+from fm_ray.run.recipe import run_experiment
+from fm_ray.run.rundir import TIMING_COLUMNS
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_rows(reference, tmp_path):
     (tests/test_sweep.py::test_trial_rows_equal_a_direct_run), so the references serve here too."""
     import pandas as pd
 
-    from fm_ray.report import load_queries, load_rounds
+    from fm_ray.sweep.report import load_queries, load_rounds
 
     cut = tmp_path / "cut"
     cmd = [sys.executable, "-m", "fm_ray.cli", "sweep", "--out", str(cut), *SWEEP]

@@ -10,8 +10,7 @@ import yaml
 
 from fm_ray.cli import build_parser, main
 from fm_ray.config import RunConfig, from_dict, to_dict
-from fm_ray.errors import UserError
-from fm_ray.flags import (
+from fm_ray.config.flags import (
     BY_DEST,
     INTERNAL_FIELDS,
     RUN_FLAGS,
@@ -22,7 +21,8 @@ from fm_ray.flags import (
     parse_values,
     values_from_config,
 )
-from fm_ray.grid import GRID_AXES, axis_type, sweep_from_args
+from fm_ray.errors import UserError
+from fm_ray.sweep.grid import GRID_AXES, axis_type, sweep_from_args
 
 
 def config_fields() -> list[str]:
@@ -172,5 +172,5 @@ def test_grid_axes_name_run_flags_and_parse_like_them():
 
 
 def test_grid_and_sweep_do_not_import_the_cli():
-    code = "import sys, fm_ray.grid, fm_ray.sweep; assert 'fm_ray.cli' not in sys.modules, 'cycle'"
+    code = "import sys, fm_ray.sweep.grid, fm_ray.sweep.tune; assert 'fm_ray.cli' not in sys.modules, 'cycle'"
     subprocess.run([sys.executable, "-c", code], check=True)

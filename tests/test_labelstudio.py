@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from fm_ray.cli import main
-from fm_ray.project import Project
+from fm_ray.project.project import Project
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]

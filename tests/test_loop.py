@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
-from fm_ray.loop import run_experiment
-from fm_ray.results import TIMING_COLUMNS
+from fm_ray.run.recipe import run_experiment
+from fm_ray.run.rundir import TIMING_COLUMNS
 
 SMALL = DataConfig(dataset="fashion_mnist", setting="custom", class_counts=((0, 60), (1, 300), (2, 60)))
 

@@ -15,10 +15,11 @@ from torch import nn
 
 from fm_ray.cli import main
 from fm_ray.config import ModelConfig, TrainConfig
+from fm_ray.data.normalize import Normalizer
 from fm_ray.errors import UserError
-from fm_ray.models import build_model
+from fm_ray.model.train import train_model
+from fm_ray.model.zoo import build_model
 from fm_ray.pool.shard import PoolShard, ShardSpec
-from fm_ray.train import Normalizer, train_model
 
 SMALL = "mobilenet_v3_small"  # 1.5M weights, takes 28x28 inputs
 NORM = Normalizer((0.2860,), (0.3530,))
@@ -227,7 +228,7 @@ def test_cli_model_errors_exit_2_before_loading_data(args, message, tmp_path, ca
 
 
 def test_sweep_spec_keys_reach_the_config(tmp_path):
-    from fm_ray.flags import config_from_values, parse_values
+    from fm_ray.config.flags import config_from_values, parse_values
 
     base = {"model": "torchvision:resnet34", "pretrained": False, "freeze_backbone": True, "checkpoint": "w.pt"}
     cfg = config_from_values(parse_values(base, "spec base"))

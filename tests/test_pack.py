@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from fm_ray.cli import main
+from fm_ray.data.pack import PackInterrupted, pack
+from fm_ray.data.parquet import open_pool
 from fm_ray.errors import UserError
-from fm_ray.pack import PackInterrupted, pack
-from fm_ray.packed import open_pool
 
 pytestmark = pytest.mark.ray
 

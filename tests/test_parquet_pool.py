@@ -14,15 +14,16 @@ import torch
 
 from fm_ray.cli import main
 from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
-from fm_ray.data import load_pool_data, make_pool
+from fm_ray.data.builtin import load_pool_data
+from fm_ray.data.pack import pack
+from fm_ray.data.parquet import ParquetImages, open_pool
+from fm_ray.data.settings import initial_labeled, sample_pool
 from fm_ray.errors import UserError
-from fm_ray.loop import initial_labeled, run_experiment
-from fm_ray.pack import pack
-from fm_ray.packed import ParquetImages, open_pool
 from fm_ray.pool.local import LocalPool
 from fm_ray.pool.ray_pool import RayPool
 from fm_ray.pool.shard import set_round
-from fm_ray.results import TIMING_COLUMNS
+from fm_ray.run.recipe import run_experiment
+from fm_ray.run.rundir import TIMING_COLUMNS
 from fm_ray.strategies import STRATEGIES
 
 pytestmark = pytest.mark.ray
@@ -52,7 +53,7 @@ def test_packed_builtin_gives_bit_identical_inputs(fmnist, packed):
     assert torch.equal(data.train.read(rows), fmnist.train_x[rows])
     assert torch.equal(data.test.read(np.arange(10_000)), fmnist.test_x)
     cfg = DataConfig(dataset="fashion_mnist", setting="setting2")
-    a, b = make_pool(cfg, fmnist, 3), make_pool(cfg, data, 3)
+    a, b = sample_pool(cfg, fmnist, 3), sample_pool(cfg, data, 3)
     assert np.array_equal(a.train_index, b.train_index) and np.array_equal(a.test_index, b.test_index)
 
 
@@ -137,7 +138,7 @@ def test_run_on_parquet_equals_run_on_fashion_mnist_and_driver_reads_no_pool_pix
     assert rows("pq", "rounds.parquet") == rows("fm", "rounds.parquet")
     # what the driver read: the test split once, and from train only the labeled samples' rows
     data = load_pool_data(DataConfig(dataset=f"parquet:{packed}"))
-    pool = make_pool(small_cfg("fashion_mnist").data, data, 4)
+    pool = sample_pool(small_cfg("fashion_mnist").data, data, 4)
     queried = pq.read_table(tmp_path / "pq" / "queries.parquet").column("dataset_index").to_numpy()
     labeled_rows = np.union1d(pool.train_index[initial_labeled(len(pool.train_index), 20, 4)], queried)
     train_read = np.concatenate([r for s, r in reads if s == "train"])
@@ -225,7 +226,7 @@ def test_unlabeled_pool_cannot_run(small_pool, tmp_path, capsys):
 
 
 def test_relative_pool_path_is_made_absolute_for_trials(tmp_path, monkeypatch):
-    from fm_ray.flags import absolute_pool
+    from fm_ray.config.flags import absolute_pool
 
     monkeypatch.chdir(tmp_path)
     assert absolute_pool("parquet:pools/x") == f"parquet:{tmp_path}/pools/x"

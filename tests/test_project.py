@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fm_ray.cli import main
-from fm_ray.labels import Label, check_labels, read_label_file
-from fm_ray.project import Project
+from fm_ray.project.labels import Label, check_labels, read_label_file
+from fm_ray.project.project import Project
 
 RUN = ["--class-counts", "0:60,1:300,2:60", "--model", "cnn", "--epochs", "1", "--seed", "4", "--backend", "local"]
 RUN += ["--device", "cpu"]
@@ -127,7 +127,7 @@ def test_a_failed_next_leaves_no_half_batch(folder_project, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("fm_ray.project._write_json", boom)
+    monkeypatch.setattr("fm_ray.project.project._write_json", boom)
     with pytest.raises(RuntimeError):
         Project(proj).next(5)
     assert not (proj / "batches").exists() or not any((proj / "batches").iterdir())

@@ -84,7 +84,7 @@ def test_run_end_to_end_on_two_ray_shards_equals_local(tmp_path):
             "--seed", "0", "--device", "cpu"]  # fmt: skip
     assert main([*args, "--backend", "ray", "--shards", "2", "--out", str(tmp_path / "ray")]) == 0
     assert main([*args, "--backend", "local", "--out", str(tmp_path / "local")]) == 0
-    from fm_ray.results import TIMING_COLUMNS
+    from fm_ray.run.rundir import TIMING_COLUMNS
 
     def rows(d, name):
         skip = {*TIMING_COLUMNS, "backend", "shards"}
@@ -102,8 +102,8 @@ def test_run_end_to_end_on_two_ray_shards_equals_local(tmp_path):
 
 def test_run_interrupted_between_rounds_resumes_under_ray(tmp_path):
     from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
-    from fm_ray.loop import run_experiment
-    from fm_ray.results import TIMING_COLUMNS
+    from fm_ray.run.recipe import run_experiment
+    from fm_ray.run.rundir import TIMING_COLUMNS
 
     cfg = RunConfig(
         data=DataConfig(dataset="fashion_mnist", setting="custom", class_counts=((0, 60), (1, 300), (2, 60))),

@@ -14,8 +14,8 @@ import torch
 
 from fm_ray.cli import build_parser, config_from_args, main
 from fm_ray.errors import UserError
-from fm_ray.remote import _beside_driver, run_remote
-from fm_ray.results import TIMING_COLUMNS, run_id
+from fm_ray.run.remote import _beside_driver, run_remote
+from fm_ray.run.rundir import TIMING_COLUMNS, run_id
 
 pytestmark = pytest.mark.ray
 # A tiny real run: FashionMNIST, 3 classes (420 pool images), CNN, 1 epoch, FisherMask (the d x d

@@ -5,9 +5,9 @@ import pytest
 
 from fm_ray.cli import main
 from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
-from fm_ray.loop import run_experiment
-from fm_ray.report import aulc, class_histogram, load_queries, load_rounds, method_labels, summarize
-from fm_ray.sweep import publish
+from fm_ray.run.recipe import run_experiment
+from fm_ray.sweep.report import aulc, class_histogram, load_queries, load_rounds, method_labels, summarize
+from fm_ray.sweep.tune import publish
 
 SMALL = DataConfig(dataset="fashion_mnist", setting="custom", class_counts=((0, 60), (1, 300), (2, 60)))
 

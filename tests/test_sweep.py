@@ -12,11 +12,11 @@ import torch
 from fm_ray.cli import build_parser, main
 from fm_ray.config import from_dict
 from fm_ray.errors import UserError
-from fm_ray.grid import SWEEP_PRESETS, SweepOptions, sweep_from_args
-from fm_ray.loop import run_experiment
-from fm_ray.report import load_queries, load_rounds
-from fm_ray.results import TIMING_COLUMNS
-from fm_ray.sweep import run_sweep, trial_resources
+from fm_ray.run.recipe import run_experiment
+from fm_ray.run.rundir import TIMING_COLUMNS
+from fm_ray.sweep.grid import SWEEP_PRESETS, SweepOptions, sweep_from_args
+from fm_ray.sweep.report import load_queries, load_rounds
+from fm_ray.sweep.tune import run_sweep, trial_resources
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -219,7 +219,7 @@ def test_sweep_to_a_storage_uri(tmp_path, sweep_dir):
 
 
 def test_trial_larger_than_a_fixed_cluster_is_an_error(capsys):
-    from fm_ray.sweep import check_fits
+    from fm_ray.sweep.tune import check_fits
 
     args = build_parser().parse_args(["sweep", "--out", "o", "--strategies", "fishermask", *SMALL[:-2]])
     args.backend, args.shards = "ray", 2  # driver + 2 shards = 3 CPUs > the module's 2

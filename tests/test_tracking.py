@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fm_ray.cli import main
-from fm_ray.tracking import RunTracker, flatten, round_metrics
+from fm_ray.sweep.tracking import RunTracker, flatten, round_metrics
 
 mlflow = pytest.importorskip("mlflow")
 

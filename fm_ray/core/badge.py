@@ -18,9 +18,8 @@ import math
 import torch
 from torch import Tensor
 
-from fm_ray.core.greedy import ShardBest, StateCall, best_of, local_best
+from fm_ray.core.greedy import Progress, ShardBest, StateCall, best_of, local_best, no_progress
 from fm_ray.core.random import hash_uniform
-from fm_ray.log import progress
 
 _CHUNK_ELEMS = 1 << 22  # elements of one (rows x E) product block
 
@@ -114,7 +113,7 @@ class KMeansPPState:
         return ShardBest(float(score_N[pos]), int(self.index_N[pos]), center)
 
 
-def badge_select(call: StateCall[KMeansPPState], K: int, seed: int) -> list[int]:
+def badge_select(call: StateCall[KMeansPPState], K: int, seed: int, progress: Progress = no_progress) -> list[int]:
     """k-means++ seeding over ``KMeansPPState`` shards; ``K`` global indices in selection order.
 
     Args:
@@ -124,7 +123,7 @@ def badge_select(call: StateCall[KMeansPPState], K: int, seed: int) -> list[int]
     """
     chosen: list[int] = []
     best = best_of(call(KMeansPPState.first))
-    bar = progress(range(K), "BADGE selection", unit="pick")
+    bar = iter(progress(range(K), "BADGE selection", unit="pick"))
     while best.index >= 0 and len(chosen) < K:
         next(bar, None)
         assert best.emb is not None

@@ -16,14 +16,25 @@ candidate. Two shard implementations give the same picks:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Concatenate, Generic, Literal, ParamSpec, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
-from fm_ray.log import progress
+
+class Progress(Protocol):
+    """How a selection loop reports its steps (a tqdm-like wrapper); the core itself prints nothing."""
+
+    def __call__(
+        self, items: Iterable[int], desc: str, total: int | None = None, unit: str = "it"
+    ) -> Iterable[int]: ...
+
+
+def no_progress(items: Iterable[int], desc: str, total: int | None = None, unit: str = "it") -> Iterable[int]:
+    return items
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -279,6 +290,7 @@ def greedy_select(
     labeled_sum_D_D: Tensor | None = None,
     lam: float = 1.0,
     backward_steps: int = 0,
+    progress: Progress = no_progress,
 ) -> list[int]:
     """Greedy FisherMask/BAIT batch selection over shard states (``GreedyState``).
 
@@ -296,6 +308,7 @@ def greedy_select(
         labeled_sum_D_D: ``sum_{x in L} V_x^T V_x``, or None for no labeled initialization.
         lam: ridge ``lambda``.
         backward_steps: ``b``; oversample ``(1 + b) K`` then prune back to ``K``.
+        progress: wraps the step loop (e.g. a tqdm bar); silent by default.
 
     Returns:
         ``K`` global indices (fewer if the pool runs out) in the order they were chosen.

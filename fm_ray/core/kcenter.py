@@ -13,8 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from fm_ray.core.greedy import ShardBest, StateCall, best_of, local_best
-from fm_ray.log import progress
+from fm_ray.core.greedy import Progress, ShardBest, StateCall, best_of, local_best, no_progress
 
 _CHUNK_ELEMS = 1 << 22  # elements of one (rows x centers x E) difference block
 
@@ -74,7 +73,9 @@ class KCenterState:
         return ShardBest(float(self.dist_N[pos]), int(self.index_N[pos]), self.feats_N_E[pos].clone())
 
 
-def kcenter_select(call: StateCall[KCenterState], K: int, labeled_feats_L_E: Tensor) -> list[int]:
+def kcenter_select(
+    call: StateCall[KCenterState], K: int, labeled_feats_L_E: Tensor, progress: Progress = no_progress
+) -> list[int]:
     """k-center greedy over ``KCenterState`` shards; ``K`` global indices in selection order.
 
     Args:

@@ -7,9 +7,9 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 import torch
 
+from fm_ray.data.source import ImageSource, as_source
 from fm_ray.pool import partition
 from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec
-from fm_ray.pool.source import ImageSource, as_source
 
 P = ParamSpec("P")
 R = TypeVar("R")

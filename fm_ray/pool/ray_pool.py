@@ -30,10 +30,10 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fm_ray.config import PoolConfig
+from fm_ray.data.source import ImageSource, as_source
 from fm_ray.errors import UserError
 from fm_ray.pool import partition
 from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec, is_read_only, set_round
-from fm_ray.pool.source import ImageSource, as_source
 
 P = ParamSpec("P")
 R = TypeVar("R")

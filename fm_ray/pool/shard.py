@@ -23,9 +23,10 @@ from fm_ray.config import ModelConfig
 from fm_ray.core.badge import KMeansPPState
 from fm_ray.core.greedy import GreedyState
 from fm_ray.core.kcenter import KCenterState
-from fm_ray.models import build_model
-from fm_ray.pool.source import ImageSource, read_all
-from fm_ray.train import Normalizer, predict
+from fm_ray.data.normalize import Normalizer
+from fm_ray.data.source import ImageSource, read_all
+from fm_ray.model.train import predict
+from fm_ray.model.zoo import build_model
 
 BLOCK = 256  # inference batch; shards are cut on multiples of it (see pool.partition)
 # Fisher compute dtypes (--fisher-dtype) and stored embedding dtypes (--embed-dtype)

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from fm_ray._internal.log import progress
 from fm_ray.core.badge import KMeansPPState, badge_factors, badge_select
 from fm_ray.core.kcenter import KCenterState, kcenter_select
 from fm_ray.pool import ShardedPool, state_call
@@ -41,7 +42,7 @@ def kcenter_strategy(pool: ShardedPool, ctx: QueryContext) -> Selection:
     pool.map(build_kcenter)
     embed_s = time.perf_counter() - start
     start = time.perf_counter()
-    picks = kcenter_select(state_call(pool, KCenterState), ctx.k, feats_L_E)
+    picks = kcenter_select(state_call(pool, KCenterState), ctx.k, feats_L_E, progress)
     return Selection(picks, {"embed_seconds": embed_s, "select_seconds": time.perf_counter() - start})
 
 
@@ -50,7 +51,7 @@ def badge_strategy(pool: ShardedPool, ctx: QueryContext) -> Selection:
     pool.map(build_badge)
     embed_s = time.perf_counter() - start
     start = time.perf_counter()
-    picks = badge_select(state_call(pool, KMeansPPState), ctx.k, ctx.seed * 100_003 + ctx.round)
+    picks = badge_select(state_call(pool, KMeansPPState), ctx.k, ctx.seed * 100_003 + ctx.round, progress)
     return Selection(picks, {"embed_seconds": embed_s, "select_seconds": time.perf_counter() - start})
 
 

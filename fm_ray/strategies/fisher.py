@@ -15,10 +15,10 @@ import time
 
 import torch
 
+from fm_ray._internal.log import log, progress
 from fm_ray.core import fisher
 from fm_ray.core import mask as fmask
 from fm_ray.core.greedy import GreedyState, greedy_select
-from fm_ray.log import log, progress
 from fm_ray.pool import ShardedPool, state_call
 from fm_ray.pool.shard import BLOCK, DTYPES, PoolShard, read_only
 from fm_ray.strategies import QueryContext, Selection, Strategy, register
@@ -118,6 +118,7 @@ def _greedy(pool: ShardedPool, ctx: QueryContext, mask_idx: torch.Tensor | None)
         labeled_sum_D_D=labeled_sum,
         lam=cfg.lam,
         backward_steps=cfg.backward_steps,
+        progress=progress,
     )
     timings = {"embed_seconds": embed_s, "reduce_seconds": reduce_s, "select_seconds": time.perf_counter() - start}
     return picks, timings

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from fm_ray.cache import writable_dir, write_atomically
+from fm_ray._internal.files import writable_dir, write_atomically
+from fm_ray._internal.log import log, progress
+from fm_ray.data.decode import BadImage, decode_image_bytes
 from fm_ray.errors import UserError
-from fm_ray.images import BadImage, decode_image_bytes
-from fm_ray.log import log, progress
 
 CACHE_VERSION = 2  # part of the key: bump it when decoding changes
 

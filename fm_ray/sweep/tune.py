@@ -45,10 +45,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from fm_ray._internal.ray_session import ensure_ray
 from fm_ray.config import RunConfig, from_dict, to_dict
 from fm_ray.errors import UserError
-from fm_ray.grid import SWEEP_KEYS, SweepOptions
-from fm_ray.results import PARTITIONS, ROUND_SCHEMA, SWEEP_QUERY_SCHEMA, RunDir, run_id
+from fm_ray.run.rundir import PARTITIONS, ROUND_SCHEMA, SWEEP_QUERY_SCHEMA, RunDir, run_id
+from fm_ray.sweep.grid import SWEEP_KEYS, SweepOptions
 
 EXPERIMENT = "tune"  # Tune's experiment name, under --out
 METRICS = ("round", "n_labeled", "accuracy", "balanced_accuracy", "train_seconds", "query_seconds")
@@ -145,7 +146,7 @@ def trial(config: dict[str, Any]) -> None:
     """Tune trainable: `run_experiment` on the trial's config, resumed from its run dir / checkpoint."""
     from ray import tune
 
-    from fm_ray.loop import run_experiment
+    from fm_ray.run.recipe import run_experiment
 
     cfg, root = from_dict(config["cfg"]), config["root"]
     rundir = local_run_dir(root, run_id(cfg))
@@ -247,20 +248,6 @@ def _progress_callback(total: int) -> Any:
     return _Callback()
 
 
-def _ensure_ray(address: str | None) -> bool:
-    """Join `address` (auto | ray://...) or start local Ray; True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Workers on a cluster do not share this shell's environment: forward FM_RAY_* (data root, cache).
-    # Inside `ray job submit` the job's own runtime env governs, and Ray refuses a second one.
-    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("FM_RAY_")}
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
-    return True
-
-
 def run_sweep(
     configs: list[RunConfig],
     opts: SweepOptions,
@@ -279,7 +266,7 @@ def run_sweep(
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     root = storage_root(opts.out)
     exp_path = f"{root}/{EXPERIMENT}"
-    started = _ensure_ray(ray_address)
+    started = ensure_ray(ray_address)
     try:
         check_fits(configs, opts, fixed=started)
         exists = tune.Tuner.can_restore(exp_path)

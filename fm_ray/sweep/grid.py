@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from fm_ray.config import PRESETS, RunConfig
+from fm_ray.config.flags import BY_DEST, config_from_values, parse_values, values_from_args
 from fm_ray.errors import UserError
-from fm_ray.flags import BY_DEST, config_from_values, parse_values, values_from_args
-from fm_ray.results import run_id
+from fm_ray.run.rundir import run_id
 
 # Grid axes: list flag -> the run flag (fm_ray.flags.RUN_FLAGS) it sweeps; values parse as that flag's.
 GRID_AXES: dict[str, str] = {
@@ -139,7 +139,7 @@ def expand(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[RunConfig]:
     Each point goes through `flags.config_from_values`, so precedence matches `fm-ray run`: explicit
     flags (and the settings axis) win over a regime preset's setting/init/batch/budget.
     """
-    from fm_ray.loop import check
+    from fm_ray.run.validate import check
 
     axes = [a for a in GRID_AXES if a in grid]
     configs: dict[str, RunConfig] = {}
@@ -244,7 +244,7 @@ class SweepOptions:
                 f"--cpus-per-trial / --gpus-per-trial must be finite, got {self.cpus_per_trial}, {self.gpus_per_trial}"
             )
         if "://" not in self.out:
-            from fm_ray.results import RunDir
+            from fm_ray.run.rundir import RunDir
 
             RunDir(self.out).check_writable()
         if self.max_concurrent is not None and self.max_concurrent < 1:

@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from fm_ray._internal.log import log, progress
+from fm_ray.data.decode import IMAGE_SUFFIXES, BadImage, decode_image_bytes
+from fm_ray.data.parquet import FORMAT, MANIFEST, ROW_GROUP, SCHEMA, SKIPPED_CSV, VERSION, filesystem, part_name
 from fm_ray.errors import UserError
-from fm_ray.images import IMAGE_SUFFIXES, BadImage, decode_image_bytes
-from fm_ray.log import log, progress
-from fm_ray.packed import FORMAT, MANIFEST, ROW_GROUP, SCHEMA, SKIPPED_CSV, VERSION, filesystem, part_name
 
 ROWS_PER_FILE = 8192
 SPEC = "pack_spec.json"  # what is being packed: a resumed pack must be the same source and options
@@ -319,7 +319,7 @@ def _builtin(name: str, data_dir: str | None, options: dict[str, Any]) -> PackSo
     import torch
 
     from fm_ray.config import DataConfig
-    from fm_ray.data import load_dataset
+    from fm_ray.data.builtin import load_dataset
 
     data = load_dataset(DataConfig(dataset=name, data_dir=data_dir))
 

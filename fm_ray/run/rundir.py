@@ -12,11 +12,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fm_ray.cache import write_atomically
+from fm_ray._internal.files import write_atomically
+from fm_ray._internal.log import log
+from fm_ray._internal.paths import safe_name
 from fm_ray.config import RunConfig, to_dict
 from fm_ray.errors import UserError
-from fm_ray.log import log
-from fm_ray.paths import safe_name
 
 _PROFILE = pa.struct([("name", pa.string()), ("numel", pa.int64()), ("kept", pa.int64()), ("fraction", pa.float64())])
 ROUND_SCHEMA = pa.schema(

@@ -12,39 +12,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fm_ray import data as fdata
-from fm_ray.api import PoolSession
-from fm_ray.config import RunConfig, rounds_for_budget, validate
+from fm_ray._internal.log import log
+from fm_ray.config import RunConfig
+from fm_ray.data import builtin as fdata
+from fm_ray.data.normalize import Normalizer
+from fm_ray.data.settings import initial_labeled, sample_pool
 from fm_ray.errors import UserError
-from fm_ray.faults import fault_point
-from fm_ray.log import log
-from fm_ray.models import check_model
+from fm_ray.model.train import evaluate, fit_round, resolve_device
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import peak_memory_mb, peak_rss_mb, state_bytes
-from fm_ray.results import RunDir, run_id
-from fm_ray.strategies import STRATEGIES, Selection
-from fm_ray.train import Normalizer, evaluate, fit_round, resolve_device
+from fm_ray.run._faults import fault_point
+from fm_ray.run.rundir import RunDir, run_id
+from fm_ray.run.validate import check, planned_rounds
+from fm_ray.session import PoolSession
+from fm_ray.strategies import Selection
 
 RoundHook = Callable[[dict], None]  # called with each finished round's row (Tune reports through it)
-
-
-def initial_labeled(pool_size: int, init: int, seed: int) -> np.ndarray:
-    return np.sort(np.random.default_rng([seed, 1]).choice(pool_size, size=init, replace=False))
-
-
-def planned_rounds(cfg: RunConfig, pool_size: int) -> int:
-    """Query rounds: --rounds, capped by the budget and by the pool running out."""
-    cap = min(cfg.budget or pool_size, pool_size)
-    n = rounds_for_budget(cfg.init, cfg.batch, cap)
-    return n if cfg.rounds is None else min(cfg.rounds, n)
-
-
-def check(cfg: RunConfig) -> None:
-    """Every check that needs no data, so bad input fails before anything is loaded."""
-    validate(cfg)
-    if cfg.strategy.name not in STRATEGIES:
-        raise UserError(f"unknown strategy {cfg.strategy.name!r}: choose one of {', '.join(STRATEGIES)}")
-    check_model(cfg.model)
 
 
 def run_experiment(
@@ -54,7 +37,7 @@ def run_experiment(
     rundir = RunDir(out)
     rundir.preflight(resume, overwrite)  # before loading any data
     data = fdata.load_pool_data(cfg.data)  # labels in memory; pixels read on demand
-    pool = fdata.make_pool(cfg.data, data, cfg.seed)
+    pool = sample_pool(cfg.data, data, cfg.seed)
     T = len(pool.train_index)
     for name, value in (("--init", cfg.init), ("--budget", cfg.budget or 0)):
         if value > T:

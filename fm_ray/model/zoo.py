@@ -78,13 +78,13 @@ def _pretrained_net(arch: str) -> nn.Module:
     """The torchvision model with its default ImageNet weights, read from the torch cache."""
     import torchvision
 
-    from fm_ray.data import _offline  # the project's one offline switch (FM_RAY_OFFLINE)
+    from fm_ray._internal.files import offline  # the project's one offline switch (FM_RAY_OFFLINE)
 
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     where = f"{cached.name} is not in the torch cache {cached.parent}"
     fix = "go online once, or copy the file there (TORCH_HOME sets the cache), or drop --pretrained"
-    if not cached.is_file() and _offline():
+    if not cached.is_file() and offline():
         raise UserError(f"no ImageNet weights for {TORCHVISION}{arch}: {where} and FM_RAY_OFFLINE is set: {fix}")
     try:
         return torchvision.models.get_model(arch, weights=weights)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fm_ray.cache import write_atomically
+from fm_ray._internal.files import write_atomically
 from fm_ray.errors import UserError
 
 EXPERIMENT = "fm_ray"  # default MLflow experiment (--mlflow-experiment)
@@ -136,7 +136,7 @@ class RunTracker:
 
     def finish(self) -> None:
         """The report (PNGs, summary tables) and the result files as artifacts; close the run."""
-        from fm_ray.report import write_report
+        from fm_ray.sweep.report import write_report
 
         run_id = self._open()
         self.client.log_artifacts(run_id, str(write_report(self.rundir)), artifact_path="report")
@@ -165,7 +165,7 @@ def tune_callback(uri: str, experiment: str = EXPERIMENT) -> Any:
 
 def log_sweep_report(uri: str, sweep_dir: str, experiment: str = EXPERIMENT) -> None:
     """The sweep's report (PNGs, summary tables) as artifacts of one MLflow run named after the sweep."""
-    from fm_ray.report import write_report
+    from fm_ray.sweep.report import write_report
 
     mlflow = _mlflow()
     client = mlflow.tracking.MlflowClient(tracking_uri(uri))

@@ -23,6 +23,11 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+def offline() -> bool:
+    """FM_RAY_OFFLINE set: never download (a missing dataset or weight file is a clear error at once)."""
+    return os.environ.get("FM_RAY_OFFLINE", "") not in ("", "0")
+
+
 def writable_dir(folder: Path) -> Path:
     """Create `folder` if needed and prove a file can be written there; else one clear UserError."""
     try:

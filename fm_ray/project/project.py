@@ -19,7 +19,6 @@ again and count as labeled for the selection.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -33,76 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fm_ray import labels as flabels
-from fm_ray.cache import write_atomically
+from fm_ray._internal.files import write_atomically
+from fm_ray._internal.log import log
 from fm_ray.config import RunConfig, from_dict, to_dict
+from fm_ray.data.sources import load_pool, pool_ids
 from fm_ray.errors import UserError
-from fm_ray.log import log
-from fm_ray.pool.source import ImageSource, TensorImages
+from fm_ray.project import labels as flabels
 
 FORMAT = 1
-
-
-@dataclasses.dataclass
-class ProjectPool:
-    ids: list[str]
-    images: ImageSource  # uint8 (C, H, W) images, read on demand (a packed pool stays on disk)
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: bool
-    paths: list[str] | None  # the image file of each sample, where the pool has files
-    n_classes: int | None  # where the source knows its classes
-
-
-def load_pool(cfg: RunConfig) -> ProjectPool:
-    """The project's pool: a folder of unlabeled images, or a dataset sampled as `fm-ray run` does."""
-    source = cfg.data.dataset
-    if source.startswith("folder:"):
-        return _folder(Path(source.split(":", 1)[1]).expanduser())
-    from fm_ray import data as fdata
-
-    data = fdata.load_pool_data(cfg.data)
-    pool = fdata.make_pool(cfg.data, data, cfg.seed)
-    ids = [str(int(i)) for i in pool.train_index]  # the sample's row in the source's train split
-    images = data.train.subset(pool.train_index)
-    return ProjectPool(ids, images, data.mean, data.std, data.augment, None, len(pool.classes))
-
-
-def _image_files(root: Path) -> list[Path]:
-    from fm_ray.images import IMAGE_SUFFIXES
-
-    if not root.is_dir():
-        raise UserError(f"folder {root} does not exist: give folder:<a folder of images>")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(files) < 2:
-        raise UserError(f"folder {root} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}): add images")
-    return files
-
-
-def pool_ids(cfg: RunConfig) -> list[str]:
-    """The pool's ids without decoding a folder's images (what checking an import needs)."""
-    source = cfg.data.dataset
-    if source.startswith("folder:"):
-        root = Path(source.split(":", 1)[1]).expanduser()
-        return [p.relative_to(root).as_posix() for p in _image_files(root)]
-    return load_pool(cfg).ids
-
-
-def _folder(root: Path) -> ProjectPool:
-    from fm_ray.images import decode_image_file
-
-    files = _image_files(root)
-    images = [decode_image_file(p) for p in files]
-    shapes = {tuple(im.shape): p for im, p in zip(images, files, strict=True)}
-    if len(shapes) > 1:
-        (s1, f1), (s2, f2) = list(shapes.items())[:2]
-        raise UserError(f"images differ in size ({f1}: {s1}, {f2}: {s2}): resize them to one size first")
-    x = torch.stack(images)
-    scaled = x.float().div_(255)
-    mean = tuple(float(v) for v in scaled.mean((0, 2, 3)))
-    std = tuple(float(v) for v in scaled.std((0, 2, 3)))
-    ids = [p.relative_to(root).as_posix() for p in files]
-    return ProjectPool(ids, TensorImages(x), mean, std, False, [str(p.resolve()) for p in files], None)
 
 
 class Project:
@@ -119,7 +56,7 @@ class Project:
             raise UserError(f"--classes {','.join(classes)}: give at least two distinct class names, e.g. cat,dog")
         if not 0 <= holdout < 1:
             raise UserError(f"--holdout must be in [0, 1), got {holdout}")
-        from fm_ray.loop import check
+        from fm_ray.run.validate import check
 
         check(cfg)
         pool = load_pool(cfg)
@@ -194,10 +131,11 @@ class Project:
 
     # -- next ----------------------------------------------------------------------------------
     def next(self, k: int, image_url: str | None = None) -> Path:
-        from fm_ray.api import PoolSession
-        from fm_ray.loop import initial_labeled
+        from fm_ray.data.normalize import Normalizer
+        from fm_ray.data.settings import initial_labeled
+        from fm_ray.model.train import fit_round, predict, resolve_device
+        from fm_ray.session import PoolSession
         from fm_ray.strategies import Selection
-        from fm_ray.train import Normalizer, fit_round, predict, resolve_device
 
         meta, cfg = self.meta(), self.config()
         classes: list[str] = meta["classes"]
@@ -252,7 +190,7 @@ class Project:
         return self._write_batch(b, pool, sel.indices, probs, classes, summary, model, image_url)
 
     def _holdout_accuracy(self, model, pool, labels, classes, norm, device) -> dict[str, Any]:
-        from fm_ray.train import predict
+        from fm_ray.model.train import predict
 
         held = [i for i in labels if self.held_out(i)]
         if not held:

@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from fm_ray.errors import UserError
-from fm_ray.results import PARTITIONS, ROUND_SCHEMA, SWEEP_QUERY_SCHEMA
+from fm_ray.run.rundir import PARTITIONS, ROUND_SCHEMA, SWEEP_QUERY_SCHEMA
 
 PANEL = ["dataset", "setting"]
 PHASES = {"train": "train_seconds", "query": "query_seconds", "mask": "mask_seconds", "embed": "embed_seconds",

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fm_ray import imagefolder
-from fm_ray.cache import cache_dir, writable_dir, write_atomically
+from fm_ray._internal.files import cache_dir, offline, writable_dir, write_atomically
+from fm_ray._internal.log import log
 from fm_ray.config import DataConfig
+from fm_ray.data import imagefolder
+from fm_ray.data.source import ImageSource, TensorImages
 from fm_ray.errors import UserError
-from fm_ray.log import log
-from fm_ray.pool.source import ImageSource, TensorImages
 
 # The release's archives and their md5 (torchvision's FashionMNIST.resources), in reading order.
 FMNIST_FILES = {
@@ -37,13 +37,6 @@ FMNIST_FILES = {
 # ImageFolder's sorted class folders are CIFAR-10's label order only with exactly these names.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DATASETS = ("fashion_mnist", "cifar10", "imagefolder:<path>", "parquet:<path or URI>")
-
-# The paper's settings (Gul et al., arXiv 2411.05752, section 5; docs/method.md): class -> pool count.
-SETTINGS: dict[str, dict[int, int] | None] = {
-    "setting1": {0: 250, 1: 5000, 2: 250, 3: 250},
-    "setting2": {**{c: 250 for c in range(9)}, 9: 5000},
-    "balanced": None,  # the whole train split
-}
 
 
 @dataclass(frozen=True)
@@ -61,17 +54,6 @@ class ImageData:
     skipped_images: tuple[tuple[str, str], ...] = ()  # (file, why) dropped by --skip-bad-images
 
 
-@dataclass(frozen=True)
-class Pool:
-    """The active-learning pool: positions 0..T-1 map to train-split indices `train_index`."""
-
-    train_index: np.ndarray  # (T,) indices into the train split
-    labels: np.ndarray  # (T,) labels remapped to 0..C-1
-    classes: tuple[int, ...]  # original class id of each model output
-    test_index: np.ndarray  # test-split indices restricted to `classes`
-    test_labels: np.ndarray  # remapped like `labels`
-
-
 def data_root(cfg: DataConfig) -> Path:
     root = cfg.data_dir or os.environ.get("FM_RAY_DATA")
     return Path(root).expanduser() if root else cache_dir() / "data"
@@ -84,10 +66,6 @@ def _work_dir(root: Path) -> Path:
     if root.resolve() == own.resolve():
         return own
     return cache_dir() / "extracted" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-
-
-def _offline() -> bool:
-    return os.environ.get("FM_RAY_OFFLINE", "") not in ("", "0")
 
 
 def load_dataset(cfg: DataConfig) -> ImageData:
@@ -136,7 +114,7 @@ def _fmnist_file(src: Path, own: Path, name: str, md5: str) -> Path:
             )
         log(f"cached {path} is damaged (md5 mismatch): fetching it again")
         path.unlink()
-    if _offline():
+    if offline():
         raise _missing("fashion_mnist", src, ", ".join(FMNIST_FILES))
     from torchvision.datasets import FashionMNIST
     from torchvision.datasets.utils import download_url
@@ -177,7 +155,7 @@ def _cifar10(root: Path, skip_bad: bool) -> ImageData:
         train, test, _ = imagefolder.load_splits(jpg, cache_dir() / "decoded", skip_bad, CIFAR10_CLASSES)
         skipped = train.skipped + test.skipped
         return ImageData("cifar10", train.x, train.y, test.x, test.y, mean, std, augment=True, skipped_images=skipped)
-    elif _offline():
+    elif offline():
         raise _missing(
             "cifar10",
             root,
@@ -252,46 +230,6 @@ def _missing(name: str, where: Path, expected: str, err: Exception | None = None
     )
 
 
-def class_counts_for(cfg: DataConfig, train_y: torch.Tensor) -> dict[int, int]:
-    if cfg.class_counts is not None:
-        return dict(cfg.class_counts)
-    if cfg.setting not in SETTINGS:
-        raise UserError(
-            f"unknown setting {cfg.setting!r}: choose one of {', '.join(SETTINGS)} or give --class-counts 0:250,1:5000"
-        )
-    counts = SETTINGS[cfg.setting]
-    if counts is None:
-        return {int(c): int(n) for c, n in zip(*np.unique(train_y.numpy(), return_counts=True), strict=True)}
-    return counts
-
-
-def make_pool(cfg: DataConfig, data: ImageData, seed: int) -> Pool:
-    """Sample the pool per class with the seed; restrict the test split to the same classes."""
-    counts = class_counts_for(cfg, data.train_y)
-    train_y = data.train_y.numpy()
-    rng = np.random.default_rng([seed, 0])
-    picked = []
-    for c in sorted(counts):
-        members = np.flatnonzero(train_y == c)
-        if counts[c] > len(members):
-            raise UserError(
-                f"class {c} of {data.name} has {len(members)} train samples, {counts[c]} asked: lower its count"
-            )
-        picked.append(rng.choice(members, size=counts[c], replace=False))
-    train_index = np.sort(np.concatenate(picked))
-    classes = tuple(sorted(counts))
-    remap = {c: i for i, c in enumerate(classes)}
-    test_y = data.test_y.numpy()
-    test_index = np.flatnonzero(np.isin(test_y, classes))
-    return Pool(
-        train_index=train_index,
-        labels=np.array([remap[int(c)] for c in train_y[train_index]], dtype=np.int64),
-        classes=classes,
-        test_index=test_index,
-        test_labels=np.array([remap[int(c)] for c in test_y[test_index]], dtype=np.int64),
-    )
-
-
 # -- packed Parquet pools (`--dataset parquet:<path or URI>`, written by `fm-ray pack`) ------------
 @dataclass(frozen=True)
 class PoolData:
@@ -321,7 +259,7 @@ def load_pool_data(cfg: DataConfig) -> PoolData:
 
 
 def _packed(where: str) -> PoolData:
-    from fm_ray.packed import open_pool
+    from fm_ray.data.parquet import open_pool
 
     pool = open_pool(where)
     m = pool.manifest

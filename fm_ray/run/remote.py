@@ -28,11 +28,11 @@ from ray.exceptions import RayTaskError
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from fm_ray.cache import write_atomically
+from fm_ray._internal.files import write_atomically
 from fm_ray.config import RunConfig, from_dict, to_dict
 from fm_ray.errors import UserError
 from fm_ray.pool.ray_pool import reserve
-from fm_ray.results import RunDir
+from fm_ray.run.rundir import RunDir
 
 
 def run_files(rundir: RunDir) -> list[Path]:
@@ -75,7 +75,7 @@ class _Lines(io.TextIOBase):
 def drive(cfg_dict: dict[str, Any], files: dict[str, bytes], threads: int) -> Iterator[tuple[str, Any]]:
     """Runs one experiment in a temp run dir seeded with `files`; yields ("line", text) per progress
     line and ("files", {name: bytes}) per finished round."""
-    from fm_ray.loop import run_experiment
+    from fm_ray.run.recipe import run_experiment
 
     torch.set_num_threads(threads)  # as OMP_NUM_THREADS=<cpus> fm-ray run: same float sums
     items: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -132,15 +132,15 @@ def run_remote(
         KeyboardInterrupt: after stopping the task (and with it its shard actors); --out keeps
             every finished round, so `--resume` continues.
     """
-    from fm_ray.loop import check
-    from fm_ray.sweep import _ensure_ray
+    from fm_ray._internal.ray_session import ensure_ray
+    from fm_ray.run.validate import check
 
     check(cfg)  # bad input fails here, before Ray starts
     rundir = RunDir(out)
     rundir.open(cfg, resume, overwrite)  # same refusals as a local run; the task then always resumes
     cpus = cfg.pool.driver_cpus if cfg.pool.driver_cpus is not None else 1.0
     gpus = cfg.pool.driver_gpus or 0.0
-    started = _ensure_ray(cfg.pool.ray_address)
+    started = ensure_ray(cfg.pool.ray_address)
     pg = items = None
     finished = False
     try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fm_ray.cache import write_atomically
+from fm_ray._internal.files import write_atomically
 from fm_ray.errors import UserError
 
 STORE_FIELDS = ("id", "label", "batch")

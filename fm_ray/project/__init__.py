@@ -1,0 +1,3 @@
+from fm_ray.project.project import Project
+
+__all__ = ["Project"]

@@ -1,0 +1,24 @@
+"""Checks of a run config that need no data (so bad input fails before anything loads), and the
+round plan. Above the model zoo and the strategy registry, which it consults."""
+
+from __future__ import annotations
+
+from fm_ray.config import RunConfig, rounds_for_budget, validate
+from fm_ray.errors import UserError
+from fm_ray.model.zoo import check_model
+from fm_ray.strategies import STRATEGIES
+
+
+def planned_rounds(cfg: RunConfig, pool_size: int) -> int:
+    """Query rounds: --rounds, capped by the budget and by the pool running out."""
+    cap = min(cfg.budget or pool_size, pool_size)
+    n = rounds_for_budget(cfg.init, cfg.batch, cap)
+    return n if cfg.rounds is None else min(cfg.rounds, n)
+
+
+def check(cfg: RunConfig) -> None:
+    """Every check that needs no data, so bad input fails before anything is loaded."""
+    validate(cfg)
+    if cfg.strategy.name not in STRATEGIES:
+        raise UserError(f"unknown strategy {cfg.strategy.name!r}: choose one of {', '.join(STRATEGIES)}")
+    check_model(cfg.model)

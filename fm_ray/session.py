@@ -1,0 +1,91 @@
+"""`PoolSession`: a pool kept on its shards (in-process or Ray actors) across queries.
+
+`fm-ray run`, labeling projects and `fm_ray.select` all query through it: one path from a trained
+model to a `Selection`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fm_ray.config import ModelConfig, PoolConfig, StrategyConfig
+from fm_ray.data.normalize import Normalizer
+from fm_ray.data.source import ImageSource, as_source
+from fm_ray.errors import UserError
+from fm_ray.pool import ShardedPool
+from fm_ray.pool.shard import ShardSpec, set_round
+from fm_ray.strategies import STRATEGIES, QueryContext, Selection
+
+
+class PoolSession:
+    """The pool on its shards (in-process or Ray actors), reused by every `select` call."""
+
+    def __init__(
+        self,
+        images: ImageSource | torch.Tensor,
+        ids: Sequence[Any],
+        n_classes: int,
+        norm: Normalizer,
+        model: nn.Module | ModelConfig,
+        pool_cfg: PoolConfig,
+        device: str = "cpu",
+    ):
+        """`model`: a user's module (copied onto each shard) or an fm_ray model config (built there)."""
+        if len(ids) != len(as_source(images)):
+            raise ValueError("one id per pool sample")
+        self.ids = ids if isinstance(ids, range) else list(ids)
+        # ids that are the positions themselves (the loop's range(T)) need no pool-sized lookup table
+        self.position = None if self.ids == range(len(self.ids)) else {i: p for p, i in enumerate(self.ids)}
+        shape = as_source(images).shape
+        channels, side = shape[0], shape[-1]
+        if isinstance(model, ModelConfig):
+            spec = ShardSpec(model, channels, side, n_classes, norm, device)
+        else:
+            spec = ShardSpec(None, channels, side, n_classes, norm, device, module=model)
+        self.pool: ShardedPool = make_pool(pool_cfg, spec, images)
+
+    def positions(self, ids: Any) -> np.ndarray:
+        if self.position is None:
+            pos = np.asarray(ids, dtype=np.int64).reshape(-1)
+            unknown = pos[(pos < 0) | (pos >= len(self.ids))].tolist()
+        else:
+            unknown = [i for i in ids if i not in self.position]
+            pos = np.array([self.position[i] for i in ids if i in self.position], dtype=np.int64)
+        if unknown:
+            raise UserError(f"labeled ids not in the pool: {unknown[:5]}: pass ids of pool samples")
+        return np.unique(pos)  # sorted, each once
+
+    def select(
+        self, model: nn.Module, k: int, labeled_ids: Any, cfg: StrategyConfig, seed: int = 0, round: int = 0
+    ) -> Selection:
+        if cfg.name not in STRATEGIES:
+            raise UserError(f"unknown strategy {cfg.name!r}: choose one of {', '.join(STRATEGIES)}")
+        labeled = self.positions(labeled_ids)
+        free = len(self.ids) - len(labeled)
+        if not 0 < k <= free:
+            raise UserError(f"k = {k} but {free} pool samples are unlabeled: pick 1..{free}")
+        strategy = STRATEGIES[cfg.name]
+        weights = {n: t.detach().cpu() for n, t in model.state_dict().items()} if strategy.needs_model else None
+        self.pool.map(set_round, weights, labeled)
+        ctx = QueryContext(round, k, seed, labeled, len(self.ids), cfg, model)
+        sel = strategy.select(self.pool, ctx)
+        sel.ids = [self.ids[i] for i in sel.indices]
+        return sel
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def make_pool(cfg: PoolConfig, spec: ShardSpec, images: ImageSource | torch.Tensor) -> ShardedPool:
+    if cfg.backend == "ray":
+        from fm_ray.pool.ray_pool import RayPool  # Ray stays optional for the numeric core
+
+        return RayPool(cfg, spec, images)
+    from fm_ray.pool.local import LocalPool
+
+    return LocalPool(spec, images, cfg.shards)
