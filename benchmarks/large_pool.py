@@ -40,10 +40,10 @@ ROWS_PER_FILE = 8192
 def synthetic_source(n: int, seed: int, noise: float) -> Any:
     """Rows i = FashionMNIST train image i mod 60,000 plus N(0, noise^2) pixel noise, seeded per file."""
     from fm_ray.config import DataConfig
-    from fm_ray.data.builtin import load_dataset
     from fm_ray.data.pack import Chunk, PackSource, Split
+    from fm_ray.data.registry import open_source
 
-    fm = load_dataset(DataConfig(dataset="fashion_mnist"))
+    fm = open_source(DataConfig(dataset="fashion_mnist"))
     base_x, base_y = fm.train_x.numpy(), fm.train_y.numpy()
 
     def read_train(a: int, b: int) -> Chunk:

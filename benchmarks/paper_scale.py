@@ -22,8 +22,8 @@ import torch
 
 from benchmarks.timing import timed
 from fm_ray.config import DataConfig, ModelConfig, PoolConfig, StrategyConfig, TrainConfig
-from fm_ray.data.builtin import load_dataset
 from fm_ray.data.normalize import Normalizer
+from fm_ray.data.registry import open_source
 from fm_ray.data.source import TensorImages
 from fm_ray.errors import UserError
 from fm_ray.model.train import fit_round
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     sparsity = PAPER["sparsity"] * a.scale
     device = torch.device(a.device)
 
-    data = load_dataset(DataConfig(dataset="cifar10", data_dir=a.data_dir))
+    data = open_source(DataConfig(dataset="cifar10", data_dir=a.data_dir))
     x_S, y_S = data.train_x[:S], data.train_y[:S]
     labeled = np.sort(np.random.default_rng(a.seed).choice(S, size=n_lab, replace=False))
     norm = Normalizer(data.mean, data.std)

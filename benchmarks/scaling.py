@@ -61,10 +61,10 @@ def load_images(S: int, seed: int, data: str) -> tuple[torch.Tensor, Normalizer,
     """The first S FashionMNIST train images if $FM_RAY_DATA has them, else seeded random uint8 images."""
     root = os.environ.get("FM_RAY_DATA")
     if data != "random" and root and (Path(root).expanduser() / "FashionMNIST" / "raw").is_dir():
-        from fm_ray.data.builtin import load_dataset
+        from fm_ray.data.registry import open_source
 
         try:
-            ds = load_dataset(DataConfig(dataset="fashion_mnist"))
+            ds = open_source(DataConfig(dataset="fashion_mnist"))
         except Exception:  # unreadable archives: fall back to random images of the same shape
             ds = None
         if ds is not None and len(ds.train_x) >= S:

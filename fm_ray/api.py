@@ -21,8 +21,8 @@ from torch import nn
 
 from fm_ray.config import PoolConfig, StrategyConfig
 from fm_ray.data.normalize import Normalizer
+from fm_ray.data.registry import open_source
 from fm_ray.data.source import TensorImages
-from fm_ray.data.sources import NamedPool, open_named_pool
 from fm_ray.errors import UserError
 from fm_ray.session import PoolSession
 from fm_ray.strategies import Selection
@@ -107,9 +107,11 @@ def select(
     Args:
         model: any `nn.Module` mapping a batch of pool inputs to logits (N, C).
         pool: a torch `Dataset` (items `x` or `(x, y)`; ids are the integer indices) or a tensor,
-            used as given (already transformed; uint8 is scaled to [0, 1]); or by name
-            `parquet:<pool>` (`fm-ray pack`; ids from its id column), `folder:<path>` (ids are
-            relative paths) or `imagefolder:<path>`, normalized with the pool's statistics.
+            used as given (already transformed; uint8 is scaled to [0, 1]); or any data source by
+            name (`fm_ray.data.registry`): `parquet:<pool>` (`fm-ray pack`; ids from its id column),
+            `folder:<path>`, `imagefolder:<path>`, `csv:<file>` (ids are paths relative to the
+            source), `fashion_mnist`, `cifar10` (ids `train/<row>`); its train split, normalized
+            with the source's statistics.
         k: how many to pick.
         labeled: pool id -> label of the samples already labeled (BAIT/FisherMask start their
             Fisher from them; k-center measures distance to them). Never picked again.
@@ -129,18 +131,19 @@ def select(
     if unknown:
         raise UserError(f"unknown strategy option(s) {sorted(unknown)}: use {', '.join(sorted(fields))}")
     if isinstance(pool, str):
-        named = open_named_pool(pool)
+        data = open_source(pool)  # any registered source; its train split is the pool
+        ids, images, norm = list(data.train.ids), data.train.images, data.norm
     else:
         x = dataset_tensor(pool)
-        named = NamedPool(list(range(len(x))), TensorImages(x), Normalizer((), ()))
+        ids, images, norm = list(range(len(x))), TensorImages(x), Normalizer((), ())
     # the caller's model is left as it was (device, train/eval mode): the shards get a copy
     template = as_embedded(copy.deepcopy(model).cpu(), embed).eval()
     if n_classes is None:
         with torch.no_grad():
-            n_classes = int(template(named.norm(named.images.read(np.array([0])))).shape[-1])
+            n_classes = int(template(norm(images.read(np.array([0])))).shape[-1])
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pool_cfg = PoolConfig(backend=backend, shards=shards)
-    session = PoolSession(named.images, named.ids, n_classes, named.norm, template, pool_cfg, dev)
+    session = PoolSession(images, ids, n_classes, norm, template, pool_cfg, dev)
     try:
         cfg = StrategyConfig(name=strategy, **strategy_options)
         return session.select(template, k, list(labeled or {}), cfg, seed=seed)

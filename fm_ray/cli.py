@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument(
         "--skip-bad-images", action="store_true", help="drop undecodable images, listed in OUT/skipped_images.csv"
     )
-    pack.add_argument("--channels", type=int, default=3, help="1 (grey) or 3 (RGB) for image files (default 3)")
+    pack.add_argument(
+        "--channels",
+        type=int,
+        help="1 (grey) or 3 (RGB) for image files (default: grey when every image is grey, else RGB, as fm-ray run)",
+    )
     pack.add_argument("--data-dir", help="root of the built-in datasets (else $FM_RAY_DATA, else the cache)")
     pack.add_argument("--rows-per-file", type=int, default=8192, help="rows per Parquet file (default 8192)")
     report = sub.add_parser("report", help="figures and tables from a run or sweep directory")

@@ -16,9 +16,9 @@ os.environ["FM_RAY_OFFLINE"] = "1"  # a missing dataset must fail fast, never ha
 @pytest.fixture(scope="session")
 def fmnist():
     from fm_ray.config import DataConfig
-    from fm_ray.data.builtin import load_dataset
+    from fm_ray.data.registry import open_source
 
-    return load_dataset(DataConfig(dataset="fashion_mnist"))
+    return open_source(DataConfig(dataset="fashion_mnist"))
 
 
 @pytest.fixture(scope="session")

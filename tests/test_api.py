@@ -113,5 +113,5 @@ def test_named_pools_folder_and_packed(fmnist, tmp_path):
     pack(f"folder:{root}", str(tmp_path / "pool"), channels=1)
     packed = fm_ray.select(model, f"parquet:{tmp_path / 'pool'}", 5, strategy="bait", device="cpu")
     assert len(set(packed.ids)) == 5 and set(packed.ids) <= files
-    with pytest.raises(UserError, match="give parquet:"):
+    with pytest.raises(UserError, match="unknown dataset .*choose one of .*parquet:"):
         fm_ray.select(model, "s3-bucket-typo", 5)

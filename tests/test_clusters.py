@@ -581,7 +581,7 @@ def test_dockerignore_keeps_secrets_data_and_results_out_of_the_image():
     ]
     for path in kept_out:
         assert dockerignored(patterns, path), path
-    for path in ["pyproject.toml", "README.md", "fm_ray/loop.py", "fm_ray/core/fisher.py"]:
+    for path in ["pyproject.toml", "README.md", "fm_ray/run/recipe.py", "fm_ray/core/fisher.py"]:
         assert not dockerignored(patterns, path), path
     copied = re.findall(r"^COPY\s+(?:--\S+\s+)*(.+)\s+\S+$", (CLUSTERS / "Dockerfile").read_text(), flags=re.M)
     assert copied and all(not dockerignored(patterns, src) for srcs in copied for src in srcs.split())

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fm_ray.config import DataConfig
-from fm_ray.data.builtin import load_dataset
+from fm_ray.data.registry import open_source
 from fm_ray.data.settings import SETTINGS, sample_pool
 from fm_ray.errors import UserError
 
@@ -49,7 +49,7 @@ def test_balanced_is_whole_train_split(fmnist):
 
 
 def test_cifar10_jpg_loads_in_standard_class_order():
-    data = load_dataset(DataConfig(dataset="cifar10"))
+    data = open_source(DataConfig(dataset="cifar10"))
     assert data.train_x.shape == (50000, 3, 32, 32) and data.test_x.shape == (10000, 3, 32, 32)
     assert np.bincount(data.train_y.numpy()).tolist() == [5000] * 10
     # ImageFolder order airplane=0 ... truck=9; file N of class c is at c * 5000 + N
@@ -60,8 +60,8 @@ def test_cifar10_jpg_loads_in_standard_class_order():
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="FashionMNIST|fashion_mnist.*train-images-idx3-ubyte.gz"):
-        load_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(tmp_path / "nowhere")))
+        open_source(DataConfig(dataset="fashion_mnist", data_dir=str(tmp_path / "nowhere")))
     with pytest.raises(UserError, match="cifar10"):
-        load_dataset(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
-    with pytest.raises(UserError, match="train/ and test/"):
-        load_dataset(DataConfig(dataset=f"imagefolder:{tmp_path}"))
+        open_source(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="needs a train/ folder"):
+        open_source(DataConfig(dataset=f"imagefolder:{tmp_path}"))

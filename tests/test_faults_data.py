@@ -24,7 +24,9 @@ from PIL import Image
 from fm_ray.cli import main
 from fm_ray.config import DataConfig
 from fm_ray.data import builtin as fdata
+from fm_ray.data.core import Dataset
 from fm_ray.data.decode import BadImage, decode_image_bytes
+from fm_ray.data.registry import open_source
 from fm_ray.errors import UserError
 
 SHARED = Path(os.environ["FM_RAY_DATA"])
@@ -62,8 +64,8 @@ def pil_rgb(path: Path | str) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
 
 
-def load_folder(root: Path, skip: bool = False) -> fdata.ImageData:
-    return fdata.load_dataset(DataConfig(dataset=f"imagefolder:{root}", skip_bad_images=skip))
+def load_folder(root: Path, skip: bool = False) -> Dataset:
+    return open_source(DataConfig(dataset=f"imagefolder:{root}", skip_bad_images=skip))
 
 
 THREE = {"bird": "bird", "cat": "cat", "ship": "ship"}
@@ -117,7 +119,7 @@ def test_empty_class_folder_is_named(tmp_path):
     root = make_folder(tmp_path / "ds", THREE)
     for f in (root / "test" / "cat").iterdir():
         f.unlink()
-    with pytest.raises(UserError, match=f"class folder {root / 'test' / 'cat'} holds no files"):
+    with pytest.raises(UserError, match=f"class folder {root / 'test' / 'cat'} holds no images"):
         load_folder(root)
 
 
@@ -126,7 +128,7 @@ def test_cifar10_jpg_needs_cifar10_class_names(tmp_path):
     classes = {("lorry" if n == "truck" else n): n for n in names}
     make_folder(tmp_path / "CIFAR10-jpg", classes, n_train=1, n_test=1)
     with pytest.raises(UserError, match=r"has classes .*'lorry', 'ship'\], not \['airplane',"):
-        fdata.load_dataset(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
+        open_source(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
 
 
 # --- item 4: caches --------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ CHILD = textwrap.dedent(
     import hashlib, json, os, sys, time
     import torch
     from fm_ray.config import DataConfig
-    from fm_ray.data.builtin import load_dataset
+    from fm_ray.data.registry import open_source
 
     root, sync, me = sys.argv[1], sys.argv[2], sys.argv[3]
     real_save, saves = torch.save, [0]
@@ -181,7 +183,7 @@ CHILD = textwrap.dedent(
             time.sleep(0.01)
 
     torch.save = save_then_wait
-    data = load_dataset(DataConfig(dataset="imagefolder:" + root))
+    data = open_source(DataConfig(dataset="imagefolder:" + root))
     print(json.dumps({
         "saves": saves[0],
         "train_x": hashlib.sha256(data.train_x.numpy().tobytes()).hexdigest(),
@@ -242,7 +244,7 @@ def test_fmnist_is_read_from_the_source_not_a_stale_copy(tmp_path, fmnist, own_c
     for name in fdata.FMNIST_FILES:
         (stale / name).write_bytes(b"half an archive")
         (stale / name.removesuffix(".gz")).write_bytes(b"\x00" * 64)
-    data = fdata.load_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(root)))
+    data = open_source(DataConfig(dataset="fashion_mnist", data_dir=str(root)))
     assert torch.equal(data.train_x, fmnist.train_x) and torch.equal(data.test_y, fmnist.test_y)
     assert data.train_y[:5].tolist() == [9, 0, 0, 3, 0]  # the first labels of the real train file
 
@@ -263,7 +265,7 @@ def test_damaged_fmnist_source_is_named(tmp_path):
     bad[len(bad) // 2] ^= 0xFF
     (root / "FashionMNIST" / "raw" / name).write_bytes(bytes(bad))
     with pytest.raises(UserError, match=f"{root / 'FashionMNIST' / 'raw' / name} is damaged .*expected bb300cf"):
-        fdata.load_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(root)))
+        open_source(DataConfig(dataset="fashion_mnist", data_dir=str(root)))
 
 
 def test_missing_fmnist_file_is_downloaded_into_the_cache(tmp_path, monkeypatch, fmnist, own_cache):
@@ -279,7 +281,7 @@ def test_missing_fmnist_file_is_downloaded_into_the_cache(tmp_path, monkeypatch,
     monkeypatch.delenv("FM_RAY_OFFLINE")
     name = "t10k-images-idx3-ubyte.gz"
     root = fmnist_root(tmp_path, [n for n in fdata.FMNIST_FILES if n != name])
-    data = fdata.load_dataset(DataConfig(dataset="fashion_mnist", data_dir=str(root)))
+    data = open_source(DataConfig(dataset="fashion_mnist", data_dir=str(root)))
     assert torch.equal(data.test_x, fmnist.test_x)
     assert fetched == ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/" + name]
     raw = fdata._work_dir(root) / "FashionMNIST" / "raw"
@@ -295,10 +297,10 @@ def test_missing_fmnist_file_comes_from_a_verified_cache_copy(tmp_path, fmnist):
     copy.write_bytes((FMNIST_RAW / name).read_bytes()[:-100])  # an interrupted copy or download
     cfg = DataConfig(dataset="fashion_mnist", data_dir=str(root))
     with pytest.raises(UserError, match="not found .* and not downloadable"):
-        fdata.load_dataset(cfg)  # offline in tests: the damaged copy is never used ...
+        open_source(cfg)  # offline in tests: the damaged copy is never used ...
     assert not copy.exists()  # ... and removed, so an online run fetches it again
     shutil.copy(FMNIST_RAW / name, copy)
-    assert torch.equal(fdata.load_dataset(cfg).test_y, fmnist.test_y)
+    assert torch.equal(open_source(cfg).test_y, fmnist.test_y)
 
 
 # --- item 5: bad images, sizes, the cache folder ----------------------------------------------------
@@ -316,11 +318,11 @@ def bad_files(jpg: Path) -> dict[str, bytes]:
         "empty.jpg": b"",
         "truncated.jpg": good[: len(good) // 2],
         "corrupt.png": png[:60] + bytes(b ^ 0xFF for b in png[60:200]) + png[200:],
-        "unsupported.svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32"/>',
+        "unsupported.tif": b'<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32"/>',
     }
 
 
-@pytest.mark.parametrize("bad", ["empty.jpg", "truncated.jpg", "corrupt.png", "unsupported.svg"])
+@pytest.mark.parametrize("bad", ["empty.jpg", "truncated.jpg", "corrupt.png", "unsupported.tif"])
 def test_bad_image_exits_2_naming_the_file(tmp_path, capsys, bad):
     root = make_folder(tmp_path / "ds", THREE)
     path = root / "train" / "cat" / bad
@@ -373,7 +375,7 @@ def test_test_images_of_another_size_are_refused(tmp_path):
     root = make_folder(tmp_path / "ds", THREE)
     for f in (root / "test").glob("*/*.jpg"):
         Image.open(f).resize((28, 28)).save(f, "JPEG")
-    with pytest.raises(UserError, match=r"is 32x32, .*test/bird/\S+ is 28x28: resize all images \(train and test\)"):
+    with pytest.raises(UserError, match=r"is 32x32, .*test/bird/\S+ is 28x28: resize them to one size"):
         load_folder(root)
 
 
@@ -417,4 +419,4 @@ def test_fmnist_needs_no_writable_cache(tmp_path, monkeypatch, fmnist):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     monkeypatch.setenv("FM_RAY_CACHE", str(blocker))
-    assert torch.equal(fdata.load_dataset(DataConfig(dataset="fashion_mnist")).test_y, fmnist.test_y)
+    assert torch.equal(open_source(DataConfig(dataset="fashion_mnist")).test_y, fmnist.test_y)

@@ -87,8 +87,8 @@ def reference(tmp_path_factory):
 
 
 def test_every_phase_is_a_fault_point():
-    """The chains cover every named phase, and loop.py calls each one (else a kill never fires)."""
-    loop = (ROOT / "fm_ray" / "loop.py").read_text()
+    """The chains cover every named phase, and the recipe calls each one (else a kill never fires)."""
+    loop = (ROOT / "fm_ray" / "run" / "recipe.py").read_text()
     assert {f.split(":")[0] for _, kills in CHAINS.values() for f in kills} == set(PHASES)
     assert all(f'fault_point("{p}", r)' in loop for p in PHASES)
 

@@ -132,7 +132,7 @@ def test_folder_of_unlabeled_images_with_a_bad_one(fmnist, tmp_path, capsys):
     assert pool.manifest["classes"] is None and "test" not in pool.splits
     with (tmp_path / "p" / "skipped_images.csv").open() as f:
         skipped = list(csv.DictReader(f))
-    assert [s["name"] for s in skipped] == ["sub1/broken.png"] and skipped[0]["reason"]
+    assert [s["file"] for s in skipped] == ["sub1/broken.png"] and skipped[0]["reason"]
     order = [int(n.split("im")[1][:-4]) for n in names]
     assert torch.equal(pool.images("train").read(np.arange(5)), fmnist.train_x[order])
 
@@ -173,7 +173,7 @@ def test_csv_source_with_labels_and_splits(fmnist, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["nosuch"], "unknown pack source"),
+        (["nosuch"], "unknown dataset"),
         (["folder:/no/such/folder"], "does not exist"),
         (["fashion_mnist", "--resize", "32"], "--resize is for image files"),
         (["folder:.", "--resize", "big"], "--resize must be N or HxW"),

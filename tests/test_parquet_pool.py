@@ -14,9 +14,9 @@ import torch
 
 from fm_ray.cli import main
 from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
-from fm_ray.data.builtin import load_pool_data
 from fm_ray.data.pack import pack
 from fm_ray.data.parquet import ParquetImages, open_pool
+from fm_ray.data.registry import open_source
 from fm_ray.data.settings import initial_labeled, sample_pool
 from fm_ray.errors import UserError
 from fm_ray.pool.local import LocalPool
@@ -46,7 +46,7 @@ def packed(tmp_path_factory):
 
 
 def test_packed_builtin_gives_bit_identical_inputs(fmnist, packed):
-    data = load_pool_data(DataConfig(dataset=f"parquet:{packed}"))
+    data = open_source(DataConfig(dataset=f"parquet:{packed}"))
     assert (data.mean, data.std, data.augment) == (fmnist.mean, fmnist.std, fmnist.augment)
     assert torch.equal(data.train_y, fmnist.train_y) and torch.equal(data.test_y, fmnist.test_y)
     rows = np.array([59_999, 0, 19_999, 20_000, 1023, 1024, 41_234])  # across row groups and files
@@ -58,8 +58,8 @@ def test_packed_builtin_gives_bit_identical_inputs(fmnist, packed):
 
 
 def test_uri_reads_like_a_path(packed):
-    by_uri = load_pool_data(DataConfig(dataset=f"parquet:file://{packed}"))
-    by_path = load_pool_data(DataConfig(dataset=f"parquet:{packed}"))
+    by_uri = open_source(DataConfig(dataset=f"parquet:file://{packed}"))
+    by_path = open_source(DataConfig(dataset=f"parquet:{packed}"))
     rows = np.array([5, 33_000])
     assert torch.equal(by_uri.train.read(rows), by_path.train.read(rows))
 
@@ -137,7 +137,7 @@ def test_run_on_parquet_equals_run_on_fashion_mnist_and_driver_reads_no_pool_pix
     assert rows("pq", "queries.parquet") == rows("fm", "queries.parquet")
     assert rows("pq", "rounds.parquet") == rows("fm", "rounds.parquet")
     # what the driver read: the test split once, and from train only the labeled samples' rows
-    data = load_pool_data(DataConfig(dataset=f"parquet:{packed}"))
+    data = open_source(DataConfig(dataset=f"parquet:{packed}"))
     pool = sample_pool(small_cfg("fashion_mnist").data, data, 4)
     queried = pq.read_table(tmp_path / "pq" / "queries.parquet").column("dataset_index").to_numpy()
     labeled_rows = np.union1d(pool.train_index[initial_labeled(len(pool.train_index), 20, 4)], queried)

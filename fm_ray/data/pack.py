@@ -12,7 +12,6 @@ files already there; `pool.json` is written last. The same source and options gi
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Callable
@@ -24,16 +23,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import torch
 
 from fm_ray._internal.log import log, progress
-from fm_ray.data.decode import IMAGE_SUFFIXES, BadImage, decode_image_bytes
+from fm_ray.data.core import Split as DataSplit
+from fm_ray.data.core import mean_std, pixel_sums, skipped_csv
+from fm_ray.data.decode import collect, decode_file_or_reason, grey_only
+from fm_ray.data.files import FileSplit, list_files
 from fm_ray.data.parquet import FORMAT, MANIFEST, ROW_GROUP, SCHEMA, SKIPPED_CSV, VERSION, filesystem, part_name
+from fm_ray.data.registry import check_outside, open_source, parse_spec
+from fm_ray.data.source import read_all
 from fm_ray.errors import UserError
 
 ROWS_PER_FILE = 8192
 SPEC = "pack_spec.json"  # what is being packed: a resumed pack must be the same source and options
-SOURCES = ("fashion_mnist", "cifar10", "imagefolder:<path>", "folder:<path>", "csv:<file>")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _META = b"fm_ray"  # per-file Parquet schema metadata: shape, skipped images, exact pixel sums
 
 
@@ -73,7 +76,7 @@ def pack(
     out: str,
     resize: tuple[int, int] | None = None,
     skip_bad: bool = False,
-    channels: int = 3,
+    channels: int | None = None,
     data_dir: str | None = None,
     rows_per_file: int = ROWS_PER_FILE,
     stop_after: int | None = None,
@@ -81,13 +84,14 @@ def pack(
     """Pack `source` into `out` (a path or URI); returns the manifest."""
     if rows_per_file <= 0:
         raise UserError(f"--rows-per-file must be positive, got {rows_per_file}")
-    if channels not in (1, 3):
+    if channels not in (None, 1, 3):
         raise UserError(f"--channels must be 1 or 3, got {channels}")
     import ray
 
+    check_outside(out, source, data_dir, "OUT")
     started = not ray.is_initialized()  # file sources decode on Ray Data, which starts Ray if needed
     try:
-        src = open_source(source, resize, skip_bad, channels, data_dir)
+        src = pack_input(source, resize, skip_bad, channels, data_dir)
         return pack_source(src, out, rows_per_file, stop_after)
     finally:
         if started and ray.is_initialized():  # leave no Ray instance behind that this call started
@@ -154,17 +158,16 @@ def _hw(shape: tuple[int, ...]) -> str:
 
 def _chunk_meta(chunk: Chunk) -> dict[str, Any]:
     n = len(chunk.ids)
-    # exact integer pixel sums per channel (from value histograms), so the pool's mean/std do not
-    # depend on how the rows were cut into files or when a pack was resumed
-    hist = [np.bincount(chunk.images[:, c].ravel(), minlength=256) for c in range(chunk.images.shape[1])] if n else []
-    values = np.arange(256, dtype=np.int64)
+    # exact integer pixel sums per channel, so the pool's mean/std do not depend on how the rows
+    # were cut into files or when a pack was resumed
+    sums, sumsqs, pixels = pixel_sums(chunk.images) if n else ([], [], 0)
     return {
         "shape": list(chunk.images.shape[1:]) if n else None,
         "first_id": chunk.ids[0] if n else None,
         "skipped": [list(s) for s in chunk.skipped],
-        "pixel_sum": [int(h @ values) for h in hist],
-        "pixel_sumsq": [int(h @ values**2) for h in hist],
-        "pixels_per_channel": int(chunk.images[:, 0].size) if n else 0,
+        "pixel_sum": sums,
+        "pixel_sumsq": sumsqs,
+        "pixels_per_channel": pixels,
     }
 
 
@@ -209,8 +212,7 @@ def _finish(src: PackSource, fs: pafs.FileSystem, base: str, out: str, spec: dic
         mean, std = _mean_std(metas["train"], shape[0])
     skipped = [s for ms in metas.values() for m in ms for s in m["skipped"]]
     if skipped:
-        lines = ["name,reason"] + [_csv_line(name, why) for name, why in skipped]
-        _write_atomic(fs, f"{base}/{SKIPPED_CSV}", ("\n".join(lines) + "\n").encode())
+        _write_atomic(fs, f"{base}/{SKIPPED_CSV}", skipped_csv([tuple(s) for s in skipped]))
         log(f"skipped {len(skipped)} undecodable images: listed in {out}/{SKIPPED_CSV}")
     manifest = {
         "format": FORMAT,
@@ -231,27 +233,15 @@ def _finish(src: PackSource, fs: pafs.FileSystem, base: str, out: str, spec: dic
     return manifest
 
 
-def _mean_std(metas: list[dict[str, Any]], channels: int) -> tuple[list[float], list[float]]:
-    """Channel mean and (unbiased) std of pixels / 255 from the files' exact integer sums."""
-    s = [0] * channels
-    q = [0] * channels
-    n = 0
+def _mean_std(metas: list[dict[str, Any]], channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Channel mean and std of the train pixels from the files' exact integer sums (`core.mean_std`)."""
+    s, q, n = [0] * channels, [0] * channels, 0
     for m in metas:
         if m["pixel_sum"]:
             s = [a + b for a, b in zip(s, m["pixel_sum"], strict=True)]
             q = [a + b for a, b in zip(q, m["pixel_sumsq"], strict=True)]
             n += m["pixels_per_channel"]
-    mean = [si / n / 255 for si in s]
-    std = [max((qi - si * si / n) / max(n - 1, 1), 0.0) ** 0.5 / 255 for si, qi in zip(s, q, strict=True)]
-    return mean, std
-
-
-def _csv_line(*cells: str) -> str:
-    import io
-
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="").writerow(cells)
-    return buf.getvalue()
+    return mean_std(s, q, n)
 
 
 def _exists(fs: pafs.FileSystem, path: str) -> bool:
@@ -273,7 +263,10 @@ def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     fs.move(tmp, path)
 
 
-# -- sources ------------------------------------------------------------------------------------
+# -- what is packed: a registered source, listed (image files) or opened (built-ins) ----------------
+PARALLEL_MIN_FILES = 2048  # fewer image files than this decode in-process: starting Ray costs more
+
+
 def parse_resize(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -287,193 +280,108 @@ def parse_resize(text: str | None) -> tuple[int, int] | None:
     return size
 
 
-def open_source(
-    source: str, resize: tuple[int, int] | None, skip_bad: bool, channels: int, data_dir: str | None
+def pack_input(
+    source: str, resize: tuple[int, int] | None, skip_bad: bool, channels: int | None, data_dir: str | None
 ) -> PackSource:
-    kind, _, arg = source.partition(":")
-    # --skip-bad-images is not part of what identifies a pack: a re-run adding it resumes the same files
-    options = {"source": source, "resize": list(resize) if resize else None, "channels": channels}
-    if kind in ("fashion_mnist", "cifar10") and not arg:
+    """What `fm-ray pack SOURCE` packs, from the one registry: image files are listed here and decoded
+    file by file as the pack goes (the same decoder and rules as `fm-ray run`); built-ins are opened."""
+    kind, arg = parse_spec(source)
+    if kind == "parquet":
+        raise UserError(f"{source} is already a packed pool: use it as --dataset {source}")
+    if kind in ("fashion_mnist", "cifar10"):
         if resize is not None:
             raise UserError(f"--resize is for image files; {kind} is packed as it is: drop --resize")
         return _builtin(kind, data_dir, {"source": source})
-    if kind not in ("imagefolder", "folder", "csv") or not arg:
-        raise UserError(f"unknown pack source {source!r}: choose one of {', '.join(SOURCES)}")
-    path = Path(arg).expanduser()
-    if not path.exists():
-        raise UserError(f"pack source {path} does not exist: check the path")
-    options["source"] = f"{kind}:{path.resolve()}"
-    decode = _FileDecoder(resize, skip_bad, channels)
-    if kind == "imagefolder":
-        return _imagefolder(path, decode, options)
-    if kind == "folder":
-        files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise UserError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}): check the path")
-        items = [(str(path / f), f, None) for f in files]
-        return PackSource(f"folder:{path.name}", {"train": decode.split(items)}, None, None, False, options)
-    return _csv(path, decode, options)
+    listing = list_files(kind, arg)
+    if channels is None:  # the one channel rule (as `fm-ray run` decodes the same files): grey if all are
+        channels = 1 if grey_only([p for s in listing.splits.values() for p in s.paths]) else 3
+    where = listing.root if kind != "csv" else Path(arg).expanduser().resolve()
+    # --skip-bad-images is not part of what identifies a pack: a re-run adding it resumes the same files
+    options = {"source": f"{kind}:{where}", "resize": list(resize) if resize else None, "channels": channels}
+    decode = _FileDecoder(resize, skip_bad, channels, sum(len(s.paths) for s in listing.splits.values()))
+    splits = {name: decode.split(files) for name, files in listing.splits.items()}
+    name = f"{kind}:{where.stem if kind == 'csv' else where.name}"
+    classes = list(listing.classes) if listing.classes else None
+    return PackSource(name, splits, classes, None, listing.augment, options)
 
 
 def _builtin(name: str, data_dir: str | None, options: dict[str, Any]) -> PackSource:
-    import torch
+    data = open_source(name, data_dir=data_dir)
 
-    from fm_ray.config import DataConfig
-    from fm_ray.data.builtin import load_dataset
+    def split(part: DataSplit) -> Split:
+        x, y = read_all(part.images), part.labels
+        assert y is not None  # the built-ins are labeled
 
-    data = load_dataset(DataConfig(dataset=name, data_dir=data_dir))
-
-    def split(prefix: str, x: torch.Tensor, y: torch.Tensor) -> Split:
         def read(a: int, b: int) -> Chunk:
-            return Chunk([f"{prefix}/{i}" for i in range(a, b)], y[a:b].tolist(), x[a:b].numpy())
+            return Chunk(list(part.ids[a:b]), y[a:b].tolist(), x[a:b].numpy())
 
-        return Split(len(x), read)
+        return Split(len(part), read)
 
-    if name == "fashion_mnist":
-        from torchvision.datasets import FashionMNIST
-
-        classes = list(FashionMNIST.classes)
-    else:
-        classes = list(CIFAR10_CLASSES)
-    splits = {"train": split("train", data.train_x, data.train_y), "test": split("test", data.test_x, data.test_y)}
-    return PackSource(name, splits, classes, (list(data.mean), list(data.std)), data.augment, options)
-
-
-def _imagefolder(path: Path, decode: _FileDecoder, options: dict[str, Any]) -> PackSource:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
-    if not (path / "train").is_dir():
-        raise UserError(
-            f"imagefolder {path} needs a train/ folder (and optionally test/) with one sub-folder per class"
-        )
-    classes = sorted(e.name for e in os.scandir(path / "train") if e.is_dir())
-    if not classes:
-        raise UserError(f"imagefolder {path}/train has no class sub-folders: put each class's images in its own folder")
-    index = {c: i for i, c in enumerate(classes)}
-    splits = {}
-    for split in ("train", "test"):
-        if not (path / split).is_dir():
-            continue
-        extra = sorted({e.name for e in os.scandir(path / split) if e.is_dir()} - set(classes))
-        if extra:
-            raise UserError(
-                f"{path}/{split} has classes not in train/: {', '.join(extra)}: add them to train/ or remove them"
-            )
-        samples = make_dataset(str(path / split), index, extensions=IMG_EXTENSIONS)  # ImageFolder's order
-        items = [(p, Path(p).relative_to(path).as_posix(), y) for p, y in samples]
-        splits[split] = decode.split(items)
-    return PackSource(f"imagefolder:{path.name}", splits, classes, None, True, options)
-
-
-def _csv(path: Path, decode: _FileDecoder, options: dict[str, Any]) -> PackSource:
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "path" not in rows[0]:
-        raise UserError(f"{path} needs a header with a `path` column (optional `label`, `split`): add it")
-    seen: set[str] = set()
-    for r in rows:
-        if r["path"] in seen:
-            raise UserError(f"{path} lists {r['path']} twice: ids (the paths) must be unique; remove the duplicate row")
-        seen.add(r["path"])
-    labeled = "label" in rows[0]
-    names = sorted({r["label"] for r in rows}) if labeled else []
-    numeric = labeled and all(n.strip().lstrip("-").isdigit() for n in names)
-    classes = [str(i) for i in range(max(int(n) for n in names) + 1)] if numeric else names
-    index = {c: i for i, c in enumerate(classes)}
-    splits: dict[str, list[tuple[str, str, int | None]]] = {}
-    for r in rows:
-        split = (r.get("split") or "train").strip()
-        if split not in ("train", "test"):
-            raise UserError(f"{path}: split {split!r} for {r['path']}: use train or test")
-        label = (int(r["label"]) if numeric else index[r["label"]]) if labeled else None
-        splits.setdefault(split, []).append((str(path.parent / r["path"]), r["path"], label))
-    if "train" not in splits:
-        raise UserError(f"{path} has no train rows: mark some rows split=train (or drop the split column)")
-    return PackSource(
-        f"csv:{path.stem}",
-        {s: decode.split(items) for s, items in splits.items()},
-        classes or None,
-        None,
-        True,
-        options,
-    )
+    assert data.test is not None and data.classes is not None
+    splits = {"train": split(data.train), "test": split(data.test)}
+    return PackSource(name, splits, list(data.classes), (list(data.mean), list(data.std)), data.augment, options)
 
 
 class _FileDecoder:
-    """Decodes image files in parallel with Ray Data; a source split becomes a `Split` of files."""
+    """Decodes image files with the one decoder: on Ray Data for a large source, in-process for a small one."""
 
-    def __init__(self, resize: tuple[int, int] | None, skip_bad: bool, channels: int):
+    def __init__(self, resize: tuple[int, int] | None, skip_bad: bool, channels: int, n_files: int):
         self.resize, self.skip_bad, self.channels = resize, skip_bad, channels
+        self.parallel = n_files >= PARALLEL_MIN_FILES
 
-    def split(self, items: list[tuple[str, str, int | None]]) -> Split:
-        """items: (file path, id, label or None) in the source's order."""
-        return Split(len(items), lambda a, b: self.decode(items[a:b]))
+    def split(self, files: FileSplit) -> Split:
+        return Split(len(files.paths), lambda a, b: self.decode(files, a, b))
 
-    def decode(self, items: list[tuple[str, str, int | None]]) -> Chunk:
+    def decode(self, files: FileSplit, a: int, b: int) -> Chunk:
+        paths, ids = files.paths[a:b], files.ids[a:b]
+        if self.parallel:
+            decoded = self._on_ray(paths)
+        else:
+            decoded = [decode_file_or_reason(p, self.channels, self.resize) for p in paths]
+        got = collect(paths, decoded, self.skip_bad)
+        labels = None if files.labels is None else [files.labels[a + i] for i in got.kept]
+        stacked = torch.stack(got.images).numpy() if got.images else np.zeros((0, 0, 0, 0), np.uint8)
+        id_of = dict(zip(paths, ids, strict=True))  # skipped images are listed by id
+        skipped = [(id_of[p], why) for p, why in got.skipped]
+        return Chunk([ids[i] for i in got.kept], labels, stacked, skipped)
+
+    def _on_ray(self, paths: list[str]) -> list[torch.Tensor | str]:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
+        from fm_ray._internal.ray_session import ensure_ray
+
+        ensure_ray(None)
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # fm_ray.log.progress draws one bar per file instead
-        rows = [{"seq": i, "path": p, "id": name} for i, (p, name, _) in enumerate(items)]
+        ctx.enable_progress_bars = False  # fm_ray's own progress draws one bar per file instead
+        rows = [{"seq": i, "path": p} for i, p in enumerate(paths)]
         ds = ray.data.from_items(rows).map_batches(
             decode_batch,
             batch_size=64,
             batch_format="pyarrow",
             fn_kwargs={"resize": self.resize, "channels": self.channels},
         )
-        out = sorted(ds.take_all(), key=lambda r: r["seq"])
-        ids, labels, images, skipped = [], [], [], []
-        for r, (_, name, label) in zip(out, items, strict=True):
-            if r["why"] is not None:
-                if not self.skip_bad:
-                    raise BadImage(r["path"], r["why"])
-                skipped.append((name, r["why"]))
-                continue
-            image = np.frombuffer(r["image"], dtype=np.uint8).reshape(r["c"], r["h"], r["w"])
-            if images and image.shape != images[0].shape:
-                raise UserError(
-                    f"images differ in size: {r['path']} is {_hw(image.shape)}, {ids[0]} is {_hw(images[0].shape)}: "
-                    "pass --resize N (or HxW) to pack them at one size"
-                )
-            ids.append(name)
-            labels.append(label)
-            images.append(image)
-        stacked = np.stack(images) if images else np.zeros((0, 0, 0, 0), np.uint8)
-        has_labels = any(lab is not None for lab in labels)
-        return Chunk(ids, labels if has_labels else None, stacked, skipped)
+        out: list[torch.Tensor | str] = [""] * len(paths)
+        for r in ds.take_all():
+            shape = (r["c"], r["h"], r["w"])
+            out[r["seq"]] = (
+                r["why"]
+                if r["why"] is not None
+                else torch.frombuffer(bytearray(r["image"]), dtype=torch.uint8).view(shape)
+            )
+        return out
 
 
 def decode_batch(batch: pa.Table, resize: tuple[int, int] | None, channels: int) -> pa.Table:
-    """Ray Data UDF: files -> raw uint8 images, or the reason one cannot be decoded (never raises for it)."""
-    out: dict[str, list[Any]] = {k: [] for k in ("seq", "path", "image", "c", "h", "w", "why")}
+    """Ray Data UDF: `decode_file_or_reason` on each file; raw uint8 bytes and shape, or the reason."""
+    out: dict[str, list[Any]] = {k: [] for k in ("seq", "image", "c", "h", "w", "why")}
     for seq, path in zip(batch.column("seq").to_pylist(), batch.column("path").to_pylist(), strict=True):
-        image, why = None, None
-        try:
-            x = decode_image_bytes(Path(path).read_bytes(), path, channels)
-            image = x if resize is None else resize_image(x, resize)
-        except BadImage as e:
-            why = e.why
-        except OSError as e:
-            why = f"unreadable: {e.strerror or type(e).__name__}"
+        image = decode_file_or_reason(path, channels, resize)
+        ok = not isinstance(image, str)
         out["seq"].append(seq)
-        out["path"].append(path)
-        out["image"].append(image.numpy().tobytes() if image is not None else None)
-        for k, v in zip(("c", "h", "w"), image.shape if image is not None else (0, 0, 0), strict=True):
+        out["image"].append(image.numpy().tobytes() if ok else None)
+        for k, v in zip(("c", "h", "w"), image.shape if ok else (0, 0, 0), strict=True):
             out[k].append(int(v))
-        out["why"].append(why)
-    return pa.table(out, schema=pa.schema([("seq", pa.int64()), ("path", pa.string()), ("image", pa.binary()),
-                                           ("c", pa.int32()), ("h", pa.int32()), ("w", pa.int32()), ("why", pa.string())]))  # fmt: skip
-
-
-def resize_image(x_C_H_W: Any, size: tuple[int, int]) -> Any:
-    """Bilinear, antialiased resize of one uint8 image (deterministic on CPU)."""
-    import torch
-
-    if tuple(x_C_H_W.shape[1:]) == size:
-        return x_C_H_W
-    y = torch.nn.functional.interpolate(
-        x_C_H_W[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
-    )
-    return y[0].round().clamp(0, 255).to(torch.uint8)
+        out["why"].append(None if ok else image)
+    schema = pa.schema([("seq", pa.int64()), ("image", pa.binary()), ("c", pa.int32()), ("h", pa.int32()),
+                        ("w", pa.int32()), ("why", pa.string())])  # fmt: skip
+    return pa.table(out, schema=schema)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from fm_ray.config import DataConfig
+from fm_ray.data.core import Dataset
 from fm_ray.errors import UserError
 
 # The paper's settings (Gul et al., arXiv 2411.05752, section 5; docs/method.md): class -> pool count.
@@ -17,14 +17,6 @@ SETTINGS: dict[str, dict[int, int] | None] = {
     "setting2": {**{c: 250 for c in range(9)}, 9: 5000},
     "balanced": None,  # the whole train split
 }
-
-
-class LabeledSplits(Protocol):
-    """What sampling a pool needs of a dataset: its name and the labels of both splits."""
-
-    name: str
-    train_y: torch.Tensor
-    test_y: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -51,7 +43,7 @@ def class_counts_for(cfg: DataConfig, train_y: torch.Tensor) -> dict[int, int]:
     return counts
 
 
-def sample_pool(cfg: DataConfig, data: LabeledSplits, seed: int) -> Pool:
+def sample_pool(cfg: DataConfig, data: Dataset, seed: int) -> Pool:
     """Sample the pool per class with the seed; restrict the test split to the same classes."""
     counts = class_counts_for(cfg, data.train_y)
     train_y = data.train_y.numpy()

@@ -35,6 +35,7 @@ import torch
 from fm_ray._internal.files import write_atomically
 from fm_ray._internal.log import log
 from fm_ray.config import RunConfig, from_dict, to_dict
+from fm_ray.data.registry import check_outside
 from fm_ray.data.sources import load_pool, pool_ids
 from fm_ray.errors import UserError
 from fm_ray.project import labels as flabels
@@ -59,6 +60,7 @@ class Project:
         from fm_ray.run.validate import check
 
         check(cfg)
+        check_outside(self.path, cfg.data.dataset, cfg.data.data_dir, "the project folder")
         pool = load_pool(cfg)
         if pool.n_classes is not None and pool.n_classes != len(classes):
             raise UserError(f"the pool has {pool.n_classes} classes but --classes names {len(classes)}: name each")

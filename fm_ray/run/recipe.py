@@ -14,8 +14,9 @@ import torch
 
 from fm_ray._internal.log import log
 from fm_ray.config import RunConfig
-from fm_ray.data import builtin as fdata
+from fm_ray.data.core import write_skipped_images
 from fm_ray.data.normalize import Normalizer
+from fm_ray.data.registry import check_outside, open_source
 from fm_ray.data.settings import initial_labeled, sample_pool
 from fm_ray.errors import UserError
 from fm_ray.model.train import evaluate, fit_round, resolve_device
@@ -35,8 +36,9 @@ def run_experiment(
 ) -> Path:
     check(cfg)
     rundir = RunDir(out)
+    check_outside(out, cfg.data.dataset, cfg.data.data_dir, "--out")
     rundir.preflight(resume, overwrite)  # before loading any data
-    data = fdata.load_pool_data(cfg.data)  # labels in memory; pixels read on demand
+    data = open_source(cfg.data.dataset, data_dir=cfg.data.data_dir, skip_bad=cfg.data.skip_bad_images)
     pool = sample_pool(cfg.data, data, cfg.seed)
     T = len(pool.train_index)
     for name, value in (("--init", cfg.init), ("--budget", cfg.budget or 0)):
@@ -47,10 +49,11 @@ def run_experiment(
     norm = Normalizer(data.mean, data.std)
     # position i of the pool is train row pool.train_index[i]; the shards read their own rows, the
     # driver only the labeled set (each round) and the test split
-    pool_images = data.train.subset(pool.train_index)
+    pool_images = data.train.images.subset(pool.train_index)
     y_pool = torch.from_numpy(pool.labels)
-    x_test = data.test.read(pool.test_index)
-    (_, height, side), C = data.train.shape, len(pool.classes)
+    assert data.test is not None  # sample_pool refused a source without a test split
+    x_test = data.test.images.read(pool.test_index)
+    (_, height, side), C = data.train.images.shape, len(pool.classes)
     if height != side:
         raise UserError(f"{data.name} has {height}x{side} images; the models need square ones: re-pack with --resize N")
 
@@ -59,7 +62,7 @@ def run_experiment(
     try:
         # only now, with every check passed and the pool built, may --overwrite delete the old run
         rows, queries = rundir.open(cfg, resume, overwrite)
-        fdata.write_skipped_images(rundir.path, data)
+        write_skipped_images(rundir.path, data)
         rid = run_id(cfg)
         labeled = np.union1d(initial_labeled(T, cfg.init, cfg.seed), [q["pool_index"] for q in queries])
         labeled = labeled.astype(np.int64)
