@@ -210,3 +210,26 @@ def test_project_batch_from_a_constant_channel_folder_is_valid_json(tmp_path):
             assert math.isfinite(pred["score"])
     rows = (proj / "batches" / "1" / "batch.csv").read_text().splitlines()[1:]
     assert all("nan" not in r.lower() for r in rows)
+
+
+def test_pack_once_then_label_a_packed_unlabeled_pool(tmp_path, capsys):
+    """A packed folder (no test split, no labels) makes a project: before, `project init` refused it
+    ("has no test split to evaluate on"); its ids are the folder's relative paths."""
+    folder = tmp_path / "imgs"
+    for cls in ("cat", "dog"):
+        copy_jpgs(folder / cls, cls, 6)
+    pool = tmp_path / "pool"
+    assert main(["pack", f"folder:{folder}", str(pool)]) == 0
+    proj = tmp_path / "proj"
+    base = ["--model", "mlp", "--epochs", "1", "--backend", "local"]
+    assert main(["project", "init", str(proj), "--pool", f"parquet:{pool}", "--classes", "cat,dog", *base]) == 0
+    assert main(["project", "next", str(proj), "--k", "4"]) == 0
+    rows = (proj / "batches" / "0" / "batch.csv").read_text().splitlines()[1:]
+    ids = [r.split(",")[0] for r in rows]
+    assert len(set(ids)) == 4 and all(i.split("/")[0] in ("cat", "dog") for i in ids)
+    (tmp_path / "l.csv").write_text("id,label\n" + "".join(f"{i},{i.split('/')[0]}\n" for i in ids))
+    assert main(["project", "import", str(proj), str(tmp_path / "l.csv")]) == 0
+    assert main(["project", "next", str(proj), "--k", "3"]) == 0
+    second = [r.split(",")[0] for r in (proj / "batches" / "1" / "batch.csv").read_text().splitlines()[1:]]
+    assert len(second) == 3 and not set(second) & set(ids)
+    assert set(second) <= {f"{c}/{i:04d}.jpg" for c in ("cat", "dog") for i in range(6)}
