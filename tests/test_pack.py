@@ -82,7 +82,7 @@ def test_interrupted_pack_resumes_to_the_same_bytes(folder, tmp_path):
         pack(source, str(tmp_path / "cut"), rows_per_file=4, stop_after=3)
     cut = tmp_path / "cut"
     assert not (cut / "pool.json").exists() and len(list((cut / "train").glob("*.parquet"))) == 3
-    assert not list(cut.rglob("*.tmp-*"))  # no half-written file left behind
+    assert not list(cut.rglob("*.tmp"))  # no half-written file left behind
     with pytest.raises(UserError, match="not an fm_ray pool"):
         open_pool(str(cut))
     before = {p: (cut / p).stat().st_mtime_ns for p in all_files(cut) if p.endswith(".parquet")}
