@@ -299,10 +299,10 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
 
     shape = m.get("image_shape")
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
-        return "image_shape is not [C, H, W]"
+        return "image_shape is missing or not [C, H, W]"
     for key in ("mean", "std"):
         if not numbers(m.get(key), shape[0]):
-            return f"{key} is not {shape[0]} numbers"
+            return f"{key} is missing or not {shape[0]} number per channel"
     classes = m.get("classes")
     if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         return "classes is not a list of names"
@@ -310,7 +310,7 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
         return "augment is not true or false"
     splits = m.get("splits")
     if not isinstance(splits, dict) or "train" not in splits or not set(splits) <= set(SPLITS):
-        return "splits has no train entry" if isinstance(splits, dict) else "no splits"
+        return "splits has no train entry" if isinstance(splits, dict) else "splits is missing"
     for split, entry in splits.items():
         if not isinstance(entry, dict):
             return f"splits.{split} is not an object"
