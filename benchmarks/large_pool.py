@@ -40,6 +40,7 @@ ROWS_PER_FILE = 8192
 def synthetic_source(n: int, seed: int, noise: float) -> Any:
     """Rows i = FashionMNIST train image i mod 60,000 plus N(0, noise^2) pixel noise, seeded per file."""
     from fm_ray.config import DataConfig
+    from fm_ray.data.fingerprint import Item, array_listing
     from fm_ray.data.pack import Chunk, PackSource, Split
     from fm_ray.data.registry import open_source
 
@@ -55,8 +56,14 @@ def synthetic_source(n: int, seed: int, noise: float) -> Any:
     def read_test(a: int, b: int) -> Chunk:
         return Chunk([f"test/{i}" for i in range(a, b)], fm.test_y[a:b].tolist(), fm.test_x[a:b].numpy())
 
-    splits = {"train": Split(n, read_train), "test": Split(len(fm.test_x), read_test)}
     options = {"source": f"synthetic-fashion_mnist-n{n}-seed{seed}-noise{noise}"}
+    # the rows are a function of (options, row): that names their content without generating them twice
+    train_listing = [Item(f"syn/{i}", int(base_y[i % len(base_y)]), 784, f"{options['source']}/{i}") for i in range(n)]
+    test_ids = [f"test/{i}" for i in range(len(fm.test_x))]
+    splits = {
+        "train": Split(n, read_train, train_listing),
+        "test": Split(len(fm.test_x), read_test, array_listing(test_ids, fm.test_y.tolist(), fm.test_x.numpy())),
+    }
     return PackSource("synthetic_fashion_mnist", splits, [str(c) for c in range(10)], None, False, options)
 
 

@@ -3,6 +3,7 @@ interruption, byte-identical when re-run, and one clear line for each bad input.
 
 import csv
 import filecmp
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -82,7 +83,7 @@ def test_interrupted_pack_resumes_to_the_same_bytes(folder, tmp_path):
         pack(source, str(tmp_path / "cut"), rows_per_file=4, stop_after=3)
     cut = tmp_path / "cut"
     assert not (cut / "pool.json").exists() and len(list((cut / "train").glob("*.parquet"))) == 3
-    assert not list(cut.rglob("*.tmp-*"))  # no half-written file left behind
+    assert not list(cut.rglob("*.tmp"))  # no half-written file left behind
     with pytest.raises(UserError, match="not an fm_ray pool"):
         open_pool(str(cut))
     before = {p: (cut / p).stat().st_mtime_ns for p in all_files(cut) if p.endswith(".parquet")}
@@ -94,6 +95,57 @@ def test_interrupted_pack_resumes_to_the_same_bytes(folder, tmp_path):
     pack(source, str(tmp_path / "again"), rows_per_file=4)
     assert all_files(tmp_path / "again") == all_files(tmp_path / "whole")
     assert filecmp.cmp(cut / "pool.json", tmp_path / "again" / "pool.json", shallow=False)
+
+
+def test_manifest_records_rows_digests_and_the_source_listing(folder, tmp_path):
+    root, expected = folder
+    manifest = pack(f"imagefolder:{root}", str(tmp_path / "p"), rows_per_file=8)
+    for entry in manifest["splits"].values():
+        files = [tmp_path / "p" / f for f in entry["files"]]
+        assert entry["file_sha256"] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+        assert entry["file_rows"] == [pq.ParquetFile(f).metadata.num_rows for f in files]
+    listing = pq.read_table(tmp_path / "p" / manifest["listing"]["file"]).to_pylist()
+    want = [
+        {"split": s, "id": i, "label": c, "bytes": (root / i).stat().st_size,
+         "sha256": hashlib.sha256((root / i).read_bytes()).hexdigest()}
+        for s in ("train", "test") for i, c, _ in expected[s]
+    ]  # fmt: skip
+    assert listing == want and manifest["listing"]["items"] == {"train": 21, "test": 6}
+
+
+def copy_folder(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_pack_resumed_after_the_source_changed_packs_the_new_contents(folder, fmnist, tmp_path):
+    """Interrupted, then one image deleted and another added: the resumed pack equals a fresh pack of
+    the folder as it is now (files of unchanged items kept), never a mix of old and new."""
+    root = copy_folder(folder[0], tmp_path / "src")
+    source = f"imagefolder:{root}"
+    with pytest.raises(PackInterrupted):
+        pack(source, str(tmp_path / "cut"), rows_per_file=4, stop_after=3)
+    cut = tmp_path / "cut"
+    kept = (cut / "train" / "part-00000.parquet").stat().st_mtime_ns
+    (root / "train" / "coat" / "img03.png").unlink()  # in train/part-00002 (bag 0-6, coat 7-13)
+    save_png(root / "train" / "dress" / "img99.png", fmnist.train_x[100].expand(3, -1, -1).contiguous())
+    assert main(["pack", source, str(cut), "--rows-per-file", "4"]) == 0
+    pack(source, str(tmp_path / "fresh"), rows_per_file=4)
+    assert all_files(cut) == all_files(tmp_path / "fresh")
+    assert (cut / "train" / "part-00000.parquet").stat().st_mtime_ns == kept  # items 0-3 did not change
+    ids = open_pool(str(cut)).columns("train").column("id").to_pylist()
+    assert "train/coat/img03.png" not in ids and "train/dress/img99.png" in ids and len(ids) == 21
+
+
+def test_repacking_a_finished_pool_whose_source_changed_is_refused(folder, tmp_path, capsys):
+    root = copy_folder(folder[0], tmp_path / "src")
+    pack(f"imagefolder:{root}", str(tmp_path / "p"))
+    (root / "test" / "bag" / "img00.png").write_bytes((root / "test" / "bag" / "img01.png").read_bytes())
+    assert main(["pack", f"imagefolder:{root}", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the source has changed since: pack it into a new OUT" in err and len(err.splitlines()) == 1
 
 
 def test_pack_into_a_foreign_or_mismatched_folder_is_refused(folder, tmp_path, capsys):
@@ -148,7 +200,7 @@ def test_images_of_different_sizes_need_resize(fmnist, tmp_path, capsys):
     assert "differ in size" in capsys.readouterr().err
     assert main(["pack", f"folder:{src}", str(tmp_path / "r"), "--resize", "16x20"]) == 0
     pool = open_pool(str(tmp_path / "r"))
-    assert pool.shape == (3, 16, 20) and pool.splits["train"].rows == 4
+    assert pool.shape == (1, 16, 20) and pool.splits["train"].rows == 4  # grey images stay grey
 
 
 def test_csv_source_with_labels_and_splits(fmnist, tmp_path):

@@ -2,11 +2,13 @@
 in-RAM dataset for 1, 2 (Ray) and 3 shards; the driver reads only labeled and test pixels; bad pools
 fail with one line; the large-pool benchmark runs at tiny n."""
 
+import hashlib
 import json
 import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -50,8 +52,8 @@ def test_packed_builtin_gives_bit_identical_inputs(fmnist, packed):
     assert (data.mean, data.std, data.augment) == (fmnist.mean, fmnist.std, fmnist.augment)
     assert torch.equal(data.train_y, fmnist.train_y) and torch.equal(data.test_y, fmnist.test_y)
     rows = np.array([59_999, 0, 19_999, 20_000, 1023, 1024, 41_234])  # across row groups and files
-    assert torch.equal(data.train.read(rows), fmnist.train_x[rows])
-    assert torch.equal(data.test.read(np.arange(10_000)), fmnist.test_x)
+    assert torch.equal(data.train.images.read(rows), fmnist.train_x[rows])
+    assert torch.equal(data.test.images.read(np.arange(10_000)), fmnist.test_x)
     cfg = DataConfig(dataset="fashion_mnist", setting="setting2")
     a, b = sample_pool(cfg, fmnist, 3), sample_pool(cfg, data, 3)
     assert np.array_equal(a.train_index, b.train_index) and np.array_equal(a.test_index, b.test_index)
@@ -61,7 +63,7 @@ def test_uri_reads_like_a_path(packed):
     by_uri = open_source(DataConfig(dataset=f"parquet:file://{packed}"))
     by_path = open_source(DataConfig(dataset=f"parquet:{packed}"))
     rows = np.array([5, 33_000])
-    assert torch.equal(by_uri.train.read(rows), by_path.train.read(rows))
+    assert torch.equal(by_uri.train.images.read(rows), by_path.train.images.read(rows))
 
 
 def select_all(pool, trained) -> dict[str, list[int]]:
@@ -152,6 +154,23 @@ def rewrite(path, fn):
     pq.write_table(fn(table).replace_schema_metadata(table.schema.metadata), path)
 
 
+def edit_manifest(pool, fn) -> None:
+    m = json.loads((pool / "pool.json").read_text())
+    fn(m)
+    (pool / "pool.json").write_text(json.dumps(m))
+
+
+def reseal(pool) -> None:
+    """Record the files' current digests in pool.json: a pool whose manifest matches its files but
+    whose contents are bad, as a faulty packer would write it (to reach the checks behind the digest)."""
+
+    def fix(m):
+        for entry in m["splits"].values():
+            entry["file_sha256"] = [hashlib.sha256((pool / f).read_bytes()).hexdigest() for f in entry["files"]]
+
+    edit_manifest(pool, fix)
+
+
 @pytest.fixture
 def small_pool(packed, tmp_path):
     """A copy of the packed pool to damage."""
@@ -182,6 +201,7 @@ def test_missing_and_non_pool_paths(tmp_path, capsys):
 def test_duplicate_ids(small_pool, tmp_path, capsys):
     test_file = small_pool / "test" / "part-00000.parquet"
     rewrite(test_file, lambda t: t.set_column(0, "id", pa.array([f"train/{i}" for i in range(len(t))])))
+    reseal(small_pool)
     assert main(run_argv(small_pool, tmp_path / "r")) == 2
     assert "has the id 'train/0' more than once" in one_line_error(capsys)
 
@@ -204,16 +224,22 @@ def damage_first_row_group_images(pool) -> None:
 
 def test_unreadable_row_range_names_the_rows(small_pool, tmp_path, capsys):
     damage_first_row_group_images(small_pool)
+    reseal(small_pool)  # past the digest check: a read that fails still names rows and file
     with pytest.raises(UserError, match=r"rows 0-1023 of train \(train/part-00000.parquet\) cannot be read"):
         open_pool(str(small_pool)).images("train").read(np.array([3]))
     assert main(run_argv(small_pool, tmp_path / "r")) == 2
     assert "cannot be read" in one_line_error(capsys)
 
 
-def test_unreadable_rows_on_a_ray_shard_fail_fast_with_the_message(small_pool, trained):
+@pytest.mark.parametrize("sealed", [True, False], ids=["unreadable", "digest"])
+def test_bad_rows_on_a_ray_shard_fail_fast_with_the_message(small_pool, trained, sealed):
+    """The shard that reads a file checks it: a damaged file is named by the actor, not read as pixels."""
     damage_first_row_group_images(small_pool)
+    if sealed:
+        reseal(small_pool)
     images = open_pool(str(small_pool)).images("train").subset(np.arange(560))
-    with pytest.raises(UserError, match="cannot be read"):
+    message = "cannot be read" if sealed else r"train/part-00000.parquet is not the file that was packed"
+    with pytest.raises(UserError, match=message):
         RayPool(PoolConfig(backend="ray", shards=2), trained["spec"], images)
 
 
@@ -221,8 +247,114 @@ def test_unlabeled_pool_cannot_run(small_pool, tmp_path, capsys):
     rewrite(
         small_pool / "test" / "part-00000.parquet", lambda t: t.set_column(2, "label", pa.nulls(len(t), pa.int64()))
     )
+    reseal(small_pool)
     assert main(run_argv(small_pool, tmp_path / "r")) == 2
     assert "unlabeled test rows" in one_line_error(capsys)
+
+
+# -- the manifest checked against the files: each case ran to the end with wrong results before --------
+def test_swapped_part_files(small_pool, tmp_path, capsys):
+    a, b = small_pool / "train" / "part-00000.parquet", small_pool / "train" / "part-00001.parquet"
+    a.rename(tmp_path / "x")
+    b.rename(a)
+    (tmp_path / "x").rename(b)  # same rows, schema and shape: only the bytes tell them apart
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    assert "train/part-00000.parquet is not the file that was packed" in one_line_error(capsys)
+
+
+def test_file_rewritten_with_other_labels(small_pool, tmp_path, capsys):
+    path = small_pool / "test" / "part-00000.parquet"
+    rewrite(path, lambda t: t.set_column(2, "label", pc.subtract(pa.scalar(9, pa.int64()), t.column("label"))))
+    open_pool(str(small_pool))  # rows, schema and shape still match the manifest
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    assert "test/part-00000.parquet is not the file that was packed" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("shape", [[4, 14, 14], [1, 14, 56]])
+def test_image_shape_edited_in_the_manifest(small_pool, tmp_path, capsys, shape):
+    def edit(m):  # the same bytes per image: read as scrambled pixels unless the files are asked
+        m.update(image_shape=shape, mean=m["mean"] * shape[0], std=m["std"] * shape[0])
+
+    edit_manifest(small_pool, edit)
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    err = one_line_error(capsys)
+    assert f"pool.json says the images are {'x'.join(map(str, shape))}, train/part-00000.parquet holds 1x28x28" in err
+
+
+def test_file_dropped_from_the_manifest_or_the_folder(small_pool, tmp_path, capsys):
+    def drop_last(m):
+        entry = m["splits"]["train"]
+        for key in ("files", "file_rows", "file_sha256"):
+            entry[key] = entry[key][:-1]
+        entry["rows"] = sum(entry["file_rows"])
+
+    edit_manifest(small_pool, drop_last)
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    assert "train/part-00002.parquet is in the pool folder but not in pool.json" in one_line_error(capsys)
+    (small_pool / "train" / "part-00002.parquet").unlink()
+    (small_pool / "train" / "part-00001.parquet").unlink()
+    assert main(run_argv(small_pool, tmp_path / "r2")) == 2
+    assert "train/part-00001.parquet is listed in pool.json but missing" in one_line_error(capsys)
+
+
+def test_labels_outside_the_classes(small_pool, tmp_path, capsys):
+    edit_manifest(small_pool, lambda m: m.update(classes=m["classes"][:5]))
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    assert "holds the label 9, outside the 5 classes of pool.json" in one_line_error(capsys)
+
+
+def test_a_file_with_other_columns(small_pool, tmp_path, capsys):
+    rewrite(
+        small_pool / "test" / "part-00000.parquet", lambda t: t.set_column(2, "label", pc.cast(t["label"], pa.int32()))
+    )
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    assert "test/part-00000.parquet has the columns (id: string, image: binary, label: int32)" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "is not an fm_ray pool manifest"),
+        ("[1, 2]", "is not an fm_ray pool manifest"),
+        (lambda m: m.pop("splits"), "damaged (splits is missing)"),
+        (lambda m: m.pop("mean"), "damaged (mean is missing or not 1 number per channel)"),
+        (lambda m: m["splits"].pop("train"), "damaged (splits has no train entry)"),
+        (lambda m: m["splits"]["train"].pop("file_sha256"), "lacks files, file_rows and file_sha256"),
+        (lambda m: m["splits"]["train"]["files"].__setitem__(0, "../../etc/passwd"), "not a file of train/"),
+        (lambda m: m.update(version=1), "format v1, packed by an older fm_ray without file digests: pack it again"),
+    ],
+    ids=["not-json", "list", "no-splits", "no-mean", "no-train", "no-digests", "outside", "v1"],
+)
+def test_damaged_manifest_is_one_line(small_pool, tmp_path, capsys, text, message):
+    if callable(text):
+        edit_manifest(small_pool, text)
+    else:
+        (small_pool / "pool.json").write_text(text)
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    err = one_line_error(capsys)
+    assert message in err, err
+    if "v1" in message:
+        assert "`fm-ray pack fashion_mnist NEW_FOLDER`" in err
+
+
+def test_each_file_is_hashed_once_per_process(small_pool, monkeypatch):
+    import fm_ray.data.parquet as parquet
+
+    hashed = []
+    original = parquet.sha256_of
+    monkeypatch.setattr(
+        parquet, "sha256_of", lambda fs, path: hashed.append(path.rsplit("/", 2)[-2:]) or original(fs, path)
+    )
+    pool = open_pool(str(small_pool))
+    assert hashed == []  # opening reads footers only
+    pool.columns("train")
+    again = open_pool(str(small_pool))
+    for rows in ([0, 59_999], [20_000, 1], [5]):
+        again.images("train").read(np.array(rows))
+        again.images("test").read(np.array(rows[:1]) % 10_000)
+    assert sorted(hashed) == sorted(
+        [["train", f"part-0000{i}.parquet"] for i in range(3)] + [["test", "part-00000.parquet"]]
+    )
 
 
 def test_relative_pool_path_is_made_absolute_for_trials(tmp_path, monkeypatch):

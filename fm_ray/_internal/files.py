@@ -1,4 +1,4 @@
-"""fm_ray's cache folder and the two rules for writing into it.
+"""fm_ray's cache folder and the one atomic write (local paths and object stores).
 
 Several processes (Ray Tune trials, two runs started together) share one cache, so every file is
 written under a unique temporary name in its final folder and renamed into place: a reader sees
@@ -7,13 +7,19 @@ the old file or the new one, never half of one, and two writers never touch the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from fm_ray.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 
 def cache_dir() -> Path:
@@ -61,4 +67,41 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# Object stores with no rename: pyarrow's move there is a copy and a delete (a reader can see the
+# temporary, a crash leaves it behind), while one PUT is atomic already (the object appears whole).
+_NO_RENAME = {"s3", "s3a", "gcs", "gs", "abfs", "abfss", "az"}
+
+
+def _renames(fs: pafs.FileSystem) -> bool:
+    """False for object stores, pyarrow's own (s3, gcs, abfs) or fsspec's through pyarrow (py::fsspec+s3)."""
+    return not set(re.findall(r"[a-z0-9]+", fs.type_name.removeprefix("py::").removeprefix("fsspec+"))) & _NO_RENAME
+
+
+def write_bytes_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` on a pyarrow filesystem so that a reader sees the old file or the whole
+    new one, and two writers of one path leave one of their files whole.
+
+    Local paths go through `write_atomically` (unique temporary, fsync, rename); object stores get a
+    single direct PUT; any other filesystem a unique temporary name and its own rename."""
+    parent = path.rsplit("/", 1)[0]
+    if fs.type_name == "local":
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(path), lambda f: f.write(data))
+        return
+    fs.create_dir(parent, recursive=True)
+    if not _renames(fs):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
         raise

@@ -6,15 +6,19 @@ folders), `folder:<path>` (unlabeled images, recursive) and `csv:<file>` (a `pat
 `label` and `split` columns). Image files are decoded in parallel with Ray Data.
 
 Resumable and deterministic: the source's rows are cut into files of `rows_per_file`; each file is
-written under a temporary name and renamed, so it is either whole or absent; a re-run skips the
-files already there; `pool.json` is written last. The same source and options give the same bytes.
+written atomically (`write_bytes_atomically`), so it is either whole or absent. When a pack begins it
+records the source's listing (`listing.parquet`: id, label, bytes, sha256 of every item) and each
+part file records the digest of the items it holds; a re-run keeps exactly the files whose items are
+unchanged and packs the others again, so a source changed in between never gives a mix of old and
+new rows. `pool.json` is written last, with each file's rows and sha256. The same source and
+options give the same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,19 +29,34 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from fm_ray._internal.files import write_bytes_atomically
 from fm_ray._internal.log import log, progress
 from fm_ray.data.core import Split as DataSplit
-from fm_ray.data.core import mean_std, pixel_sums, skipped_csv
+from fm_ray.data.core import hw, mean_std, pixel_sums, skipped_csv
 from fm_ray.data.decode import collect, decode_file_or_reason, grey_only
 from fm_ray.data.files import FileSplit, list_files
-from fm_ray.data.parquet import FORMAT, MANIFEST, ROW_GROUP, SCHEMA, SKIPPED_CSV, VERSION, filesystem, part_name
+from fm_ray.data.fingerprint import Item, array_listing, file_listing, slice_digest
+from fm_ray.data.parquet import (
+    FILE_META,
+    FORMAT,
+    LISTING,
+    LISTING_SCHEMA,
+    MANIFEST,
+    ROW_GROUP,
+    SCHEMA,
+    SKIPPED_CSV,
+    SPLITS,
+    VERSION,
+    filesystem,
+    part_name,
+    sha256_of,
+)
 from fm_ray.data.registry import check_outside, open_source, parse_spec
 from fm_ray.data.source import read_all
 from fm_ray.errors import UserError
 
 ROWS_PER_FILE = 8192
 SPEC = "pack_spec.json"  # what is being packed: a resumed pack must be the same source and options
-_META = b"fm_ray"  # per-file Parquet schema metadata: shape, skipped images, exact pixel sums
 
 
 @dataclass
@@ -54,6 +73,7 @@ class Chunk:
 class Split:
     n: int  # source items, before any are skipped
     read: Callable[[int, int], Chunk]
+    listing: list[Item] | None = None  # the n items in order (fm_ray.data.fingerprint): a pack needs it
 
 
 @dataclass
@@ -101,15 +121,23 @@ def pack(
 def pack_source(src: PackSource, out: str, rows_per_file: int = ROWS_PER_FILE, stop_after: int | None = None) -> dict:
     fs, base = filesystem(out)
     spec = {"format": FORMAT, "version": VERSION, **src.options, "rows_per_file": rows_per_file}
-    done = _read_json(fs, f"{base}/{MANIFEST}")
+    listing = _listing(src)
+    plan = {s: _plan(s, src.classes, items, rows_per_file) for s, items in listing.items()}
+    listed = hashlib.sha256(json.dumps(plan).encode()).hexdigest()
+    done = _read_json(fs, f"{base}/{MANIFEST}", out)
     if done is not None:
         if done.get("pack") != spec:
             raise UserError(
                 f"{out} already holds a pool packed from {done.get('pack')}: choose another OUT or delete it"
             )
+        if done.get("listing", {}).get("sha256") != listed:
+            raise UserError(
+                f"{out} holds {src.name} as it was when packed, and the source has changed since: "
+                f"pack it into a new OUT (or delete {out} and pack again)"
+            )
         log(f"{out} is already packed ({done['splits']['train']['rows']} train rows): nothing to do")
         return done
-    begun = _read_json(fs, f"{base}/{SPEC}")
+    begun = _read_json(fs, f"{base}/{SPEC}", out)
     if begun is None and fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
         raise UserError(f"{out} exists and is not an fm_ray pool being packed: choose a new or empty OUT")
     if begun is not None and begun != spec:
@@ -117,46 +145,124 @@ def pack_source(src: PackSource, out: str, rows_per_file: int = ROWS_PER_FILE, s
             f"{out} holds an interrupted pack of {begun}, not of {spec}: pack into another OUT or delete it"
         )
     fs.create_dir(base, recursive=True)
-    _write_atomic(fs, f"{base}/{SPEC}", json.dumps(spec, indent=1).encode())
-    files = {
-        name: [part_name(name, i) for i in range(-(-split.n // rows_per_file))] for name, split in src.splits.items()
-    }
-    shape = _packed_shape(fs, base, files)  # of a file packed before an interruption, if any
+    write_bytes_atomically(fs, f"{base}/{SPEC}", json.dumps(spec, indent=1).encode())
+    # a resumed pack keeps only the files packed from the very items planned for them now: the
+    # source may have changed since the pack began, and a mix of old and new rows is never kept
+    digests = _keep_unchanged(fs, base, plan)
+    recorded = _read_bytes(fs, f"{base}/{LISTING}")
+    if recorded != (now := _listing_bytes(listing)):  # the listing as this pack began, or as it resumes now
+        if recorded is not None:
+            _log_changes(recorded, src.name, listing, len(digests), sum(map(len, plan.values())))
+        write_bytes_atomically(fs, f"{base}/{LISTING}", now)
+    shape = _packed_shape(fs, base, digests)
     written = 0
     for split_name, split in src.splits.items():
-        names = files[split_name]
-        todo = [i for i, name in enumerate(names) if not _exists(fs, f"{base}/{name}")]
+        names = [name for name, _ in plan[split_name]]
+        todo = [i for i, name in enumerate(names) if name not in digests]
         if len(todo) < len(names):
             log(f"{split_name}: {len(names) - len(todo)} of {len(names)} files already packed, resuming")
         for i in progress(todo, f"packing {src.name} {split_name}", total=len(todo), unit="file"):
             chunk = split.read(i * rows_per_file, min(split.n, (i + 1) * rows_per_file))
-            meta = _chunk_meta(chunk)
+            meta = _chunk_meta(chunk, plan[split_name][i][1])
             if meta["shape"] and shape and tuple(meta["shape"]) != shape:
                 raise UserError(
-                    f"images differ in size: {meta['first_id']} is {_hw(meta['shape'])}, earlier ones are "
-                    f"{_hw(shape)}: pass --resize N (or HxW) to pack them at one size"
+                    f"images differ in size: {meta['first_id']} is {hw(meta['shape'])}, earlier ones are "
+                    f"{hw(shape)}: pass --resize N (or HxW) to pack them at one size"
                 )
             shape = shape or (tuple(meta["shape"]) if meta["shape"] else None)
-            _write_chunk(fs, f"{base}/{names[i]}", chunk, meta)
+            digests[names[i]] = _write_chunk(fs, f"{base}/{names[i]}", chunk, meta)
             written += 1
             if stop_after is not None and written >= stop_after:
                 raise PackInterrupted(f"stopped after {written} files")
-    return _finish(src, fs, base, out, spec, files)
+    files = {s: [name for name, _ in p] for s, p in plan.items()}
+    return _finish(src, fs, base, out, spec, files, digests, listed)
 
 
-def _packed_shape(fs: pafs.FileSystem, base: str, files: dict[str, list[str]]) -> tuple[int, ...] | None:
-    for names in files.values():
-        for name in names:
-            if _exists(fs, f"{base}/{name}") and (shape := _file_meta(fs, f"{base}/{name}")["shape"]):
-                return tuple(shape)
+def _listing(src: PackSource) -> dict[str, list[Item]]:
+    for s, split in src.splits.items():
+        if split.listing is None or len(split.listing) != split.n:
+            raise ValueError(f"source {src.name} lists no {s} items (Split.listing): every pack source must")
+    return {s: list(split.listing) for s, split in src.splits.items()}  # type: ignore[arg-type]
+
+
+def _plan(split: str, classes: list[str] | None, items: list[Item], rows_per_file: int) -> list[tuple[str, str]]:
+    """(part file, digest of the items it holds) for each file of a split."""
+    n = -(-len(items) // rows_per_file)
+    return [
+        (part_name(split, i), slice_digest(classes, items[i * rows_per_file : (i + 1) * rows_per_file]))
+        for i in range(n)
+    ]
+
+
+def _keep_unchanged(fs: pafs.FileSystem, base: str, plan: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
+    """Part files already there that hold the items planned for them: name -> sha256 of the file.
+    Every other file in the split folders (stale parts, parts past the source's new end, temporaries
+    of a killed writer) is deleted."""
+    planned = {name: digest for p in plan.values() for name, digest in p}
+    kept = {}
+    for split in SPLITS:
+        for info in fs.get_file_info(pafs.FileSelector(f"{base}/{split}", allow_not_found=True)):
+            if info.type != pafs.FileType.File:
+                continue
+            name = f"{split}/{info.base_name}"
+            if name in planned and _source_digest(fs, info.path) == planned[name]:
+                kept[name] = sha256_of(fs, info.path)
+            else:
+                fs.delete_file(info.path)
+    return kept
+
+
+def _source_digest(fs: pafs.FileSystem, path: str) -> str | None:
+    try:
+        return _file_meta(fs, path).get("source_sha256")
+    except (OSError, pa.ArrowException, KeyError, TypeError, ValueError):
+        return None  # unreadable or not ours: packed again
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def _log_changes(recorded: bytes, name: str, listing: dict[str, list[Item]], kept: int, total: int) -> None:
+    """Say what changed in the source since the pack began (its listing was recorded then)."""
+    try:
+        rows = pq.read_table(pa.BufferReader(recorded)).to_pylist()
+    except (OSError, pa.ArrowException):
+        return
+    old = {(r["split"], r["id"]): (r["label"], r["bytes"], r["sha256"]) for r in rows}
+    new = {(s, i.id): (i.label, i.bytes, i.sha256) for s, items in listing.items() for i in items}
+    if old == new:
+        return
+    removed, added = old.keys() - new.keys(), new.keys() - old.keys()
+    changed = {k for k in old.keys() & new.keys() if old[k] != new[k]}
+    example = min(removed | added | changed or {("", "the class list")})[1]
+    log(
+        f"{name} changed since this pack began ({len(removed)} items removed, {len(added)} added, "
+        f"{len(changed)} changed, e.g. {example}): keeping the {kept} of {total} files whose items did not "
+        "change, packing the rest again"
+    )
+
+
+def _listing_bytes(listing: dict[str, list[Item]]) -> bytes:
+    rows = [{"split": s, **i._asdict()} for s, items in listing.items() for i in items]
+    table = pa.Table.from_pylist(rows, schema=LISTING_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _packed_shape(fs: pafs.FileSystem, base: str, names: Iterable[str]) -> tuple[int, ...] | None:
+    for name in names:
+        if shape := _file_meta(fs, f"{base}/{name}")["shape"]:
+            return tuple(shape)
     return None
 
 
-def _hw(shape: tuple[int, ...]) -> str:
-    return f"{shape[-2]}x{shape[-1]}" + (f" with {shape[0]} channels" if len(shape) == 3 else "")
-
-
-def _chunk_meta(chunk: Chunk) -> dict[str, Any]:
+def _chunk_meta(chunk: Chunk, source_sha256: str) -> dict[str, Any]:
     n = len(chunk.ids)
     # exact integer pixel sums per channel, so the pool's mean/std do not depend on how the rows
     # were cut into files or when a pack was resumed
@@ -168,10 +274,12 @@ def _chunk_meta(chunk: Chunk) -> dict[str, Any]:
         "pixel_sum": sums,
         "pixel_sumsq": sumsqs,
         "pixels_per_channel": pixels,
+        "source_sha256": source_sha256,  # the source items this file was packed from (fingerprint.slice_digest)
     }
 
 
-def _write_chunk(fs: pafs.FileSystem, path: str, chunk: Chunk, meta: dict[str, Any]) -> None:
+def _write_chunk(fs: pafs.FileSystem, path: str, chunk: Chunk, meta: dict[str, Any]) -> str:
+    """Write one part file; returns the sha256 of its bytes."""
     n = len(chunk.ids)
     flat = np.ascontiguousarray(chunk.images).reshape(n, -1) if n else np.zeros((0, 0), np.uint8)
     size = flat.shape[1]
@@ -180,19 +288,22 @@ def _write_chunk(fs: pafs.FileSystem, path: str, chunk: Chunk, meta: dict[str, A
     )
     labels = pa.array(chunk.labels if chunk.labels is not None else [None] * n, type=pa.int64())
     table = pa.table([pa.array(chunk.ids, pa.string()), images, labels], schema=SCHEMA).replace_schema_metadata(
-        {_META: json.dumps(meta, sort_keys=True).encode()}
+        {FILE_META: json.dumps(meta, sort_keys=True).encode()}
     )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=ROW_GROUP, compression="zstd", write_statistics=["id", "label"])
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    _write_atomic(fs, path, sink.getvalue().to_pybytes())
+    data = sink.getvalue().to_pybytes()
+    write_bytes_atomically(fs, path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _file_meta(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
-    return json.loads(pq.read_schema(fs.open_input_file(path)).metadata[_META])
+    return json.loads(pq.read_schema(fs.open_input_file(path)).metadata[FILE_META])
 
 
-def _finish(src: PackSource, fs: pafs.FileSystem, base: str, out: str, spec: dict, files: dict) -> dict[str, Any]:
+def _finish(
+    src: PackSource, fs: pafs.FileSystem, base: str, out: str, spec: dict, files: dict, digests: dict, listed: str
+) -> dict[str, Any]:
     metas = {s: [_file_meta(fs, f"{base}/{name}") for name in names] for s, names in files.items()}
     rows = {
         s: [pq.read_metadata(fs.open_input_file(f"{base}/{name}")).num_rows for name in names]
@@ -202,9 +313,7 @@ def _finish(src: PackSource, fs: pafs.FileSystem, base: str, out: str, spec: dic
     if not shapes:
         raise UserError(f"{src.name} has no images to pack (or every image was skipped): check the source")
     if len(shapes) > 1:
-        raise UserError(
-            f"images differ in size ({', '.join(sorted(_hw(s) for s in shapes))}): pass --resize N (or HxW)"
-        )
+        raise UserError(f"images differ in size ({', '.join(sorted(hw(s) for s in shapes))}): pass --resize N (or HxW)")
     (shape,) = shapes
     if src.mean_std is not None:
         mean, std = src.mean_std
@@ -212,7 +321,7 @@ def _finish(src: PackSource, fs: pafs.FileSystem, base: str, out: str, spec: dic
         mean, std = _mean_std(metas["train"], shape[0])
     skipped = [s for ms in metas.values() for m in ms for s in m["skipped"]]
     if skipped:
-        _write_atomic(fs, f"{base}/{SKIPPED_CSV}", skipped_csv([tuple(s) for s in skipped]))
+        write_bytes_atomically(fs, f"{base}/{SKIPPED_CSV}", skipped_csv([tuple(s) for s in skipped]))
         log(f"skipped {len(skipped)} undecodable images: listed in {out}/{SKIPPED_CSV}")
     manifest = {
         "format": FORMAT,
@@ -224,11 +333,15 @@ def _finish(src: PackSource, fs: pafs.FileSystem, base: str, out: str, spec: dic
         "mean": list(mean),
         "std": list(std),
         "augment": src.augment,
-        "splits": {s: {"rows": sum(rows[s]), "files": files[s], "file_rows": rows[s]} for s in files},
+        "splits": {
+            s: {"rows": sum(rows[s]), "files": names, "file_rows": rows[s], "file_sha256": [digests[n] for n in names]}
+            for s, names in files.items()
+        },
+        "listing": {"file": LISTING, "sha256": listed, "items": {s: src.splits[s].n for s in files}},
         "skipped_images": len(skipped),
         "pack": spec,
     }
-    _write_atomic(fs, f"{base}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+    write_bytes_atomically(fs, f"{base}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     log(f"packed {src.name}: " + ", ".join(f"{s} {sum(rows[s])} rows" for s in files) + f" -> {out}")
     return manifest
 
@@ -244,23 +357,20 @@ def _mean_std(metas: list[dict[str, Any]], channels: int) -> tuple[tuple[float, 
     return mean_std(s, q, n)
 
 
-def _exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def _read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
-    if not _exists(fs, path):
+def _read_json(fs: pafs.FileSystem, path: str, out: str) -> dict[str, Any] | None:
+    if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
-
-
-def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write under a temporary name, then rename: a reader (or a resumed pack) never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
+        text = f.read()
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(
+            f"{path.rsplit('/', 1)[1]} in {out} is damaged (not a JSON object): delete {out} and pack again"
+        )
+    return value
 
 
 # -- what is packed: a registered source, listed (image files) or opened (built-ins) ----------------
@@ -315,7 +425,7 @@ def _builtin(name: str, data_dir: str | None, options: dict[str, Any]) -> PackSo
         def read(a: int, b: int) -> Chunk:
             return Chunk(list(part.ids[a:b]), y[a:b].tolist(), x[a:b].numpy())
 
-        return Split(len(part), read)
+        return Split(len(part), read, array_listing(list(part.ids), y.tolist(), x.numpy()))
 
     assert data.test is not None and data.classes is not None
     splits = {"train": split(data.train), "test": split(data.test)}
@@ -330,7 +440,11 @@ class _FileDecoder:
         self.parallel = n_files >= PARALLEL_MIN_FILES
 
     def split(self, files: FileSplit) -> Split:
-        return Split(len(files.paths), lambda a, b: self.decode(files, a, b))
+        items = [
+            (p, i, None if files.labels is None else files.labels[n])
+            for n, (p, i) in enumerate(zip(files.paths, files.ids, strict=True))
+        ]
+        return Split(len(files.paths), lambda a, b: self.decode(files, a, b), file_listing(items))
 
     def decode(self, files: FileSplit, a: int, b: int) -> Chunk:
         paths, ids = files.paths[a:b], files.ids[a:b]

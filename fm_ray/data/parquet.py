@@ -3,6 +3,7 @@
     <pool>/pool.json                  the manifest, written last: a pool without it is not a pool
     <pool>/train/part-00000.parquet   rows in the source's order, `ROW_GROUP` rows per row group
     <pool>/test/part-00000.parquet    (where the source has a test split)
+    <pool>/listing.parquet            the source's items as packed: split, id, label, bytes, sha256
     <pool>/skipped_images.csv         (with --skip-bad-images) the images left out, and why
 
 Each row: `id` (unique string), `image` (raw uint8 bytes of one C x H x W image, C-major) and
@@ -10,10 +11,16 @@ Each row: `id` (unique string), `image` (raw uint8 bytes of one C x H x W image,
 split is the sample's `dataset_index`. Any row range reads alone: a reader opens only the row
 groups that hold it. Local paths or object-store URIs (s3://, gs://, file://) go through
 pyarrow's filesystems.
+
+Nothing in the manifest is trusted alone (format v2). `open_pool` checks it against the files: each
+split folder holds exactly the listed files, each file its listed rows, the schema and the image
+shape its own footer records. Each part file's sha256 (in pool.json) is checked the first time a
+process reads the file (the driver for ids and labels, a shard for its pixels), once per process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,12 +36,17 @@ import torch
 from fm_ray.errors import UserError
 
 FORMAT = "fm_ray-pool"
-VERSION = 1
+VERSION = 2  # 2: per-file rows and sha256 and the source listing; v1 pools are packed again
 MANIFEST = "pool.json"
+LISTING = "listing.parquet"
 SKIPPED_CSV = "skipped_images.csv"
 SPLITS = ("train", "test")
 ROW_GROUP = 1024  # rows per Parquet row group: the unit a shard or the driver reads
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64())])
+LISTING_SCHEMA = pa.schema(
+    [("split", pa.string()), ("id", pa.string()), ("label", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())]
+)
+FILE_META = b"fm_ray"  # per-file Parquet schema metadata: shape, skipped images, exact pixel sums, source digest
 
 
 def filesystem(where: str) -> tuple[pafs.FileSystem, str]:
@@ -60,6 +72,7 @@ class SplitFiles:
     """One split's files and where each row group starts (row numbers within the split)."""
 
     files: tuple[str, ...]  # relative to the pool root
+    sha256: tuple[str, ...]  # of each file's bytes, from pool.json
     group_file: np.ndarray  # (G,) file index of each row group
     group_index: np.ndarray  # (G,) row-group index within its file
     group_start: np.ndarray  # (G + 1,) first row of each group; the last entry is the split's row count
@@ -106,6 +119,8 @@ class ParquetImages:
             sel = order[np.searchsorted(group_of[order], g) : np.searchsorted(group_of[order], g, side="right")]
             f, start = int(self.files.group_file[g]), int(self.files.group_start[g])
             name = self.files.files[f]
+            if f not in opened:
+                verify(fs, base, self.root, name, self.files.sha256[f])
             try:
                 if f not in opened:
                     opened = {f: pq.ParquetFile(fs.open_input_file(f"{base}/{name}"))}  # one file open at a time
@@ -156,7 +171,8 @@ class PackedPool:
         out = {}
         for split, files in self.splits.items():
             parts = []
-            for name in files.files:
+            for name, digest in zip(files.files, files.sha256, strict=True):
+                verify(fs, base, self.root, name, digest)
                 try:
                     parts.append(pq.read_table(f"{base}/{name}", columns=["id", "label"], filesystem=fs))
                 except (OSError, pa.ArrowException) as e:
@@ -164,6 +180,7 @@ class PackedPool:
                         f"pool {self.root}: {name} cannot be read ({str(e).splitlines()[0][:120]}): "
                         "restore the file or re-pack the pool"
                     ) from None
+                _check_labels(self.root, name, parts[-1].column("label"), self.manifest["classes"])
             out[split] = pa.concat_tables(parts) if parts else SCHEMA.empty_table().select(["id", "label"])
         _check_unique_ids(self.root, out)
         return out
@@ -178,43 +195,206 @@ def _check_unique_ids(root: str, tables: dict[str, pa.Table]) -> None:
     raise UserError(f"pool {root} has the id {dup!r} more than once: ids must be unique; fix the source and re-pack")
 
 
+def _check_labels(root: str, name: str, labels: pa.ChunkedArray, classes: list[str] | None) -> None:
+    if classes is None:
+        if labels.null_count < len(labels):
+            raise UserError(f"pool {root}: {name} holds labels but pool.json lists no classes: re-pack the pool")
+        return
+    low, high = pc.min_max(labels).values()
+    bad = low.as_py() if low.is_valid and low.as_py() < 0 else high.as_py()
+    if high.is_valid and (low.as_py() < 0 or high.as_py() >= len(classes)):
+        raise UserError(
+            f"pool {root}: {name} holds the label {bad}, outside the {len(classes)} classes of pool.json: "
+            "restore pool.json or re-pack the pool"
+        )
+
+
+# -- digests: each part file checked once per process, the first time it is read ------------------
+_VERIFIED: set[tuple[str, str, str]] = set()  # (filesystem type, path, sha256) checked in this process
+
+
+def sha256_of(fs: pafs.FileSystem, path: str) -> str:
+    """sha256 of a file's bytes, streamed (a part file is never held whole for it)."""
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(fs: pafs.FileSystem, base: str, root: str, name: str, sha256: str) -> None:
+    """The pool file `name` is the one pool.json recorded, or one UserError naming it."""
+    key = (fs.type_name, f"{base}/{name}", sha256)
+    if key in _VERIFIED:
+        return
+    try:
+        found = sha256_of(fs, f"{base}/{name}")
+    except OSError as e:
+        raise UserError(
+            f"pool {root}: {name} cannot be read ({str(e).splitlines()[0][:120]}): restore the file or re-pack the pool"
+        ) from None
+    if found != sha256:
+        raise UserError(
+            f"pool {root}: {name} is not the file that was packed (its sha256 differs from pool.json's): "
+            "restore it or re-pack the pool"
+        )
+    _VERIFIED.add(key)
+
+
+# -- opening: the manifest against the files --------------------------------------------------------
 def open_pool(where: str) -> PackedPool:
-    """Open a packed pool (path or URI); checks the manifest and every file's footer, reads no pixels."""
+    """Open a packed pool (path or URI); checks the manifest against the split folders and every
+    file's footer (rows, schema, image shape); reads no pixels and no file whole."""
     fs, base = filesystem(where)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"pool {where} does not exist: create it with `fm-ray pack SOURCE {where}`")
     try:
         with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
-            manifest = json.loads(f.read())
-    except (OSError, ValueError):
+            text = f.read()
+    except OSError:
         raise UserError(
             f"{where} is not an fm_ray pool (no readable {MANIFEST}; an interrupted pack writes none): "
             f"run or finish `fm-ray pack SOURCE {where}`"
         ) from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise UserError(f"{where}/{MANIFEST} is not an fm_ray pool manifest (format {FORMAT} v{VERSION}): re-pack it")
+    manifest = _read_manifest(where, text)
     splits = {}
-    for split, entry in manifest["splits"].items():
-        groups: list[tuple[int, int, int]] = []
-        start = 0
-        for f, (name, rows) in enumerate(zip(entry["files"], entry["file_rows"], strict=True)):
-            try:
-                meta = pq.read_metadata(fs.open_input_file(f"{base}/{name}"))
-            except (OSError, pa.ArrowException):
-                raise UserError(
-                    f"pool {where}: {name} is missing or unreadable: restore it or re-pack the pool"
-                ) from None
-            if meta.num_rows != rows or meta.schema.to_arrow_schema().names != SCHEMA.names:
-                raise UserError(
-                    f"pool {where}: {name} holds {meta.num_rows} rows, the manifest says {rows}: "
-                    "it was changed after packing; re-pack the pool"
-                )
-            for g in range(meta.num_row_groups):
-                groups.append((f, g, start))
-                start += meta.row_group(g).num_rows
-        table = np.array(groups, dtype=np.int64).reshape(-1, 3)
-        splits[split] = SplitFiles(
-            tuple(entry["files"]), table[:, 0], table[:, 1], np.append(table[:, 2], start).astype(np.int64)
-        )
+    for split in SPLITS:
+        entry = manifest["splits"].get(split, {"files": []})
+        _check_folder(fs, base, where, split, entry["files"])
+        if split in manifest["splits"]:
+            splits[split] = _split_files(fs, base, where, manifest, entry)
     return PackedPool(where, manifest, splits)
+
+
+def _read_manifest(where: str, text: bytes) -> dict[str, Any]:
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        manifest = None
+    repack = f"re-pack the pool with `fm-ray pack SOURCE NEW_FOLDER` (or restore {MANIFEST})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{where}/{MANIFEST} is not an fm_ray pool manifest (a JSON object, format {FORMAT}): {repack}")
+    version = manifest.get("version")
+    if version != VERSION:
+        pack = manifest.get("pack")
+        source = pack.get("source", "SOURCE") if isinstance(pack, dict) else "SOURCE"
+        if isinstance(version, int) and version < VERSION:
+            raise UserError(
+                f"pool {where} is format v{version}, packed by an older fm_ray without file digests: "
+                f"pack it again into a new folder, `fm-ray pack {source} NEW_FOLDER`, and use that"
+            )
+        raise UserError(f"pool {where} is format v{version}, this fm_ray reads v{VERSION}: upgrade fm_ray")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise UserError(f"{where}/{MANIFEST} is damaged ({problem}): {repack}")
+    return manifest
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is missing or malformed in a v2 manifest, or None."""
+
+    def numbers(x: Any, n: int) -> bool:
+        return isinstance(x, list) and len(x) == n and all(isinstance(v, int | float) for v in x)
+
+    shape = m.get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        return "image_shape is missing or not [C, H, W]"
+    for key in ("mean", "std"):
+        if not numbers(m.get(key), shape[0]):
+            return f"{key} is missing or not {shape[0]} number per channel"
+    classes = m.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        return "classes is not a list of names"
+    if not isinstance(m.get("augment"), bool):
+        return "augment is not true or false"
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or "train" not in splits or not set(splits) <= set(SPLITS):
+        return "splits has no train entry" if isinstance(splits, dict) else "splits is missing"
+    for split, entry in splits.items():
+        if not isinstance(entry, dict):
+            return f"splits.{split} is not an object"
+        files, rows, digests = entry.get("files"), entry.get("file_rows"), entry.get("file_sha256")
+        if not (isinstance(files, list) and isinstance(rows, list) and isinstance(digests, list)) or not (
+            len(files) == len(rows) == len(digests)
+        ):
+            return f"splits.{split} lacks files, file_rows and file_sha256 of one length"
+        for name in files:
+            folder, _, file = name.partition("/") if isinstance(name, str) else ("", "", "")
+            if folder != split or not file or "/" in file or file.startswith("."):
+                return f"splits.{split} lists {name!r}, not a file of {split}/"
+        if not all(isinstance(r, int) and r >= 0 for r in rows) or entry.get("rows") != sum(rows):
+            return f"splits.{split} rows do not add up"
+        if not all(isinstance(d, str) for d in digests):
+            return f"splits.{split}.file_sha256 is not a list of digests"
+    return None
+
+
+def _check_folder(fs: pafs.FileSystem, base: str, where: str, split: str, listed: list[str]) -> None:
+    """The split folder holds exactly the listed files (hidden names, e.g. a killed writer's
+    temporaries, aside)."""
+    found = {
+        f"{split}/{i.base_name}"
+        for i in fs.get_file_info(pafs.FileSelector(f"{base}/{split}", allow_not_found=True))
+        if i.type == pafs.FileType.File and not i.base_name.startswith(".")
+    }
+    if missing := sorted(set(listed) - found):
+        raise UserError(
+            f"pool {where}: {missing[0]} is listed in {MANIFEST} but missing: restore it or re-pack the pool"
+        )
+    if extra := sorted(found - set(listed)):
+        raise UserError(
+            f"pool {where}: {extra[0]} is in the pool folder but not in {MANIFEST} (added, or dropped from the "
+            "manifest): remove it or restore pool.json, or re-pack the pool"
+        )
+
+
+def _split_files(fs: pafs.FileSystem, base: str, where: str, manifest: dict[str, Any], entry: dict) -> SplitFiles:
+    """The row-group table of one split, each file's footer checked against the manifest."""
+    groups: list[tuple[int, int, int]] = []
+    start = 0
+    for f, (name, rows) in enumerate(zip(entry["files"], entry["file_rows"], strict=True)):
+        try:
+            meta = pq.read_metadata(fs.open_input_file(f"{base}/{name}"))
+        except (OSError, pa.ArrowException):
+            raise UserError(f"pool {where}: {name} is missing or unreadable: restore it or re-pack the pool") from None
+        _check_footer(where, name, meta, rows, manifest["image_shape"])
+        for g in range(meta.num_row_groups):
+            groups.append((f, g, start))
+            start += meta.row_group(g).num_rows
+    table = np.array(groups, dtype=np.int64).reshape(-1, 3)
+    return SplitFiles(
+        tuple(entry["files"]),
+        tuple(entry["file_sha256"]),
+        table[:, 0],
+        table[:, 1],
+        np.append(table[:, 2], start).astype(np.int64),
+    )
+
+
+def _check_footer(where: str, name: str, meta: pq.FileMetaData, rows: int, image_shape: list[int]) -> None:
+    changed = "it was changed after packing; restore it or re-pack the pool"
+    if meta.num_rows != rows:
+        raise UserError(f"pool {where}: {name} holds {meta.num_rows} rows, the manifest says {rows}: {changed}")
+    schema = meta.schema.to_arrow_schema()
+    if not schema.remove_metadata().equals(SCHEMA):
+        raise UserError(
+            f"pool {where}: {name} has the columns ({_columns_text(schema)}), not ({_columns_text(SCHEMA)}): {changed}"
+        )
+    try:
+        shape = json.loads((schema.metadata or {})[FILE_META])["shape"]
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"pool {where}: {name} carries no fm_ray metadata: {changed}") from None
+    if shape is not None and list(shape) != list(image_shape):
+        raise UserError(
+            f"pool {where}: {MANIFEST} says the images are {_shape_text(image_shape)}, {name} holds "
+            f"{_shape_text(shape)} images: restore {MANIFEST} or re-pack the pool"
+        )
+
+
+def _columns_text(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
+def _shape_text(shape: list[int]) -> str:
+    return "x".join(map(str, shape))

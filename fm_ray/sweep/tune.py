@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from fm_ray._internal.files import write_bytes_atomically
 from fm_ray._internal.ray_session import ensure_ray
 from fm_ray.config import RunConfig, from_dict, to_dict
 from fm_ray.errors import UserError
@@ -72,12 +73,7 @@ def _fs(root: str) -> tuple[pafs.FileSystem, str]:
 
 def _write_bytes(root: str, rel: str, data: bytes) -> None:
     fs, base = _fs(root)
-    path = f"{base}/{rel}"
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    tmp = f"{path}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)  # a reader never sees half a file
+    write_bytes_atomically(fs, f"{base}/{rel}", data)  # a reader never sees half a file
 
 
 def _write_table(root: str, rel: str, rows: list[dict], schema: pa.Schema) -> None:
