@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -310,7 +310,7 @@ def open_source(
         files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise UserError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)}): check the path")
-        items = [(str(path / f), f, None) for f in files]
+        items: list[tuple[str, str, int | None]] = [(str(path / f), f, None) for f in files]
         return PackSource(f"folder:{path.name}", {"train": decode.split(items)}, None, None, False, options)
     return _csv(path, decode, options)
 
@@ -418,13 +418,16 @@ class _FileDecoder:
         ctx.enable_progress_bars = False  # fm_ray.log.progress draws one bar per file instead
         rows = [{"seq": i, "path": p, "id": name} for i, (p, name, _) in enumerate(items)]
         ds = ray.data.from_items(rows).map_batches(
-            decode_batch,
+            decode_batch,  # type: ignore[arg-type]  # ray's stub types the UDF without the fn_kwargs it gets
             batch_size=64,
             batch_format="pyarrow",
             fn_kwargs={"resize": self.resize, "channels": self.channels},
         )
         out = sorted(ds.take_all(), key=lambda r: r["seq"])
-        ids, labels, images, skipped = [], [], [], []
+        ids: list[str] = []
+        labels: list[int | None] = []
+        images: list[np.ndarray] = []
+        skipped: list[tuple[str, str]] = []
         for r, (_, name, label) in zip(out, items, strict=True):
             if r["why"] is not None:
                 if not self.skip_bad:
@@ -442,7 +445,8 @@ class _FileDecoder:
             images.append(image)
         stacked = np.stack(images) if images else np.zeros((0, 0, 0, 0), np.uint8)
         has_labels = any(lab is not None for lab in labels)
-        return Chunk(ids, labels if has_labels else None, stacked, skipped)
+        # a source labels every row or none (see _csv, _imagefolder): all set when any is
+        return Chunk(ids, cast("list[int]", labels) if has_labels else None, stacked, skipped)
 
 
 def decode_batch(batch: pa.Table, resize: tuple[int, int] | None, channels: int) -> pa.Table:

@@ -22,9 +22,12 @@ SETTINGS: dict[str, dict[int, int] | None] = {
 class LabeledSplits(Protocol):
     """What sampling a pool needs of a dataset: its name and the labels of both splits."""
 
-    name: str
-    train_y: torch.Tensor
-    test_y: torch.Tensor
+    @property
+    def name(self) -> str: ...
+    @property
+    def train_y(self) -> torch.Tensor: ...
+    @property
+    def test_y(self) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -162,12 +162,12 @@ def trial(config: dict[str, Any]) -> None:
             shutil.rmtree(snap, ignore_errors=True)
 
     reported: list[int] = []
-    run_experiment(
-        cfg,
-        rundir,
-        resume=RunDir(rundir).config_path.exists(),
-        on_round=lambda row: (report(row), reported.append(row["round"])),
-    )
+
+    def on_round(row: dict[str, Any]) -> None:
+        report(row)
+        reported.append(row["round"])
+
+    run_experiment(cfg, rundir, resume=RunDir(rundir).config_path.exists(), on_round=on_round)
     if not reported:  # everything was already done (e.g. the run dir outlived Tune's state)
         report(pq.read_table(rundir / "rounds.parquet").to_pylist()[-1])
 
