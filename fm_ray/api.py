@@ -132,10 +132,12 @@ def select(
         raise UserError(f"unknown strategy option(s) {sorted(unknown)}: use {', '.join(sorted(fields))}")
     if isinstance(pool, str):
         data = open_source(pool)  # any registered source; its train split is the pool
-        ids, images, norm = list(data.train.ids), data.train.images, data.norm
+        ids: list[Any] = list(data.train.ids)
+        images, norm = data.train.images, data.norm
     else:
         x = dataset_tensor(pool)
-        ids, images, norm = list(range(len(x))), TensorImages(x), Normalizer((), ())
+        ids = list(range(len(x)))
+        images, norm = TensorImages(x), Normalizer((), ())
     # the caller's model is left as it was (device, train/eval mode): the shards get a copy
     template = as_embedded(copy.deepcopy(model).cpu(), embed).eval()
     if n_classes is None:

@@ -48,6 +48,7 @@ def add_project_parser(sub: Any) -> None:
         "--holdout", type=float, default=0.0, help="fraction of labels kept out of training to measure accuracy"
     )
     add_run_flags(init)
+    init.set_defaults(func=_project_init)
     nxt = psub.add_parser("next", help="train on every label so far, pick the next batch to label")
     nxt.add_argument("dir")
     nxt.add_argument("--k", type=int, required=True, help="samples in the batch")
@@ -55,39 +56,57 @@ def add_project_parser(sub: Any) -> None:
         "--image-url",
         help="tasks.json image URL = this prefix + id (default: Label Studio's /data/local-files/?d=<path>)",
     )
+    nxt.set_defaults(func=_project_next)
     imp = psub.add_parser("import", help="add labels: a CSV with id,label or a Label Studio JSON export")
     imp.add_argument("dir")
     imp.add_argument("file")
+    imp.set_defaults(func=_project_import)
     status = psub.add_parser("status", help="labels in all and per class, batches, hold-out accuracy")
     status.add_argument("dir")
+    status.set_defaults(func=_project_status)
     add_mlflow_flags(nxt)
 
 
-def project_main(args: argparse.Namespace) -> int:
+def _project_init(args: argparse.Namespace) -> int:
+    from fm_ray.project.project import Project
+
+    if args.dataset is not None:
+        raise UserError("fm-ray project init takes the pool as --pool, not --dataset: drop --dataset")
+    args.dataset = args.pool
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    Project(args.dir).init(config_from_args(args), classes, args.holdout)
+    return 0
+
+
+def _project_next(args: argparse.Namespace) -> int:
     from fm_ray.project.project import Project
 
     project = Project(args.dir)
-    if args.project_command == "init":
-        if args.dataset is not None:
-            raise UserError("fm-ray project init takes the pool as --pool, not --dataset: drop --dataset")
-        args.dataset = args.pool
-        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-        project.init(config_from_args(args), classes, args.holdout)
-    elif args.project_command == "next":
-        batch = project.next(args.k, args.image_url)
-        if args.mlflow:
-            from fm_ray.sweep.tracking import log_project_batch
+    batch = project.next(args.k, args.image_url)
+    if args.mlflow:
+        from fm_ray.sweep.tracking import log_project_batch
 
-            log_project_batch(args.mlflow, project, batch, args.mlflow_experiment)
-    elif args.project_command == "import":
-        n = project.import_labels(args.file)
-        print(f"{n} new label(s) from {args.file}; {len(project.labels())} in all")
-    else:
-        st = project.status()
-        print(f"labels: {st['labels']} ({st['pending']} sent out and not labeled yet); batches: {st['batches']}")
-        print("per class: " + ", ".join(f"{c} {n}" for c, n in st["per_class"].items()))
-        if st["holdout_accuracy"] is not None:
-            print(f"hold-out accuracy: {st['holdout_accuracy']:.4f} on {st['holdout_labels']} held-out labels")
+        log_project_batch(args.mlflow, project, batch, args.mlflow_experiment)
+    return 0
+
+
+def _project_import(args: argparse.Namespace) -> int:
+    from fm_ray.project.project import Project
+
+    project = Project(args.dir)
+    n = project.import_labels(args.file)
+    print(f"{n} new label(s) from {args.file}; {len(project.labels())} in all")
+    return 0
+
+
+def _project_status(args: argparse.Namespace) -> int:
+    from fm_ray.project.project import Project
+
+    st = Project(args.dir).status()
+    print(f"labels: {st['labels']} ({st['pending']} sent out and not labeled yet); batches: {st['batches']}")
+    print("per class: " + ", ".join(f"{c} {n}" for c, n in st["per_class"].items()))
+    if st["holdout_accuracy"] is not None:
+        print(f"hold-out accuracy: {st['holdout_accuracy']:.4f} on {st['holdout_labels']} held-out labels")
     return 0
 
 
@@ -106,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     add_mlflow_flags(run)
     add_run_flags(run, run_only=True)  # driver placement
-    sub.add_parser("strategies", help="list the query strategies")
+    run.set_defaults(func=_run)
+    sub.add_parser("strategies", help="list the query strategies").set_defaults(func=_strategies)
     sweep = sub.add_parser(
         "sweep",
         help="a grid of runs as Ray Tune trials",
@@ -116,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(sweep)
     add_sweep_flags(sweep)
     add_mlflow_flags(sweep)
+    sweep.set_defaults(func=_sweep)
     add_project_parser(sub)
     pack = sub.add_parser(
         "pack",
@@ -138,79 +159,96 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pack.add_argument("--data-dir", help="root of the built-in datasets (else $FM_RAY_DATA, else the cache)")
     pack.add_argument("--rows-per-file", type=int, default=8192, help="rows per Parquet file (default 8192)")
+    pack.set_defaults(func=_pack)
     report = sub.add_parser("report", help="figures and tables from a run or sweep directory")
     report.add_argument("path", help="a run directory (rounds.parquet) or a sweep directory (results/)")
     report.add_argument("--out", help="where to write the PNGs and summary.md/.csv (default <path>/report)")
+    report.set_defaults(func=_report)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands: one function each, `args` -> exit status (errors are UserErrors, handled in main).
+
+
+def _strategies(args: argparse.Namespace) -> int:
+    from fm_ray.strategies import STRATEGIES
+
+    for name, s in STRATEGIES.items():
+        print(f"{name:18s} {s.doc}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fm_ray.run.recipe import run_experiment
+
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other: pass one")
+    cfg = config_from_args(args)
+    tracker = None
+    if args.mlflow:
+        from fm_ray.run.rundir import run_id
+        from fm_ray.sweep.tracking import RunTracker
+
+        tracker = RunTracker(
+            args.mlflow, args.out, run_id(cfg), to_dict(cfg), args.mlflow_experiment, fresh=args.overwrite
+        )
+    on_round = tracker.on_round if tracker is not None else None
+    if cfg.pool.driver_cpus is not None or cfg.pool.driver_gpus is not None:
+        from fm_ray.run.remote import run_remote
+
+        run_remote(cfg, args.out, resume=args.resume, overwrite=args.overwrite, on_round=on_round)
+    else:
+        run_experiment(cfg, args.out, resume=args.resume, overwrite=args.overwrite, on_round=on_round)
+    if tracker is not None:
+        tracker.finish()
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from fm_ray.sweep.grid import sweep_from_args
+    from fm_ray.sweep.tune import run_sweep
+
+    configs, opts = sweep_from_args(args)
+    callbacks = []
+    if args.mlflow:
+        from fm_ray.sweep.tracking import tune_callback
+
+        callbacks.append(tune_callback(args.mlflow, args.mlflow_experiment))
+    results = run_sweep(configs, opts, callbacks=callbacks, ray_address=args.ray_address)
+    if args.mlflow and "://" not in str(opts.out):  # the report reads local folders
+        from fm_ray.sweep.tracking import log_sweep_report
+
+        log_sweep_report(args.mlflow, str(opts.out), args.mlflow_experiment)
+    return 1 if any(r.error is not None for r in results) else 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from fm_ray.data.pack import pack, parse_resize
+
+    pack(
+        args.source,
+        args.out,
+        resize=parse_resize(args.resize),
+        skip_bad=args.skip_bad_images,
+        channels=args.channels,
+        data_dir=args.data_dir,
+        rows_per_file=args.rows_per_file,
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fm_ray.sweep.report import write_report
+
+    print(write_report(args.path, args.out))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "strategies":
-            from fm_ray.strategies import STRATEGIES
-
-            for name, s in STRATEGIES.items():
-                print(f"{name:18s} {s.doc}")
-            return 0
-        if args.command == "run":
-            from fm_ray.run.recipe import run_experiment
-
-            if args.resume and args.overwrite:
-                raise UserError("--resume and --overwrite exclude each other: pass one")
-            cfg = config_from_args(args)
-            tracker = None
-            if args.mlflow:
-                from fm_ray.run.rundir import run_id
-                from fm_ray.sweep.tracking import RunTracker
-
-                tracker = RunTracker(
-                    args.mlflow, args.out, run_id(cfg), to_dict(cfg), args.mlflow_experiment, fresh=args.overwrite
-                )
-            on_round = tracker.on_round if tracker is not None else None
-            if cfg.pool.driver_cpus is not None or cfg.pool.driver_gpus is not None:
-                from fm_ray.run.remote import run_remote
-
-                run_remote(cfg, args.out, resume=args.resume, overwrite=args.overwrite, on_round=on_round)
-            else:
-                run_experiment(cfg, args.out, resume=args.resume, overwrite=args.overwrite, on_round=on_round)
-            if tracker is not None:
-                tracker.finish()
-        if args.command == "sweep":
-            from fm_ray.sweep.grid import sweep_from_args
-            from fm_ray.sweep.tune import run_sweep
-
-            configs, opts = sweep_from_args(args)
-            callbacks = []
-            if args.mlflow:
-                from fm_ray.sweep.tracking import tune_callback
-
-                callbacks.append(tune_callback(args.mlflow, args.mlflow_experiment))
-            results = run_sweep(configs, opts, callbacks=callbacks, ray_address=args.ray_address)
-            if args.mlflow and "://" not in str(opts.out):  # the report reads local folders
-                from fm_ray.sweep.tracking import log_sweep_report
-
-                log_sweep_report(args.mlflow, str(opts.out), args.mlflow_experiment)
-            return 1 if any(r.error is not None for r in results) else 0
-        if args.command == "project":
-            return project_main(args)
-        if args.command == "pack":
-            from fm_ray.data.pack import pack, parse_resize
-
-            pack(
-                args.source,
-                args.out,
-                resize=parse_resize(args.resize),
-                skip_bad=args.skip_bad_images,
-                channels=args.channels,
-                data_dir=args.data_dir,
-                rows_per_file=args.rows_per_file,
-            )
-        if args.command == "report":
-            from fm_ray.sweep.report import write_report
-
-            print(write_report(args.path, args.out))
-        return 0
+        return int(args.func(args))
     except UserError as e:
         print(f"fm-ray: error: {e}", file=sys.stderr)
         return 2

@@ -138,8 +138,14 @@ def _in_range(flag: str, value: float, low: float, high: float, low_open: bool, 
 
 def validate(cfg: RunConfig) -> None:
     """Every check that needs no data, so bad input fails before anything runs; data-dependent
-    checks (pool size, class counts) live in data.py and loop.py."""
-    inf = math.inf
+    checks (pool size, class counts) live in fm_ray.data and the recipe's set-up (run/recipe.py)."""
+    _validate_counts(cfg)
+    _validate_train(cfg.train)
+    _validate_strategy(cfg.strategy)
+    _validate_pool(cfg.pool)
+
+
+def _validate_counts(cfg: RunConfig) -> None:
     for name in ("init", "batch", "rounds"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
@@ -148,15 +154,20 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--budget {cfg.budget} is below --init {cfg.init}: raise --budget or lower --init")
     if cfg.seed < 0:
         raise UserError(f"--seed must be >= 0, got {cfg.seed}")
-    t, s, pl = cfg.train, cfg.strategy, cfg.pool
+
+
+def _validate_train(t: TrainConfig) -> None:
     if t.epochs <= 0:
         raise UserError(f"--epochs must be positive, got {t.epochs}")
-    _in_range("--lr", t.lr, 0, inf, True, "a positive number, e.g. --lr 1e-3")
+    _in_range("--lr", t.lr, 0, math.inf, True, "a positive number, e.g. --lr 1e-3")
     if t.batch_size <= 0:
         raise UserError(f"--train-batch-size must be positive, got {t.batch_size}: e.g. --train-batch-size 64")
     _in_range("--target-train-acc", t.target_train_acc, 0, 1, True, "in (0, 1], e.g. 0.99")
+
+
+def _validate_strategy(s: StrategyConfig) -> None:
     _in_range("--sparsity", s.sparsity, 0, 1, True, "in (0, 1], e.g. 0.002")
-    _in_range("--lam", s.lam, 0, inf, True, "a positive number, e.g. --lam 1")
+    _in_range("--lam", s.lam, 0, math.inf, True, "a positive number, e.g. --lam 1")
     if s.backward_steps < 0:
         raise UserError(f"--backward-steps must be >= 0, got {s.backward_steps}")
     if s.chunk_size <= 0:
@@ -169,6 +180,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--fisher-dtype must be float32 or float64, got {s.fisher_dtype!r}")
     if s.embed_dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--embed-dtype must be float32, bfloat16 or float16, got {s.embed_dtype!r}")
+
+
+def _validate_pool(pl: PoolConfig) -> None:
+    inf = math.inf
     if pl.gpus_per_shard is not None:
         _in_range("--gpus-per-shard", pl.gpus_per_shard, 0, inf, False, ">= 0")
     _in_range("--cpus-per-shard", pl.cpus_per_shard, 0, inf, True, "positive")

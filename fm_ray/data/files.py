@@ -132,18 +132,7 @@ def _csv(path: Path) -> Listing:
     if not rows:
         raise UserError(f"{path} lists no images: add rows")
     labeled = "label" in fields
-    seen: set[str] = set()
-    for line, r in enumerate(rows, start=2):
-        if not r["path"]:
-            raise UserError(f"{path} line {line}: empty path: fill it in or remove the line")
-        if r["path"] in seen:
-            raise UserError(f"{path} lists {r['path']} twice: ids (the paths) must be unique; remove the duplicate row")
-        seen.add(r["path"])
-        if labeled and not r["label"]:
-            raise UserError(
-                f"{path} line {line}: {r['path']} has an empty label: give its class, or drop the label column "
-                "for an unlabeled pool"
-            )
+    _check_csv_rows(path, rows, labeled)
     names = sorted({r["label"] for r in rows}) if labeled else []
     numeric = labeled and all(n.lstrip("-").isdigit() for n in names)
     if numeric and min(int(n) for n in names) < 0:
@@ -166,6 +155,21 @@ def _csv(path: Path) -> Listing:
     if "train" not in splits:
         raise UserError(f"{path} has no train rows: mark some rows split=train (or drop the split column)")
     return Listing("csv", path.parent, splits, classes or None, augment=True)
+
+
+def _check_csv_rows(path: Path, rows: list[dict[str, str]], labeled: bool) -> None:
+    seen: set[str] = set()
+    for line, r in enumerate(rows, start=2):
+        if not r["path"]:
+            raise UserError(f"{path} line {line}: empty path: fill it in or remove the line")
+        if r["path"] in seen:
+            raise UserError(f"{path} lists {r['path']} twice: ids (the paths) must be unique; remove the duplicate row")
+        seen.add(r["path"])
+        if labeled and not r["label"]:
+            raise UserError(
+                f"{path} line {line}: {r['path']} has an empty label: give its class, or drop the label column "
+                "for an unlabeled pool"
+            )
 
 
 def _note(where: str, left_out: list[str]) -> None:

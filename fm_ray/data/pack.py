@@ -124,26 +124,9 @@ def pack_source(src: PackSource, out: str, rows_per_file: int = ROWS_PER_FILE, s
     listing = _listing(src)
     plan = {s: _plan(s, src.classes, items, rows_per_file) for s, items in listing.items()}
     listed = hashlib.sha256(json.dumps(plan).encode()).hexdigest()
-    done = _read_json(fs, f"{base}/{MANIFEST}", out)
+    done = _already_packed(fs, base, out, spec, listed, src.name)
     if done is not None:
-        if done.get("pack") != spec:
-            raise UserError(
-                f"{out} already holds a pool packed from {done.get('pack')}: choose another OUT or delete it"
-            )
-        if done.get("listing", {}).get("sha256") != listed:
-            raise UserError(
-                f"{out} holds {src.name} as it was when packed, and the source has changed since: "
-                f"pack it into a new OUT (or delete {out} and pack again)"
-            )
-        log(f"{out} is already packed ({done['splits']['train']['rows']} train rows): nothing to do")
         return done
-    begun = _read_json(fs, f"{base}/{SPEC}", out)
-    if begun is None and fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-        raise UserError(f"{out} exists and is not an fm_ray pool being packed: choose a new or empty OUT")
-    if begun is not None and begun != spec:
-        raise UserError(
-            f"{out} holds an interrupted pack of {begun}, not of {spec}: pack into another OUT or delete it"
-        )
     fs.create_dir(base, recursive=True)
     write_bytes_atomically(fs, f"{base}/{SPEC}", json.dumps(spec, indent=1).encode())
     # a resumed pack keeps only the files packed from the very items planned for them now: the
@@ -176,6 +159,32 @@ def pack_source(src: PackSource, out: str, rows_per_file: int = ROWS_PER_FILE, s
                 raise PackInterrupted(f"stopped after {written} files")
     files = {s: [name for name, _ in p] for s, p in plan.items()}
     return _finish(src, fs, base, out, spec, files, digests, listed)
+
+
+def _already_packed(fs: pafs.FileSystem, base: str, out: str, spec: dict, listed: str, name: str) -> dict | None:
+    """The manifest of a finished pack of exactly this source as it is now; None where the pack is
+    to start or resume; a UserError where OUT holds something else."""
+    done = _read_json(fs, f"{base}/{MANIFEST}", out)
+    if done is not None:
+        if done.get("pack") != spec:
+            raise UserError(
+                f"{out} already holds a pool packed from {done.get('pack')}: choose another OUT or delete it"
+            )
+        if done.get("listing", {}).get("sha256") != listed:
+            raise UserError(
+                f"{out} holds {name} as it was when packed, and the source has changed since: "
+                f"pack it into a new OUT (or delete {out} and pack again)"
+            )
+        log(f"{out} is already packed ({done['splits']['train']['rows']} train rows): nothing to do")
+        return done
+    begun = _read_json(fs, f"{base}/{SPEC}", out)
+    if begun is None and fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        raise UserError(f"{out} exists and is not an fm_ray pool being packed: choose a new or empty OUT")
+    if begun is not None and begun != spec:
+        raise UserError(
+            f"{out} holds an interrupted pack of {begun}, not of {spec}: pack into another OUT or delete it"
+        )
+    return None
 
 
 def _listing(src: PackSource) -> dict[str, list[Item]]:
@@ -316,7 +325,7 @@ def _finish(
         raise UserError(f"images differ in size ({', '.join(sorted(hw(s) for s in shapes))}): pass --resize N (or HxW)")
     (shape,) = shapes
     if src.mean_std is not None:
-        mean, std = src.mean_std
+        mean, std = tuple(src.mean_std[0]), tuple(src.mean_std[1])
     else:
         mean, std = _mean_std(metas["train"], shape[0])
     skipped = [s for ms in metas.values() for m in ms for s in m["skipped"]]
@@ -469,7 +478,7 @@ class _FileDecoder:
         ctx.enable_progress_bars = False  # fm_ray's own progress draws one bar per file instead
         rows = [{"seq": i, "path": p} for i, p in enumerate(paths)]
         ds = ray.data.from_items(rows).map_batches(
-            decode_batch,
+            decode_batch,  # type: ignore[arg-type]  # ray's stub types the UDF without the fn_kwargs it gets
             batch_size=64,
             batch_format="pyarrow",
             fn_kwargs={"resize": self.resize, "channels": self.channels},
@@ -490,12 +499,16 @@ def decode_batch(batch: pa.Table, resize: tuple[int, int] | None, channels: int)
     out: dict[str, list[Any]] = {k: [] for k in ("seq", "image", "c", "h", "w", "why")}
     for seq, path in zip(batch.column("seq").to_pylist(), batch.column("path").to_pylist(), strict=True):
         image = decode_file_or_reason(path, channels, resize)
-        ok = not isinstance(image, str)
         out["seq"].append(seq)
-        out["image"].append(image.numpy().tobytes() if ok else None)
-        for k, v in zip(("c", "h", "w"), image.shape if ok else (0, 0, 0), strict=True):
+        if isinstance(image, str):
+            out["image"].append(None)
+            shape: tuple[int, ...] = (0, 0, 0)
+        else:
+            out["image"].append(image.numpy().tobytes())
+            shape = tuple(image.shape)
+        for k, v in zip(("c", "h", "w"), shape, strict=True):
             out[k].append(int(v))
-        out["why"].append(None if ok else image)
+        out["why"].append(image if isinstance(image, str) else None)
     schema = pa.schema([("seq", pa.int64()), ("image", pa.binary()), ("c", pa.int32()), ("h", pa.int32()),
                         ("w", pa.int32()), ("why", pa.string())])  # fmt: skip
     return pa.table(out, schema=schema)

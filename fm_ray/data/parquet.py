@@ -312,21 +312,28 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
     if not isinstance(splits, dict) or "train" not in splits or not set(splits) <= set(SPLITS):
         return "splits has no train entry" if isinstance(splits, dict) else "splits is missing"
     for split, entry in splits.items():
-        if not isinstance(entry, dict):
-            return f"splits.{split} is not an object"
-        files, rows, digests = entry.get("files"), entry.get("file_rows"), entry.get("file_sha256")
-        if not (isinstance(files, list) and isinstance(rows, list) and isinstance(digests, list)) or not (
-            len(files) == len(rows) == len(digests)
-        ):
-            return f"splits.{split} lacks files, file_rows and file_sha256 of one length"
-        for name in files:
-            folder, _, file = name.partition("/") if isinstance(name, str) else ("", "", "")
-            if folder != split or not file or "/" in file or file.startswith("."):
-                return f"splits.{split} lists {name!r}, not a file of {split}/"
-        if not all(isinstance(r, int) and r >= 0 for r in rows) or entry.get("rows") != sum(rows):
-            return f"splits.{split} rows do not add up"
-        if not all(isinstance(d, str) for d in digests):
-            return f"splits.{split}.file_sha256 is not a list of digests"
+        if problem := _split_entry_problem(split, entry):
+            return problem
+    return None
+
+
+def _split_entry_problem(split: str, entry: Any) -> str | None:
+    """What is malformed in one split's manifest entry, or None."""
+    if not isinstance(entry, dict):
+        return f"splits.{split} is not an object"
+    files, rows, digests = entry.get("files"), entry.get("file_rows"), entry.get("file_sha256")
+    if not (isinstance(files, list) and isinstance(rows, list) and isinstance(digests, list)) or not (
+        len(files) == len(rows) == len(digests)
+    ):
+        return f"splits.{split} lacks files, file_rows and file_sha256 of one length"
+    for name in files:
+        folder, _, file = name.partition("/") if isinstance(name, str) else ("", "", "")
+        if folder != split or not file or "/" in file or file.startswith("."):
+            return f"splits.{split} lists {name!r}, not a file of {split}/"
+    if not all(isinstance(r, int) and r >= 0 for r in rows) or entry.get("rows") != sum(rows):
+        return f"splits.{split} rows do not add up"
+    if not all(isinstance(d, str) for d in digests):
+        return f"splits.{split}.file_sha256 is not a list of digests"
     return None
 
 

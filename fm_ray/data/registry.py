@@ -85,8 +85,10 @@ def open_source(spec: str | DataConfig, *, data_dir: str | None = None, skip_bad
     data_dir and skip_bad_images): ids, labels, classes, normalization and images read by rows. Bad
     input is a one-line `UserError`."""
     if isinstance(spec, DataConfig):
-        spec, data_dir, skip_bad = spec.dataset, spec.data_dir, spec.skip_bad_images
-    kind, arg = parse_spec(spec)
+        text, data_dir, skip_bad = spec.dataset, spec.data_dir, spec.skip_bad_images
+    else:
+        text = spec
+    kind, arg = parse_spec(text)
     return SOURCES[kind](arg, data_dir, skip_bad)
 
 

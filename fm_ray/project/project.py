@@ -123,7 +123,7 @@ class Project:
         parsed = flabels.read_label_file(file)
         ids = set(pool_ids(self.config()))
         new = flabels.check_labels(parsed, {r["id"]: r["label"] for r in rows}, ids, meta["classes"])
-        batch_of = {}
+        batch_of: dict[str, str] = {}  # label id -> the batch that sent it out
         for b in self.batches():
             for r in flabels.read_rows(self.path / "batches" / str(b) / "batch.csv"):
                 batch_of.setdefault(r["id"], str(b))

@@ -1,23 +1,29 @@
 """The active-learning recipe: set up -> rounds (train -> evaluate -> query) -> results per round.
 
-`fm-ray run` and every Ray Tune trial call `run_experiment` with one `RunConfig`.
+`fm-ray run` and every Ray Tune trial call `run_experiment` with one `RunConfig`. It reads top to
+bottom as its phases: `_setup` (data, pool, device) and `_open` (the run directory, resumed or new),
+then per round `_train`, `_evaluate`, `_query`, `_record` and `_write_round`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fm_ray._internal.log import log
 from fm_ray.config import RunConfig
-from fm_ray.data.core import write_skipped_images
+from fm_ray.data.core import Dataset, write_skipped_images
 from fm_ray.data.normalize import Normalizer
 from fm_ray.data.registry import check_outside, open_source
-from fm_ray.data.settings import initial_labeled, sample_pool
+from fm_ray.data.settings import Pool, initial_labeled, sample_pool
+from fm_ray.data.source import ImageSource
 from fm_ray.errors import UserError
 from fm_ray.model.train import evaluate, fit_round, resolve_device
 from fm_ray.pool import ShardedPool
@@ -35,121 +41,23 @@ def run_experiment(
     cfg: RunConfig, out: str | Path, resume: bool = False, overwrite: bool = False, on_round: RoundHook | None = None
 ) -> Path:
     check(cfg)
-    rundir = RunDir(out)
     check_outside(out, cfg.data.dataset, cfg.data.data_dir, "--out")
+    rundir = RunDir(out)
     rundir.preflight(resume, overwrite)  # before loading any data
-    data = open_source(cfg.data.dataset, data_dir=cfg.data.data_dir, skip_bad=cfg.data.skip_bad_images)
-    pool = sample_pool(cfg.data, data, cfg.seed)
-    T = len(pool.train_index)
-    for name, value in (("--init", cfg.init), ("--budget", cfg.budget or 0)):
-        if value > T:
-            raise UserError(f"{name} {value} is beyond the pool of {T} samples: lower it or enlarge the pool")
-    n_rounds = planned_rounds(cfg, T)
-    device = resolve_device(cfg.train.device)
-    norm = Normalizer(data.mean, data.std)
-    # position i of the pool is train row pool.train_index[i]; the shards read their own rows, the
-    # driver only the labeled set (each round) and the test split
-    pool_images = data.train.images.subset(pool.train_index)
-    y_pool = torch.from_numpy(pool.labels)
-    assert data.test is not None  # sample_pool refused a source without a test split
-    x_test = data.test.images.read(pool.test_index)
-    (_, height, side), C = data.train.images.shape, len(pool.classes)
-    if height != side:
-        raise UserError(f"{data.name} has {height}x{side} images; the models need square ones: re-pack with --resize N")
-
+    s = _setup(cfg)
     # the pool on its shards for the whole run: the same PoolSession as fm_ray.select and projects
-    session = PoolSession(pool_images, range(T), C, norm, cfg.model, cfg.pool, str(device))
+    session = PoolSession(s.pool_images, range(s.size), s.n_classes, s.norm, cfg.model, cfg.pool, str(s.device))
     try:
-        # only now, with every check passed and the pool built, may --overwrite delete the old run
-        rows, queries = rundir.open(cfg, resume, overwrite)
-        write_skipped_images(rundir.path, data)
-        rid = run_id(cfg)
-        labeled = np.union1d(initial_labeled(T, cfg.init, cfg.seed), [q["pool_index"] for q in queries])
-        labeled = labeled.astype(np.int64)
-        log(
-            f"run {rid}: pool {T} ({C} classes), {len(labeled)} labeled, {n_rounds} query rounds of {cfg.batch}, "
-            f"strategy {cfg.strategy.name}, {cfg.pool.backend} pool x{cfg.pool.shards}, device {device}"
-            + (f", resuming after round {rows[-1]['round']}" if rows else "")
-        )
-        for r in range(len(rows), n_rounds + 1):
-            warm = rundir.load_checkpoint(r - 1) if cfg.train.warm_start and r > 0 else None
-            fault_point("train", r)
-            lab_t = torch.from_numpy(labeled)
-            log(f"round {r}/{n_rounds}: training on {len(labeled)} labels")
-            model, fit = fit_round(
-                cfg.model,
-                cfg.train,
-                cfg.seed,
-                r,
-                pool_images.read(labeled),
-                y_pool[lab_t],
-                norm,
-                data.augment,
-                C,
-                device,
-                warm,
-            )
-            fault_point("eval", r)
-            start = time.perf_counter()
-            ev = evaluate(model, x_test, pool.test_labels, norm, device, C)
-            eval_s = time.perf_counter() - start
-            k = min(cfg.batch, (cfg.budget or T) - len(labeled), T - len(labeled)) if r < n_rounds else 0
-            sel, query_s = Selection([]), 0.0
-            if k > 0:
-                log(f"round {r}/{n_rounds}: test acc {ev['accuracy']:.4f}; querying {k} with {cfg.strategy.name}")
-                fault_point("query", r)
-                start = time.perf_counter()
-                sel = session.select(model, k, labeled, cfg.strategy, cfg.seed, r)
-                query_s = time.perf_counter() - start
-                # largest selection state any one shard held (issue: per-shard memory report)
-                sel.info["selection_state_bytes"] = max(session.pool.map(state_bytes))
-                _check_selection(sel, labeled, k, cfg.strategy.name)
-            picked = np.array(sel.indices, dtype=np.int64)
-            queries += [
-                {
-                    "run_id": rid,
-                    "round": r + 1,
-                    "pool_index": int(i),
-                    "dataset_index": int(pool.train_index[i]),
-                    "label": int(pool.classes[pool.labels[i]]),
-                }
-                for i in picked
-            ]
-            row = {
-                "run_id": rid,
-                "dataset": cfg.data.dataset,
-                "setting": cfg.data.setting,
-                "strategy": cfg.strategy.name,
-                "model": cfg.model.name,
-                "seed": cfg.seed,
-                "round": r,
-                "n_labeled": len(labeled),
-                **ev,
-                "classes": list(pool.classes),
-                "n_queried": len(picked),
-                "queried_class_counts": np.bincount(pool.labels[picked], minlength=C).tolist() if k else None,
-                "train_epochs": fit["epochs"],
-                "train_accuracy": fit["train_accuracy"],
-                "train_seconds": fit["train_seconds"],
-                "eval_seconds": eval_s,
-                "query_seconds": query_s,
-                **sel.timings,
-                **sel.info,
-                "backend": cfg.pool.backend,
-                "shards": cfg.pool.shards,
-                **_peak_memory(session.pool),
-            }
-            rows.append(row)
-            # order matters for resume: queries, then the row, then the round's weights (see RunDir)
-            rundir.write_queries(queries)
-            fault_point("queries_written", r)
-            rundir.write_rows(rows)
-            fault_point("rows_written", r)
-            rundir.save_checkpoint(model.state_dict(), r)
-            fault_point("checkpointed", r)
-            labeled = np.union1d(labeled, picked)
+        run = _open(s, rundir, resume, overwrite)
+        for r in range(len(run.rows), s.n_rounds + 1):
+            model, fit = _train(s, rundir, run.labeled, r)
+            ev, eval_s = _evaluate(s, model, r)
+            sel, query_s = _query(s, session, model, run.labeled, r, ev)
+            row = _record(s, run, session.pool, r, fit, ev, eval_s, sel, query_s)
+            _write_round(rundir, run, model.state_dict(), r)
+            run.labeled = np.union1d(run.labeled, np.array(sel.indices, dtype=np.int64))
             log(
-                f"round {r}/{n_rounds} done: n_labeled {row['n_labeled']}, test acc {ev['accuracy']:.4f}, "
+                f"round {r}/{s.n_rounds} done: n_labeled {row['n_labeled']}, test acc {ev['accuracy']:.4f}, "
                 f"balanced {ev['balanced_accuracy']:.4f} | train {fit['train_seconds']:.1f}s "
                 f"({fit['epochs']} ep, train acc {fit['train_accuracy']:.3f}), query {query_s:.1f}s"
             )
@@ -158,6 +66,188 @@ def run_experiment(
     finally:
         session.close()
     return rundir.path
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: what stays the same for every round.
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """A run's data, pool and device, checked against the config."""
+
+    cfg: RunConfig
+    data: Dataset
+    pool: Pool
+    n_rounds: int
+    device: torch.device
+    norm: Normalizer
+    # position i of the pool is train row pool.train_index[i]; the shards read their own rows, the
+    # driver only the labeled set (each round) and the test split
+    pool_images: ImageSource
+    y_pool: torch.Tensor
+    x_test: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return len(self.pool.train_index)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.pool.classes)
+
+
+def _setup(cfg: RunConfig) -> _Setup:
+    """Load the labels (pixels are read on demand), sample the pool and check it fits the run."""
+    data = open_source(cfg.data)
+    pool = sample_pool(cfg.data, data, cfg.seed)
+    T = len(pool.train_index)
+    for name, value in (("--init", cfg.init), ("--budget", cfg.budget or 0)):
+        if value > T:
+            raise UserError(f"{name} {value} is beyond the pool of {T} samples: lower it or enlarge the pool")
+    n_rounds = planned_rounds(cfg, T)
+    device = resolve_device(cfg.train.device)
+    norm = Normalizer(data.mean, data.std)
+    pool_images = data.train.images.subset(pool.train_index)
+    y_pool = torch.from_numpy(pool.labels)
+    assert data.test is not None  # sample_pool refused a source without a test split
+    x_test = data.test.images.read(pool.test_index)
+    _, height, side = data.train.images.shape
+    if height != side:
+        raise UserError(f"{data.name} has {height}x{side} images; the models need square ones: re-pack with --resize N")
+    return _Setup(cfg, data, pool, n_rounds, device, norm, pool_images, y_pool, x_test)
+
+
+@dataclass
+class _Progress:
+    """The run directory's finished rounds and queries, and the labeled set they imply."""
+
+    run_id: str
+    rows: list[dict[str, Any]]
+    queries: list[dict[str, Any]]
+    labeled: np.ndarray  # sorted pool positions
+
+
+def _open(s: _Setup, rundir: RunDir, resume: bool, overwrite: bool) -> _Progress:
+    """Create, resume or overwrite the run directory; only now, with every check passed and the pool
+    built, may --overwrite delete the old run."""
+    cfg = s.cfg
+    rows, queries = rundir.open(cfg, resume, overwrite)
+    write_skipped_images(rundir.path, s.data)
+    rid = run_id(cfg)
+    labeled = np.union1d(initial_labeled(s.size, cfg.init, cfg.seed), [q["pool_index"] for q in queries])
+    labeled = labeled.astype(np.int64)
+    log(
+        f"run {rid}: pool {s.size} ({s.n_classes} classes), {len(labeled)} labeled, {s.n_rounds} query rounds of "
+        f"{cfg.batch}, strategy {cfg.strategy.name}, {cfg.pool.backend} pool x{cfg.pool.shards}, device {s.device}"
+        + (f", resuming after round {rows[-1]['round']}" if rows else "")
+    )
+    return _Progress(rid, rows, queries, labeled)
+
+
+# ---------------------------------------------------------------------------------------------
+# One round: train -> evaluate -> query -> record -> write.
+
+
+def _train(s: _Setup, rundir: RunDir, labeled: np.ndarray, r: int) -> tuple[nn.Module, dict[str, float]]:
+    """A model trained on the labeled set (from the last round's weights with --warm-start)."""
+    cfg = s.cfg
+    warm = rundir.load_checkpoint(r - 1) if cfg.train.warm_start and r > 0 else None
+    fault_point("train", r)
+    log(f"round {r}/{s.n_rounds}: training on {len(labeled)} labels")
+    x, y = s.pool_images.read(labeled), s.y_pool[torch.from_numpy(labeled)]
+    return fit_round(cfg.model, cfg.train, cfg.seed, r, x, y, s.norm, s.data.augment, s.n_classes, s.device, warm)
+
+
+def _evaluate(s: _Setup, model: nn.Module, r: int) -> tuple[dict[str, Any], float]:
+    """Test-split metrics, and the seconds they took."""
+    fault_point("eval", r)
+    start = time.perf_counter()
+    ev = evaluate(model, s.x_test, s.pool.test_labels, s.norm, s.device, s.n_classes)
+    return ev, time.perf_counter() - start
+
+
+def _query(
+    s: _Setup, session: PoolSession, model: nn.Module, labeled: np.ndarray, r: int, ev: dict[str, Any]
+) -> tuple[Selection, float]:
+    """The round's batch from the strategy (none after the last round, or once the budget is spent)."""
+    cfg, T = s.cfg, s.size
+    k = min(cfg.batch, (cfg.budget or T) - len(labeled), T - len(labeled)) if r < s.n_rounds else 0
+    if k <= 0:
+        return Selection([]), 0.0
+    log(f"round {r}/{s.n_rounds}: test acc {ev['accuracy']:.4f}; querying {k} with {cfg.strategy.name}")
+    fault_point("query", r)
+    start = time.perf_counter()
+    sel = session.select(model, k, labeled, cfg.strategy, cfg.seed, r)
+    query_s = time.perf_counter() - start
+    # largest selection state any one shard held (issue: per-shard memory report)
+    sel.info["selection_state_bytes"] = max(session.pool.map(state_bytes))
+    _check_selection(sel, labeled, k, cfg.strategy.name)
+    return sel, query_s
+
+
+def _record(
+    s: _Setup,
+    run: _Progress,
+    sharded: ShardedPool,
+    r: int,
+    fit: dict[str, float],
+    ev: dict[str, Any],
+    eval_s: float,
+    sel: Selection,
+    query_s: float,
+) -> dict[str, Any]:
+    """Add the round's queries and its row (ROUND_SCHEMA) to `run`; returns the row."""
+    cfg, pool = s.cfg, s.pool
+    picked = np.array(sel.indices, dtype=np.int64)
+    run.queries += [
+        {
+            "run_id": run.run_id,
+            "round": r + 1,
+            "pool_index": int(i),
+            "dataset_index": int(pool.train_index[i]),
+            "label": int(pool.classes[pool.labels[i]]),
+        }
+        for i in picked
+    ]
+    row = {
+        "run_id": run.run_id,
+        "dataset": cfg.data.dataset,
+        "setting": cfg.data.setting,
+        "strategy": cfg.strategy.name,
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "round": r,
+        "n_labeled": len(run.labeled),
+        **ev,
+        "classes": list(pool.classes),
+        "n_queried": len(picked),
+        "queried_class_counts": np.bincount(pool.labels[picked], minlength=s.n_classes).tolist()
+        if len(picked)
+        else None,
+        "train_epochs": fit["epochs"],
+        "train_accuracy": fit["train_accuracy"],
+        "train_seconds": fit["train_seconds"],
+        "eval_seconds": eval_s,
+        "query_seconds": query_s,
+        **sel.timings,
+        **sel.info,
+        "backend": cfg.pool.backend,
+        "shards": cfg.pool.shards,
+        **_peak_memory(sharded),
+    }
+    run.rows.append(row)
+    return row
+
+
+def _write_round(rundir: RunDir, run: _Progress, weights: dict[str, Any], r: int) -> None:
+    """Order matters for resume: queries, then the row, then the round's weights (see RunDir)."""
+    rundir.write_queries(run.queries)
+    fault_point("queries_written", r)
+    rundir.write_rows(run.rows)
+    fault_point("rows_written", r)
+    rundir.save_checkpoint(weights, r)
+    fault_point("checkpointed", r)
 
 
 def _peak_memory(sharded: ShardedPool) -> dict[str, float | None]:

@@ -19,11 +19,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import pyarrow.parquet as pq
 import ray
 import torch
+from ray import ObjectRefGenerator
 from ray.exceptions import RayTaskError
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -49,10 +50,14 @@ def write_files(rundir: RunDir, files: dict[str, bytes]) -> None:
     (a crash leaves the previous round); then drop checkpoints the task no longer has."""
     for name, data in files.items():
         path = rundir.path / Path(name).name  # names only: nothing lands outside the run dir
-        write_atomically(path, lambda f, data=data: f.write(data))
+        write_atomically(path, _writer(data))
     for old in rundir.checkpoints():
         if old.name not in files:
             old.unlink(missing_ok=True)
+
+
+def _writer(data: bytes) -> Callable[[IO[bytes]], object]:
+    return lambda f: f.write(data)
 
 
 class _Lines(io.TextIOBase):
@@ -149,7 +154,8 @@ def run_remote(
         pg = reserve([bundle], "the driver", hint)
         cfg = _beside_driver(cfg, gpus)
         placed = drive.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(pg))
-        items = placed.remote(to_dict(cfg), read_files(rundir), max(1, int(cpus)))
+        # a generator task's .remote() gives an ObjectRefGenerator (ray's stubs say one ObjectRef)
+        items = cast(ObjectRefGenerator, placed.remote(to_dict(cfg), read_files(rundir), max(1, int(cpus))))
         try:
             for ref in items:
                 kind, payload = ray.get(ref)

@@ -158,12 +158,12 @@ def trial(config: dict[str, Any]) -> None:
             shutil.rmtree(snap, ignore_errors=True)
 
     reported: list[int] = []
-    run_experiment(
-        cfg,
-        rundir,
-        resume=RunDir(rundir).config_path.exists(),
-        on_round=lambda row: (report(row), reported.append(row["round"])),
-    )
+
+    def on_round(row: dict[str, Any]) -> None:
+        report(row)
+        reported.append(row["round"])
+
+    run_experiment(cfg, rundir, resume=RunDir(rundir).config_path.exists(), on_round=on_round)
     if not reported:  # everything was already done (e.g. the run dir outlived Tune's state)
         report(pq.read_table(rundir / "rounds.parquet").to_pylist()[-1])
 
@@ -256,63 +256,82 @@ def run_sweep(
         UserError: --out already holds a sweep and --resume is missing, or --resume finds none, or
             the flags given with --resume describe a different grid.
     """
-    from ray import tune
-
     # num_to_keep forces a state snapshot per checkpoint; cheap here (small files), so no warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     root = storage_root(opts.out)
-    exp_path = f"{root}/{EXPERIMENT}"
     started = ensure_ray(ray_address)
     try:
         check_fits(configs, opts, fixed=started)
-        exists = tune.Tuner.can_restore(exp_path)
-        if opts.resume and not exists:
-            raise UserError(f"--resume: no sweep to continue in {opts.out}: drop --resume to start one there")
-        if exists and not opts.resume:
-            raise UserError(f"{opts.out} already holds a sweep: pass --resume to continue it, or another --out")
-        if opts.resume:
-            stored = {run_id(from_dict(c)) for c in _read_sweep(root)["configs"]}
-            if configs and {run_id(c) for c in configs} != stored:
-                raise UserError(
-                    f"--resume: the grid given differs from the sweep in {opts.out}: "
-                    "pass only --out and --resume (plus the same grid flags)"
-                )
-            trainable = _trainable(_read_sweep(root)["options"])
-            tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
-            total = len(stored)
+        if _holds_sweep(root, opts):
+            tuner, total = _restored_tuner(root, configs, opts)
         else:
-            if not configs:
-                raise UserError("the sweep grid is empty: give --strategies/--seeds/... or --spec or --preset")
-            options = {k: v for k, v in dataclasses.asdict(opts).items() if k in SWEEP_KEYS}
-            sweep = {"configs": [to_dict(c) for c in configs], "options": options}
-            _write_bytes(root, "sweep.json", json.dumps(sweep, indent=1).encode())
-            tuner = tune.Tuner(
-                _trainable(options),
-                param_space={"cfg": tune.grid_search([to_dict(c) for c in configs]), "root": root},
-                tune_config=tune.TuneConfig(
-                    max_concurrent_trials=opts.max_concurrent,
-                    trial_dirname_creator=lambda t: run_id(from_dict(t.config["cfg"])),
-                ),
-                run_config=tune.RunConfig(
-                    name=EXPERIMENT,
-                    storage_path=root,
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[_progress_callback(len(configs)), *callbacks],
-                    verbose=0,
-                ),
-            )
-            total = len(configs)
+            tuner, total = _new_tuner(root, configs, opts, callbacks)
         print(f"[sweep] {total} trials -> {opts.out}", flush=True)
         results = tuner.fit()
-        errors = [r for r in results if r.error is not None]
-        if errors:
-            print(f"[sweep] {len(errors)} trial(s) failed; continue with `fm-ray sweep --out {opts.out} --resume`")
+        failed = sum(results[i].error is not None for i in range(len(results)))  # ResultGrid: no __iter__ stub
+        if failed:
+            print(f"[sweep] {failed} trial(s) failed; continue with `fm-ray sweep --out {opts.out} --resume`")
         return results
     finally:
         if started:
             import ray
 
             ray.shutdown()
+
+
+def _holds_sweep(root: str, opts: SweepOptions) -> bool:
+    """Whether --out holds a sweep to continue; one there without --resume (or none with it) is an error."""
+    from ray import tune
+
+    exists = bool(tune.Tuner.can_restore(f"{root}/{EXPERIMENT}"))
+    if opts.resume and not exists:
+        raise UserError(f"--resume: no sweep to continue in {opts.out}: drop --resume to start one there")
+    if exists and not opts.resume:
+        raise UserError(f"{opts.out} already holds a sweep: pass --resume to continue it, or another --out")
+    return exists
+
+
+def _restored_tuner(root: str, configs: list[RunConfig], opts: SweepOptions) -> tuple[Any, int]:
+    """The stored sweep's tuner (unfinished and errored trials go on), and its number of trials."""
+    from ray import tune
+
+    sweep = _read_sweep(root)
+    stored = {run_id(from_dict(c)) for c in sweep["configs"]}
+    if configs and {run_id(c) for c in configs} != stored:
+        raise UserError(
+            f"--resume: the grid given differs from the sweep in {opts.out}: "
+            "pass only --out and --resume (plus the same grid flags)"
+        )
+    trainable = _trainable(sweep["options"])
+    tuner = tune.Tuner.restore(f"{root}/{EXPERIMENT}", trainable, resume_unfinished=True, resume_errored=True)
+    return tuner, len(stored)
+
+
+def _new_tuner(root: str, configs: list[RunConfig], opts: SweepOptions, callbacks: Sequence[Any]) -> tuple[Any, int]:
+    """A tuner over the grid, one trial per config; the grid and the options go to sweep.json first."""
+    from ray import tune
+
+    if not configs:
+        raise UserError("the sweep grid is empty: give --strategies/--seeds/... or --spec or --preset")
+    options = {k: v for k, v in dataclasses.asdict(opts).items() if k in SWEEP_KEYS}
+    sweep = {"configs": [to_dict(c) for c in configs], "options": options}
+    _write_bytes(root, "sweep.json", json.dumps(sweep, indent=1).encode())
+    tuner = tune.Tuner(
+        _trainable(options),
+        param_space={"cfg": tune.grid_search([to_dict(c) for c in configs]), "root": root},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=opts.max_concurrent,
+            trial_dirname_creator=lambda t: run_id(from_dict(t.config["cfg"])),
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=root,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[_progress_callback(len(configs)), *callbacks],
+            verbose=0,
+        ),
+    )
+    return tuner, len(configs)
 
 
 def _trainable(options: dict[str, Any]) -> Callable[..., Any]:
