@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         help="a grid of runs as Ray Tune trials",
         description="Run a grid of active-learning runs as Ray Tune trials; resumable; one Parquet dataset in --out. "
-        "--preset also takes a sweep preset (see fm_ray.grid.SWEEP_PRESETS, e.g. cpu-paper-fmnist-s2).",
+        "--preset also takes a sweep preset (see fm_ray.sweep.grid.SWEEP_PRESETS, e.g. cpu-paper-fmnist-s2).",
     )
     add_run_flags(sweep)
     add_sweep_flags(sweep)
