@@ -35,10 +35,10 @@ def _timed(fn: Any) -> tuple[Any, float]:
 
 def measure(source: str, out: str, rows_per_file: int) -> dict[str, Any]:
     import fm_ray.data.parquet as parquet
-    from fm_ray.data.pack import open_source, pack_source
+    from fm_ray.data.pack import pack_input, pack_source
 
     with contextlib.redirect_stdout(sys.stderr):
-        src, open_source_s = _timed(lambda: open_source(source, None, False, 3, None))  # builds the listing
+        src, open_source_s = _timed(lambda: pack_input(source, None, False, 3, None))  # builds the listing
         _, pack_s = _timed(lambda: pack_source(src, out, rows_per_file))
     listing_s = _listing_alone(source)
     parquet._VERIFIED.clear()
@@ -62,12 +62,10 @@ def measure(source: str, out: str, rows_per_file: int) -> dict[str, Any]:
 def _listing_alone(source: str) -> float:
     """The listing's own time, apart from loading or decoding: what this check adds to a pack."""
     from fm_ray.data.fingerprint import array_listing, file_listing
+    from fm_ray.data.registry import open_source
 
     if source == "fashion_mnist":
-        from fm_ray.config import DataConfig
-        from fm_ray.data.builtin import load_dataset
-
-        d = load_dataset(DataConfig(dataset=source))
+        d = open_source(source)
         splits = [(d.train_x, d.train_y), (d.test_x, d.test_y)]
         _, s = _timed(
             lambda: [array_listing([str(i) for i in range(len(x))], y.tolist(), x.numpy()) for x, y in splits]
@@ -82,10 +80,9 @@ def _listing_alone(source: str) -> float:
 def _write_folder(root: Path, n: int) -> None:
     from PIL import Image
 
-    from fm_ray.config import DataConfig
-    from fm_ray.data.builtin import load_dataset
+    from fm_ray.data.registry import open_source
 
-    fm = load_dataset(DataConfig(dataset="fashion_mnist"))
+    fm = open_source("fashion_mnist")
     for i in range(n):
         folder = root / "train" / str(int(fm.train_y[i]))
         folder.mkdir(parents=True, exist_ok=True)

@@ -250,9 +250,9 @@ def _log_changes(recorded: bytes, name: str, listing: dict[str, list[Item]], kep
     changed = {k for k in old.keys() & new.keys() if old[k] != new[k]}
     example = min(removed | added | changed or {("", "the class list")})[1]
     log(
-        f"{name} changed since this pack began ({len(removed)} items removed, {len(added)} added, "
-        f"{len(changed)} changed, e.g. {example}): keeping the {kept} of {total} files whose items did not "
-        "change, packing the rest again"
+        f"{name} changed since this pack began (items removed: {len(removed)}, added: {len(added)}, "
+        f"changed: {len(changed)}; e.g. {example}): keeping the {kept} of {total} files whose items did "
+        "not change, packing the rest again"
     )
 
 

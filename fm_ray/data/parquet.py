@@ -12,6 +12,10 @@ split is the sample's `dataset_index`. Any row range reads alone: a reader opens
 groups that hold it. Local paths or object-store URIs (s3://, gs://, file://) go through
 pyarrow's filesystems.
 
+pool.json's `listing` names that file, counts its items per split and carries `sha256`: one digest
+over the digests of the items each part file holds (not of listing.parquet's bytes), which a re-run
+of the pack compares with the source as it is now.
+
 Nothing in the manifest is trusted alone (format v2). `open_pool` checks it against the files: each
 split folder holds exactly the listed files, each file its listed rows, the schema and the image
 shape its own footer records. Each part file's sha256 (in pool.json) is checked the first time a
