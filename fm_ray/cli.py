@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from fm_ray.config import to_dict
-from fm_ray.config.flags import add_run_flags, config_from_args
+from fm_ray.config.flags import RUN_EXAMPLES, HelpFormatter, add_run_flags, config_from_args, epilog
 from fm_ray.errors import UserError
-from fm_ray.sweep.grid import add_sweep_flags
+from fm_ray.sweep.grid import SWEEP_EXAMPLES, add_sweep_flags
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="one active-learning experiment",
         description="Run one active-learning experiment; results go to --out as Parquet, per round.",
+        epilog=epilog(RUN_EXAMPLES),
+        formatter_class=HelpFormatter,
     )
     add_run_flags(run)
     g = run.add_argument_group("output")
@@ -132,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a grid of runs as Ray Tune trials",
         description="Run a grid of active-learning runs as Ray Tune trials; resumable; one Parquet dataset in --out. "
         "--preset also takes a sweep preset (see fm_ray.sweep.grid.SWEEP_PRESETS, e.g. cpu-paper-fmnist-s2).",
+        epilog=epilog(SWEEP_EXAMPLES),
+        formatter_class=HelpFormatter,
     )
     add_run_flags(sweep)
     add_sweep_flags(sweep)

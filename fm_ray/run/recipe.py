@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fm_ray._internal.log import log
-from fm_ray.config import RunConfig
+from fm_ray.config import RunConfig, resolve_backend
 from fm_ray.data.core import Dataset, write_skipped_images
 from fm_ray.data.normalize import Normalizer
 from fm_ray.data.registry import check_outside, open_source
@@ -139,7 +139,7 @@ def _open(s: _Setup, rundir: RunDir, resume: bool, overwrite: bool) -> _Progress
     labeled = labeled.astype(np.int64)
     log(
         f"run {rid}: pool {s.size} ({s.n_classes} classes), {len(labeled)} labeled, {s.n_rounds} query rounds of "
-        f"{cfg.batch}, strategy {cfg.strategy.name}, {cfg.pool.backend} pool x{cfg.pool.shards}, device {s.device}"
+        f"{cfg.batch}, strategy {cfg.strategy.name}, {resolve_backend(cfg.pool)} pool x{cfg.pool.shards}, device {s.device}"
         + (f", resuming after round {rows[-1]['round']}" if rows else "")
     )
     return _Progress(rid, rows, queries, labeled)
@@ -232,7 +232,7 @@ def _record(
         "query_seconds": query_s,
         **sel.timings,
         **sel.info,
-        "backend": cfg.pool.backend,
+        "backend": resolve_backend(cfg.pool),  # what --backend auto became (as PoolSession's)
         "shards": cfg.pool.shards,
         **_peak_memory(sharded),
     }

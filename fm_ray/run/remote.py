@@ -30,7 +30,7 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fm_ray._internal.files import write_atomically
-from fm_ray.config import RunConfig, from_dict, to_dict
+from fm_ray.config import RunConfig, from_dict, resolve_backend, to_dict, with_resolved_backend
 from fm_ray.errors import UserError
 from fm_ray.pool.ray_pool import reserve
 from fm_ray.run.rundir import RunDir
@@ -114,7 +114,7 @@ def drive(cfg_dict: dict[str, Any], files: dict[str, bytes], threads: int) -> It
 def _beside_driver(cfg: RunConfig, driver_gpus: float) -> RunConfig:
     """Shard actors' default GPU share counts only the GPUs the driver leaves free (pool options
     are not part of run_id, so results do not change)."""
-    if cfg.pool.backend != "ray" or cfg.pool.gpus_per_shard is not None:
+    if resolve_backend(cfg.pool) != "ray" or cfg.pool.gpus_per_shard is not None:
         return cfg
     free = max(0.0, ray.cluster_resources().get("GPU", 0.0) - driver_gpus)
     share = min(1.0, free / cfg.pool.shards)
@@ -141,6 +141,7 @@ def run_remote(
     from fm_ray.run.validate import check
 
     check(cfg)  # bad input fails here, before Ray starts
+    cfg = with_resolved_backend(cfg)  # by this shell's $RAY_ADDRESS, not the task's
     rundir = RunDir(out)
     rundir.open(cfg, resume, overwrite)  # same refusals as a local run; the task then always resumes
     cpus = cfg.pool.driver_cpus if cfg.pool.driver_cpus is not None else 1.0

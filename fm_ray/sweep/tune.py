@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 
 from fm_ray._internal.files import write_bytes_atomically
 from fm_ray._internal.ray_session import ensure_ray
-from fm_ray.config import RunConfig, from_dict, to_dict
+from fm_ray.config import RunConfig, from_dict, resolve_backend, to_dict, with_resolved_backend
 from fm_ray.errors import UserError
 from fm_ray.run.rundir import PARTITIONS, ROUND_SCHEMA, SWEEP_QUERY_SCHEMA, RunDir, run_id
 from fm_ray.sweep.grid import SWEEP_KEYS, SweepOptions
@@ -180,7 +180,7 @@ def trial_resources(cfg: dict[str, Any], cpus: float, gpus: float) -> Any:
         return {"CPU": c, **({"GPU": g} if g > 0 else {})}
 
     pool = cfg["cfg"]["pool"]
-    shards = pool["shards"] if pool["backend"] == "ray" else 0
+    shards = pool["shards"] if resolve_backend(from_dict(cfg["cfg"]).pool) == "ray" else 0
     return tune.PlacementGroupFactory(
         [bundle(cpus, gpus)] + [bundle(pool["cpus_per_shard"], pool["gpus_per_shard"] or 0.0)] * shards
     )
@@ -198,7 +198,7 @@ def check_fits(configs: list[RunConfig], opts: SweepOptions, fixed: bool) -> Non
         short = {k: v for k, v in need.items() if v > have.get(k, 0.0)}
         if short:
             msg = (
-                f"trial {run_id(cfg)} needs {short} (driver + {cfg.pool.shards if cfg.pool.backend == 'ray' else 0} "
+                f"trial {run_id(cfg)} needs {short} (driver + {cfg.pool.shards if resolve_backend(cfg.pool) == 'ray' else 0} "
                 f"shard actors) but the Ray cluster has { {k: have.get(k, 0.0) for k in short} }: lower "
                 "--shards / --cpus-per-shard / --cpus-per-trial, use --backend local, or join a larger cluster"
             )
@@ -258,6 +258,7 @@ def run_sweep(
     """
     # num_to_keep forces a state snapshot per checkpoint; cheap here (small files), so no warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    configs = [with_resolved_backend(c) for c in configs]  # here, not in each trial's worker
     root = storage_root(opts.out)
     started = ensure_ray(ray_address)
     try:
