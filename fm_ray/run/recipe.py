@@ -59,7 +59,7 @@ def run_experiment(
             log(
                 f"round {r}/{s.n_rounds} done: n_labeled {row['n_labeled']}, test acc {ev['accuracy']:.4f}, "
                 f"balanced {ev['balanced_accuracy']:.4f} | train {fit['train_seconds']:.1f}s "
-                f"({fit['epochs']} ep, train acc {fit['train_accuracy']:.3f}), query {query_s:.1f}s"
+                f"({fit['epochs']} ep, train acc {fit['train_accuracy']:.3f}), eval {eval_s:.1f}s, query {query_s:.1f}s"
             )
             if on_round is not None:
                 on_round(row)
@@ -156,7 +156,10 @@ def _train(s: _Setup, rundir: RunDir, labeled: np.ndarray, r: int) -> tuple[nn.M
     fault_point("train", r)
     log(f"round {r}/{s.n_rounds}: training on {len(labeled)} labels")
     x, y = s.pool_images.read(labeled), s.y_pool[torch.from_numpy(labeled)]
-    return fit_round(cfg.model, cfg.train, cfg.seed, r, x, y, s.norm, s.data.augment, s.n_classes, s.device, warm)
+    desc = f"round {r}/{s.n_rounds}"  # the epoch progress lines' prefix
+    return fit_round(
+        cfg.model, cfg.train, cfg.seed, r, x, y, s.norm, s.data.augment, s.n_classes, s.device, warm, desc=desc
+    )
 
 
 def _evaluate(s: _Setup, model: nn.Module, r: int) -> tuple[dict[str, Any], float]:

@@ -12,12 +12,11 @@ same files and rows as a run without the flags, and Ctrl+C keeps every finished 
 from __future__ import annotations
 
 import dataclasses
-import io
+import logging
 import queue
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import redirect_stdout
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -30,6 +29,7 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fm_ray._internal.files import write_atomically
+from fm_ray._internal.log import LOGGER, log
 from fm_ray.config import RunConfig, from_dict, resolve_backend, to_dict, with_resolved_backend
 from fm_ray.errors import UserError
 from fm_ray.pool.ray_pool import reserve
@@ -60,26 +60,26 @@ def _writer(data: bytes) -> Callable[[IO[bytes]], object]:
     return lambda f: f.write(data)
 
 
-class _Lines(io.TextIOBase):
-    """A stdout that hands every complete line to `emit` (the recipe logs with print)."""
+class _Lines(logging.Handler):
+    """Hands each fm_ray log message of the task to `emit_line` (the driver logs it again, with its
+    own format and level, so `fm-ray -q` and `-v` govern the task's lines too)."""
 
-    def __init__(self, emit: Callable[[str], None]):
-        self._emit, self._buf = emit, ""
+    def __init__(self, emit_line: Callable[[str], None]):
+        super().__init__()
+        self._emit_line = emit_line
 
-    def write(self, text: str) -> int:
-        self._buf += text
-        *lines, self._buf = self._buf.split("\n")
-        for line in lines:
-            self._emit(line)
-        return len(text)
+    def emit(self, record: logging.LogRecord) -> None:
+        self._emit_line(record.getMessage())
 
 
 # A task, not an actor: an idle worker that already imported torch and fm_ray is reused, and a
 # generator task streams its items as they come. Never retried: a rerun would repeat rounds.
 @ray.remote(max_retries=0)
-def drive(cfg_dict: dict[str, Any], files: dict[str, bytes], threads: int) -> Iterator[tuple[str, Any]]:
-    """Runs one experiment in a temp run dir seeded with `files`; yields ("line", text) per progress
-    line and ("files", {name: bytes}) per finished round."""
+def drive(
+    cfg_dict: dict[str, Any], files: dict[str, bytes], threads: int, level: int = logging.INFO
+) -> Iterator[tuple[str, Any]]:
+    """Runs one experiment in a temp run dir seeded with `files`; yields ("line", text) per fm_ray
+    log message at `level` or above and ("files", {name: bytes}) per finished round."""
     from fm_ray.run.recipe import run_experiment
 
     torch.set_num_threads(threads)  # as OMP_NUM_THREADS=<cpus> fm-ray run: same float sums
@@ -89,17 +89,24 @@ def drive(cfg_dict: dict[str, Any], files: dict[str, bytes], threads: int) -> It
         write_files(rundir, files)
 
         def work() -> None:
+            lines = _Lines(lambda line: items.put(("line", line)))
+            propagate = LOGGER.propagate
+            LOGGER.addHandler(lines)
+            LOGGER.setLevel(level)  # a reused worker: set, not inherited from the last task
+            LOGGER.propagate = False  # the lines reach the driver once, through `items`
             try:
-                with redirect_stdout(_Lines(lambda line: items.put(("line", line)))):
-                    run_experiment(
-                        from_dict(cfg_dict),
-                        d,
-                        resume=True,
-                        on_round=lambda row: items.put(("files", read_files(rundir))),
-                    )
+                run_experiment(
+                    from_dict(cfg_dict),
+                    d,
+                    resume=True,
+                    on_round=lambda row: items.put(("files", read_files(rundir))),
+                )
                 items.put(("done", None))
             except BaseException as e:  # handed to the generator, which raises it to the caller
                 items.put(("error", e))
+            finally:
+                LOGGER.removeHandler(lines)
+                LOGGER.propagate = propagate
 
         threading.Thread(target=work, daemon=True).start()
         while True:
@@ -126,7 +133,7 @@ def run_remote(
     out: str | Path,
     resume: bool = False,
     overwrite: bool = False,
-    on_line: Callable[[str], None] = lambda line: print(line, flush=True),
+    on_line: Callable[[str], None] = log,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """`run_experiment(cfg, out, resume, overwrite)` in a Ray task holding cfg.pool.driver_cpus/_gpus.
@@ -155,8 +162,9 @@ def run_remote(
         pg = reserve([bundle], "the driver", hint)
         cfg = _beside_driver(cfg, gpus)
         placed = drive.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(pg))
+        level = LOGGER.getEffectiveLevel()
         # a generator task's .remote() gives an ObjectRefGenerator (ray's stubs say one ObjectRef)
-        items = cast(ObjectRefGenerator, placed.remote(to_dict(cfg), read_files(rundir), max(1, int(cpus))))
+        items = cast(ObjectRefGenerator, placed.remote(to_dict(cfg), read_files(rundir), max(1, int(cpus)), level))
         try:
             for ref in items:
                 kind, payload = ray.get(ref)

@@ -32,10 +32,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fm_ray._internal.files import write_bytes_atomically
+from fm_ray._internal.log import log
 from fm_ray._internal.ray_session import ensure_ray
 from fm_ray.config import RunConfig, from_dict, resolve_backend, to_dict, with_resolved_backend
 from fm_ray.errors import UserError
@@ -204,7 +205,7 @@ def check_fits(configs: list[RunConfig], opts: SweepOptions, fixed: bool) -> Non
             )
             if fixed:
                 raise UserError(msg)
-            print(f"[sweep] warning: {msg}; it waits until the cluster scales up", flush=True)
+            log(f"sweep: {msg}; it waits until the cluster scales up", logging.WARNING)
             return
 
 
@@ -217,7 +218,7 @@ class Progress:
     def line(self, trials: list[Any], trial: Any, result: dict[str, Any] | None, event: str) -> str:
         states = [t.status for t in trials]
         head = (
-            f"[sweep {time.strftime('%H:%M:%S')}] {states.count('TERMINATED')}/{self.total} done, "
+            f"sweep: {states.count('TERMINATED')}/{self.total} done, "
             f"{states.count('RUNNING')} running, {states.count('ERROR')} errored"
         )
         name = run_id(from_dict(trial.config["cfg"])) if "cfg" in trial.config else str(trial)
@@ -233,13 +234,13 @@ def _progress_callback(total: int) -> Any:
 
     class _Callback(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            print(progress.line(trials, trial, result, "result"), flush=True)
+            log(progress.line(trials, trial, result, "result"))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            print(progress.line(trials, trial, None, "finished"), flush=True)
+            log(progress.line(trials, trial, None, "finished"))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(progress.line(trials, trial, None, "failed (resume with --resume)"), flush=True)
+            log(progress.line(trials, trial, None, "failed (resume with --resume)"), logging.ERROR)
 
     return _Callback()
 
@@ -260,18 +261,18 @@ def run_sweep(
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     configs = [with_resolved_backend(c) for c in configs]  # here, not in each trial's worker
     root = storage_root(opts.out)
-    started = ensure_ray(ray_address)
+    started = ensure_ray(ray_address, log_to_driver=False)  # trials report through the callback
     try:
         check_fits(configs, opts, fixed=started)
         if _holds_sweep(root, opts):
             tuner, total = _restored_tuner(root, configs, opts)
         else:
             tuner, total = _new_tuner(root, configs, opts, callbacks)
-        print(f"[sweep] {total} trials -> {opts.out}", flush=True)
+        log(f"sweep: {total} trials -> {opts.out}")
         results = tuner.fit()
         failed = sum(results[i].error is not None for i in range(len(results)))  # ResultGrid: no __iter__ stub
         if failed:
-            print(f"[sweep] {failed} trial(s) failed; continue with `fm-ray sweep --out {opts.out} --resume`")
+            log(f"sweep: {failed} trial(s) failed; continue with `fm-ray sweep --out {opts.out} --resume`")
         return results
     finally:
         if started:
