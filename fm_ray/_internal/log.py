@@ -36,15 +36,15 @@ def cli_level(verbose: int = 0, quiet: int = 0) -> int:
     return steps[max(0, min(len(steps) - 1, 1 - verbose + quiet))]
 
 
-class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StdoutHandler(logging.Handler):
     """Writes to the sys.stdout of the moment (pytest's capture, a redirect), not the one at setup."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stdout)
-
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stdout)
-        super().emit(record)
+        try:
+            sys.stdout.write(self.format(record) + "\n")
+            sys.stdout.flush()
+        except Exception:
+            self.handleError(record)
 
 
 class _Format(logging.Formatter):

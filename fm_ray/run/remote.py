@@ -11,6 +11,7 @@ same files and rows as a run without the flags, and Ctrl+C keeps every finished 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -128,6 +129,13 @@ def _beside_driver(cfg: RunConfig, driver_gpus: float) -> RunConfig:
     return dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, gpus_per_shard=share))
 
 
+def _wait_ended(items: Any) -> None:
+    """Block until the cancelled task has ended, so its CPUs and GPUs are free when we return."""
+    # it raises once cancelled (a second Ctrl+C ends the wait too): either way nothing more to wait for
+    with contextlib.suppress(ray.exceptions.RayError, KeyboardInterrupt):
+        ray.get(items.completed())
+
+
 def run_remote(
     cfg: RunConfig,
     out: str | Path,
@@ -183,6 +191,7 @@ def run_remote(
     finally:
         if items is not None and not finished:
             ray.cancel(items, force=True)  # Ctrl+C or error: kill the run's worker; its shard actors die with it
+            _wait_ended(items)
         if pg is not None:
             remove_placement_group(pg)
         if started:
