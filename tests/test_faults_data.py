@@ -178,8 +178,9 @@ CHILD = textwrap.dedent(
         real_save(obj, f, *args, **kwargs)
         saves[0] += 1
         open(os.path.join(sync, f"{saves[0]}-{me}"), "w").close()
-        deadline = time.time() + 60
-        while len([n for n in os.listdir(sync) if n.startswith(f"{saves[0]}-")]) < 2 and time.time() < deadline:
+        # a barrier on a state (both files there), with no deadline: on a slow machine the other
+        # process may take long, and a time-out would let this one pass without the race
+        while len([n for n in os.listdir(sync) if n.startswith(f"{saves[0]}-")]) < 2:
             time.sleep(0.01)
 
     torch.save = save_then_wait
@@ -212,7 +213,12 @@ def test_two_processes_decoding_one_folder_both_get_it(tmp_path):
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=900) for p in procs]  # a hang guard only
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
