@@ -426,3 +426,23 @@ def test_fmnist_needs_no_writable_cache(tmp_path, monkeypatch, fmnist):
     blocker.write_text("x")
     monkeypatch.setenv("FM_RAY_CACHE", str(blocker))
     assert torch.equal(open_source(DataConfig(dataset="fashion_mnist")).test_y, fmnist.test_y)
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
+def test_a_failed_download_leaves_no_empty_folders_in_the_cache(dataset, tmp_path, monkeypatch, own_cache):
+    """Missing data and no network (FM_RAY_OFFLINE unset): one error line, and the cache holds no
+    folders made for the download that never came (issue 17)."""
+    import torchvision
+    import torchvision.datasets.utils as tv_utils
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(tv_utils, "download_url", no_network)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    monkeypatch.delenv("FM_RAY_OFFLINE")
+    (tmp_path / "nodata").mkdir()
+    own_cache.mkdir()
+    with pytest.raises(UserError, match=f"dataset {dataset} not found .* not downloadable .*network is unreachable"):
+        open_source(DataConfig(dataset=dataset, data_dir=str(tmp_path / "nodata")))
+    assert list(own_cache.rglob("*")) == []
