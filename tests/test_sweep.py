@@ -248,3 +248,12 @@ def test_trial_with_ray_shards_runs_in_its_placement_group(tmp_path, sweep_dir):
         strip(load_queries(out))["pool_index"].tolist()
         == strip(load_queries(sweep_dir).query("run_id in @local.run_id"))["pool_index"].tolist()
     )
+
+
+def test_sweep_console_shows_fm_ray_progress_lines_only(tmp_path, capfd):
+    """Tune's banner, tables and trial output give way to one fm_ray line per trial result."""
+    small = [*SMALL[: SMALL.index("--rounds")], "--rounds", "1", *SMALL[SMALL.index("--rounds") + 2 :]]
+    assert main(["sweep", "--out", str(tmp_path / "s"), "--strategies", "random", *small]) == 0
+    out = capfd.readouterr().out.splitlines()
+    assert out and all(line.startswith("[fm-ray ") for line in out), out
+    assert sum("round 1: acc" in line for line in out) == 1 and any("1/1 done" in line for line in out), out

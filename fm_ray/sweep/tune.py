@@ -216,7 +216,9 @@ class Progress:
         self.total = total
 
     def line(self, trials: list[Any], trial: Any, result: dict[str, Any] | None, event: str) -> str:
-        states = [t.status for t in trials]
+        # Tune calls on_trial_complete/_error before it updates the trial's status: count it as it ends
+        ending = {"finished": "TERMINATED"}.get(event, "ERROR" if event.startswith("failed") else None)
+        states = [ending if ending and t is trial else t.status for t in trials]
         head = (
             f"sweep: {states.count('TERMINATED')}/{self.total} done, "
             f"{states.count('RUNNING')} running, {states.count('ERROR')} errored"
@@ -259,6 +261,9 @@ def run_sweep(
     """
     # num_to_keep forces a state snapshot per checkpoint; cheap here (small files), so no warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's console output (its experiment banner and tables, printed even at verbose=0 by its new
+    # output engine) gives way to fm_ray's progress lines (_progress_callback)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     configs = [with_resolved_backend(c) for c in configs]  # here, not in each trial's worker
     root = storage_root(opts.out)
     started = ensure_ray(ray_address, log_to_driver=False)  # trials report through the callback
