@@ -100,15 +100,3 @@ def test_every_grid_axis_example_is_a_valid_value_of_its_flag(axis):
 def test_a_bad_grid_list_names_its_own_axis_example():
     with pytest.raises(UserError, match=r"--lams 'x' .* e\.g\. --lams 0\.1,1,10"):
         _grid_values("lams", "x")
-
-
-def test_pack_decodes_a_small_folder_in_process_and_a_large_one_or_a_cluster_on_ray(monkeypatch):
-    from fm_ray.config import PACK_RAY_FILES, resolve_pack_backend
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert resolve_pack_backend("auto", 600) == "local"  # the 600-image folder: no Ray start
-    assert resolve_pack_backend("auto", PACK_RAY_FILES + 1) == "ray"
-    assert resolve_pack_backend("auto", 10, ray_address="auto") == "ray"
-    assert resolve_pack_backend("ray", 10) == "ray" and resolve_pack_backend("local", 10**6) == "local"
-    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
-    assert resolve_pack_backend("auto", 10) == "ray"

@@ -106,21 +106,6 @@ def resolve_backend(pool: PoolConfig) -> str:
     return "ray" if cluster or pool.shards > 1 or (pool.gpus_per_shard or 0) > 0 else "local"
 
 
-# `fm-ray pack` decodes files in-process below this many (starting Ray costs 15-20 s; a folder of a
-# few thousand images decodes in less); on Ray Data above it, or always with a cluster given.
-PACK_RAY_FILES = 5000
-
-
-def resolve_pack_backend(requested: str, n_files: int, ray_address: str | None = None) -> str:
-    """Where `fm-ray pack` decodes `n_files` image files: `ray` (Ray Data) or `local` (in-process).
-    `auto`: Ray when a cluster is given (ray_address or $RAY_ADDRESS) or above PACK_RAY_FILES."""
-    if requested != "auto":
-        return requested
-    if ray_address or os.environ.get("RAY_ADDRESS") or n_files > PACK_RAY_FILES:
-        return "ray"
-    return "local"
-
-
 def with_resolved_backend(cfg: RunConfig) -> RunConfig:
     """`cfg` with its backend resolved here, before it travels to a Tune trial or a remote driver
     (their workers see another environment, and trial resources depend on the backend)."""
