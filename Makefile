@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/fm-ray run --dataset fashion_mnist --setting setting2 --model cnn --strategy fishermask \
-		--init 100 --batch 100 --rounds 4 --epochs 20 --seed 0 --out $(DEMO_OUT) --overwrite
+		--init 100 --batch 100 --rounds 4 --epochs 20 --seed 0 --backend ray --out $(DEMO_OUT) --overwrite
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check fm_ray tests benchmarks

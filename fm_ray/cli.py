@@ -7,15 +7,23 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from fm_ray._internal.log import cli_level, configure_cli_logging
 from fm_ray.config import to_dict
-from fm_ray.config.flags import add_run_flags, config_from_args
+from fm_ray.config.flags import RUN_EXAMPLES, HelpFormatter, add_run_flags, config_from_args, epilog
 from fm_ray.errors import UserError
-from fm_ray.sweep.grid import add_sweep_flags
+from fm_ray.sweep.grid import SWEEP_EXAMPLES, add_sweep_flags
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
         raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_output_flags(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """-v / -q, before or after the command: fm_ray's lines at DEBUG / warnings only (default INFO)."""
+    default = 0 if top else argparse.SUPPRESS  # a command's own default would reset `fm-ray -q run`
+    p.add_argument("-v", "--verbose", action="count", default=default, help="more progress lines (debug)")
+    p.add_argument("-q", "--quiet", action="count", default=default, help="warnings and errors only (-qq: errors only)")
 
 
 def add_mlflow_flags(p: argparse.ArgumentParser) -> None:
@@ -65,6 +73,8 @@ def add_project_parser(sub: Any) -> None:
     status.add_argument("dir")
     status.set_defaults(func=_project_status)
     add_mlflow_flags(nxt)
+    for p in (init, nxt, imp, status):
+        add_output_flags(p)
 
 
 def _project_init(args: argparse.Namespace) -> int:
@@ -112,11 +122,14 @@ def _project_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fm-ray", description="Scale-out FisherMask active learning on Ray.")
+    add_output_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser(
         "run",
         help="one active-learning experiment",
         description="Run one active-learning experiment; results go to --out as Parquet, per round.",
+        epilog=epilog(RUN_EXAMPLES),
+        formatter_class=HelpFormatter,
     )
     add_run_flags(run)
     g = run.add_argument_group("output")
@@ -125,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     add_mlflow_flags(run)
     add_run_flags(run, run_only=True)  # driver placement
+    add_output_flags(run)
     run.set_defaults(func=_run)
     sub.add_parser("strategies", help="list the query strategies").set_defaults(func=_strategies)
     sweep = sub.add_parser(
@@ -132,11 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a grid of runs as Ray Tune trials",
         description="Run a grid of active-learning runs as Ray Tune trials; resumable; one Parquet dataset in --out. "
         "--preset also takes a sweep preset (see fm_ray.sweep.grid.SWEEP_PRESETS, e.g. cpu-paper-fmnist-s2).",
+        epilog=epilog(SWEEP_EXAMPLES),
+        formatter_class=HelpFormatter,
     )
     add_run_flags(sweep)
     add_sweep_flags(sweep)
     add_mlflow_flags(sweep)
     sweep.set_defaults(func=_sweep)
+    add_output_flags(sweep)
     add_project_parser(sub)
     pack = sub.add_parser(
         "pack",
@@ -160,10 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--data-dir", help="root of the built-in datasets (else $FM_RAY_DATA, else the cache)")
     pack.add_argument("--rows-per-file", type=int, default=8192, help="rows per Parquet file (default 8192)")
     pack.set_defaults(func=_pack)
+    add_output_flags(pack)
     report = sub.add_parser("report", help="figures and tables from a run or sweep directory")
     report.add_argument("path", help="a run directory (rounds.parquet) or a sweep directory (results/)")
     report.add_argument("--out", help="where to write the PNGs and summary.md/.csv (default <path>/report)")
     report.set_defaults(func=_report)
+    add_output_flags(report)
     return parser
 
 
@@ -248,6 +267,7 @@ def _report(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        configure_cli_logging(cli_level(getattr(args, "verbose", 0), getattr(args, "quiet", 0)))
         return int(args.func(args))
     except UserError as e:
         print(f"fm-ray: error: {e}", file=sys.stderr)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fm_ray.config import ModelConfig, PoolConfig, StrategyConfig
+from fm_ray.config import ModelConfig, PoolConfig, StrategyConfig, resolve_backend
 from fm_ray.data.normalize import Normalizer
 from fm_ray.data.source import ImageSource, as_source
 from fm_ray.errors import UserError
@@ -47,6 +47,7 @@ class PoolSession:
             spec = ShardSpec(model, channels, side, n_classes, norm, device)
         else:
             spec = ShardSpec(None, channels, side, n_classes, norm, device, module=model)
+        self.backend = resolve_backend(pool_cfg)  # what `auto` became: the rows record it
         self.pool: ShardedPool = make_pool(pool_cfg, spec, images)
 
     def positions(self, ids: Any) -> np.ndarray:
@@ -82,7 +83,7 @@ class PoolSession:
 
 
 def make_pool(cfg: PoolConfig, spec: ShardSpec, images: ImageSource | torch.Tensor) -> ShardedPool:
-    if cfg.backend == "ray":
+    if resolve_backend(cfg) == "ray":
         from fm_ray.pool.ray_pool import RayPool  # Ray stays optional for the numeric core
 
         return RayPool(cfg, spec, images)

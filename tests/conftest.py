@@ -50,3 +50,16 @@ def trained(fmnist):
         return QueryContext(1, k, 0, labeled, 560, StrategyConfig(name=strategy, **kw), model)
 
     return {"spec": spec, "x_pool": x_pool, "weights": weights, "labeled": labeled, "context": context}
+
+
+@pytest.fixture(autouse=True)
+def _fm_ray_logging_as_it_was():
+    """`main()` configures the fm_ray logger for the whole process (as `fm-ray` does): undo it after
+    each test, so whether a test sees fm_ray's lines never depends on the tests before it."""
+    from fm_ray._internal.log import LOGGER
+
+    handlers, level, propagate = list(LOGGER.handlers), LOGGER.level, LOGGER.propagate
+    yield
+    LOGGER.handlers[:] = handlers
+    LOGGER.setLevel(level)
+    LOGGER.propagate = propagate

@@ -310,7 +310,8 @@ def test_job_submit_on_local_multinode_cluster(monkeypatch):
         # No working_dir here (fm_ray is installed in this venv): both simulated nodes share one
         # runtime_resources folder, and the second node's cleanup would delete the driver's cwd.
         job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
-        deadline = time.monotonic() + 240
+        # waits on the job's state; the ceiling only stops a hang (a busy 2-core machine is slow)
+        deadline = time.monotonic() + 900
         status = client.get_job_status(job)
         while not JobStatus(status).is_terminal() and time.monotonic() < deadline:
             time.sleep(1)
@@ -681,7 +682,7 @@ def test_head_started_as_the_launcher_starts_it_refuses_unauthenticated_jobs(tmp
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # waits on the head answering; the ceiling only stops a hang
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if _http(f"{url}/api/version", token) == 200:

@@ -178,8 +178,9 @@ CHILD = textwrap.dedent(
         real_save(obj, f, *args, **kwargs)
         saves[0] += 1
         open(os.path.join(sync, f"{saves[0]}-{me}"), "w").close()
-        deadline = time.time() + 60
-        while len([n for n in os.listdir(sync) if n.startswith(f"{saves[0]}-")]) < 2 and time.time() < deadline:
+        # a barrier on a state (both files there), with no deadline: on a slow machine the other
+        # process may take long, and a time-out would let this one pass without the race
+        while len([n for n in os.listdir(sync) if n.startswith(f"{saves[0]}-")]) < 2:
             time.sleep(0.01)
 
     torch.save = save_then_wait
@@ -212,7 +213,12 @@ def test_two_processes_decoding_one_folder_both_get_it(tmp_path):
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=900) for p in procs]  # a hang guard only
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
@@ -420,3 +426,23 @@ def test_fmnist_needs_no_writable_cache(tmp_path, monkeypatch, fmnist):
     blocker.write_text("x")
     monkeypatch.setenv("FM_RAY_CACHE", str(blocker))
     assert torch.equal(open_source(DataConfig(dataset="fashion_mnist")).test_y, fmnist.test_y)
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
+def test_a_failed_download_leaves_no_empty_folders_in_the_cache(dataset, tmp_path, monkeypatch, own_cache):
+    """Missing data and no network (FM_RAY_OFFLINE unset): one error line, and the cache holds no
+    folders made for the download that never came (issue 17)."""
+    import torchvision
+    import torchvision.datasets.utils as tv_utils
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(tv_utils, "download_url", no_network)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    monkeypatch.delenv("FM_RAY_OFFLINE")
+    (tmp_path / "nodata").mkdir()
+    own_cache.mkdir()
+    with pytest.raises(UserError, match=f"dataset {dataset} not found .* not downloadable .*network is unreachable"):
+        open_source(DataConfig(dataset=dataset, data_dir=str(tmp_path / "nodata")))
+    assert list(own_cache.rglob("*")) == []

@@ -97,7 +97,7 @@ def kill_and_wait(pool: RayPool, shards: list[int]) -> None:
     before = {i: ray.get(pool.actors[i].token.remote()) for i in shards}
     for i in shards:
         ray.kill(pool.actors[i], no_restart=False)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # waits on the new incarnation; the ceiling only stops a hang
     for i in shards:
         while True:
             try:

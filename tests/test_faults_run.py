@@ -153,7 +153,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_rows(reference, tmp_path):
         cmd, env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 480  # generous: a loaded 2-core machine
+        deadline = time.monotonic() + 900  # waits on a state (a published round); the ceiling stops a hang
         first = cut / "results" / "rounds"
         while not list(first.rglob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)  # the first trial published a round: kill mid-way

@@ -6,7 +6,18 @@ import pytest
 from fm_ray.cli import main
 from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
 from fm_ray.run.recipe import run_experiment
-from fm_ray.sweep.report import aulc, class_histogram, load_queries, load_rounds, method_labels, summarize
+from fm_ray.sweep.report import (
+    _markdown,
+    aulc,
+    class_histogram,
+    class_label,
+    load_queries,
+    load_rounds,
+    method_labels,
+    plot_class_histogram,
+    seeds_note,
+    summarize,
+)
 from fm_ray.sweep.tune import publish
 
 SMALL = DataConfig(dataset="fashion_mnist", setting="custom", class_counts=((0, 60), (1, 300), (2, 60)))
@@ -88,3 +99,39 @@ def test_report_writes_figures_and_tables(runs, tmp_path):
     # a single run dir reports too
     assert main(["report", str(runs / "random")]) == 0 and (runs / "random" / "report" / "summary.md").exists()
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_one_seed_is_titled_as_one_seed_not_a_spread():
+    rounds = synthetic_rounds()
+    assert seeds_note(rounds) == "mean ± std over 2 seeds"
+    one = rounds[rounds["seed"] == 1]
+    assert seeds_note(one) == "one seed (1)"
+    md = _markdown(summarize(one), [], "x")
+    assert "±" not in md and "One seed" in md
+    assert (class_histogram(one)["seeds"] == 1).all() and (class_histogram(rounds)["seeds"] == 2).all()
+
+
+def test_the_class_histogram_names_the_classes(tmp_path):
+    assert class_label("fashion_mnist", 0) == "T-shirt/top" and class_label("fashion_mnist", 9) == "Ankle boot"
+    assert class_label("cifar10", 3) == "cat"
+    for name in ("dog", "cat"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    assert class_label(f"imagefolder:{tmp_path}", 1) == "dog"  # sorted folders: cat, dog
+    assert class_label("parquet:/gone", 4) == "4"  # only ids known: the id
+
+
+def test_the_class_histogram_figure_has_class_names_on_its_x_axis(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    seen: list[list[str]] = []
+    original = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        seen.append([t.get_text() for ax in fig.axes for t in ax.get_xticklabels()])
+        seen.append([fig.get_suptitle()])
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    rounds = synthetic_rounds().assign(dataset="fashion_mnist")
+    plot_class_histogram(class_histogram(rounds[rounds["seed"] == 0]), tmp_path / "h.png")
+    assert seen == [["T-shirt/top", "Trouser"], ["Queried samples per class (summed over rounds)"]]

@@ -1,6 +1,7 @@
 """Ray Tune sweeps on real FashionMNIST slices: rows per trial, report, resume == uninterrupted, trial == run."""
 
 import json
+import logging
 import math
 import os
 import signal
@@ -218,7 +219,7 @@ def test_sweep_to_a_storage_uri(tmp_path, sweep_dir):
     assert main(["report", f"file://{out}"]) == 2
 
 
-def test_trial_larger_than_a_fixed_cluster_is_an_error(capsys):
+def test_trial_larger_than_a_fixed_cluster_is_an_error(caplog):
     from fm_ray.sweep.tune import check_fits
 
     args = build_parser().parse_args(["sweep", "--out", "o", "--strategies", "fishermask", *SMALL[:-2]])
@@ -226,8 +227,9 @@ def test_trial_larger_than_a_fixed_cluster_is_an_error(capsys):
     configs, opts = sweep_from_args(args)
     with pytest.raises(UserError, match=r"needs \{'CPU': 3.0\} \(driver \+ 2 shard actors\)"):
         check_fits(configs, opts, fixed=True)
-    check_fits(configs, opts, fixed=False)  # a cluster that may scale up: a warning only
-    assert "waits until the cluster scales up" in capsys.readouterr().out
+    with caplog.at_level(logging.WARNING, logger="fm_ray"):
+        check_fits(configs, opts, fixed=False)  # a cluster that may scale up: a warning only
+    assert "waits until the cluster scales up" in caplog.text
 
 
 def test_trial_with_ray_shards_runs_in_its_placement_group(tmp_path, sweep_dir):
@@ -246,3 +248,12 @@ def test_trial_with_ray_shards_runs_in_its_placement_group(tmp_path, sweep_dir):
         strip(load_queries(out))["pool_index"].tolist()
         == strip(load_queries(sweep_dir).query("run_id in @local.run_id"))["pool_index"].tolist()
     )
+
+
+def test_sweep_console_shows_fm_ray_progress_lines_only(tmp_path, capfd):
+    """Tune's banner, tables and trial output give way to one fm_ray line per trial result."""
+    small = [*SMALL[: SMALL.index("--rounds")], "--rounds", "1", *SMALL[SMALL.index("--rounds") + 2 :]]
+    assert main(["sweep", "--out", str(tmp_path / "s"), "--strategies", "random", *small]) == 0
+    out = capfd.readouterr().out.splitlines()
+    assert out and all(line.startswith("[fm-ray ") for line in out), out
+    assert sum("round 1: acc" in line for line in out) == 1 and any("1/1 done" in line for line in out), out

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from fm_ray.errors import UserError
+
+BACKENDS = ("auto", "local", "ray")
+DEFAULT_ROUNDS = 5  # README "Quick start" states it
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: str = "random"
+    name: str = "fishermask"  # the method fm_ray is for; `fm-ray strategies` lists the baselines
     sparsity: float = 0.002  # FisherMask: fraction of all weights kept in the mask
     fisher_samples: int | None = 1024  # pool samples for the Fisher diagonal; None = the whole pool
     lam: float = 1.0  # lambda in M_0 = lambda*I + n_L/(n_L+K) F_L
@@ -54,7 +58,9 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    backend: str = "ray"  # ray | local (in-process shards, no Ray)
+    # auto: Ray when a cluster, several shards or GPUs per shard are asked, else in-process
+    # (pool.backend.resolve_backend); ray | local force one
+    backend: str = "auto"
     shards: int = 1
     cpus_per_shard: float = 1.0
     gpus_per_shard: float | None = None  # None: share the cluster's GPUs among the shards, if it has any
@@ -73,7 +79,9 @@ class RunConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     init: int = 100  # initial labeled set size (seeded random)
     batch: int = 100  # samples queried per round
-    rounds: int | None = None  # query rounds (round 0 is the initial set); None = until budget or pool
+    # query rounds (round 0 is the initial set); None = until budget or pool. A small default, so a
+    # first `fm-ray run` ends in minutes; --budget without --rounds means None (the budget governs).
+    rounds: int | None = DEFAULT_ROUNDS
     budget: int | None = None  # max labeled samples in all; None = no cap besides rounds and pool
     seed: int = 0
     preset: str | None = None
@@ -86,6 +94,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "s1-high": {"setting": "setting1", "init": 250, "batch": 250, "budget": 5750},
     "s2": {"setting": "setting2", "init": 500, "batch": 500, "budget": 6500},
 }
+
+
+def resolve_backend(pool: PoolConfig) -> str:
+    """The pool backend `auto` stands for: Ray when a cluster is given (--ray-address or $RAY_ADDRESS),
+    several shards or GPUs per shard are asked (what Ray shard actors are for); in-process otherwise,
+    so a small project or a quick run starts in seconds. `ray` and `local` stay as given."""
+    if pool.backend != "auto":
+        return pool.backend
+    cluster = pool.ray_address or os.environ.get("RAY_ADDRESS")
+    return "ray" if cluster or pool.shards > 1 or (pool.gpus_per_shard or 0) > 0 else "local"
+
+
+def with_resolved_backend(cfg: RunConfig) -> RunConfig:
+    """`cfg` with its backend resolved here, before it travels to a Tune trial or a remote driver
+    (their workers see another environment, and trial resources depend on the backend)."""
+    pool = dataclasses.replace(cfg.pool, backend=resolve_backend(cfg.pool))
+    return dataclasses.replace(cfg, pool=pool)
 
 
 def rounds_for_budget(init: int, batch: int, budget: int) -> int:
@@ -193,5 +218,5 @@ def _validate_pool(pl: PoolConfig) -> None:
         _in_range("--driver-cpus", pl.driver_cpus, 0, inf, True, "positive")
     if pl.driver_gpus is not None:
         _in_range("--driver-gpus", pl.driver_gpus, 0, inf, False, ">= 0")
-    if pl.backend not in ("local", "ray"):
-        raise UserError(f"--backend must be local or ray, got {pl.backend!r}")
+    if pl.backend not in BACKENDS:
+        raise UserError(f"--backend must be auto, local or ray, got {pl.backend!r}")

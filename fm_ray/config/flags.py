@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fm_ray.config import (
+    BACKENDS,
     PRESETS,
     DataConfig,
     ModelConfig,
@@ -49,6 +50,15 @@ def _fisher_samples(text: str) -> int | str:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"--fisher-samples must be positive, got {value}")
     return value
+
+
+def _rounds(text: str) -> int | str:
+    if text == "all":
+        return "all"  # not None: None means "not given", and would fall back to the default
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rounds must be a count or 'all', got {text!r}") from None
 
 
 def _class_counts(text: str) -> tuple[tuple[int, int], ...] | None:
@@ -109,7 +119,14 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("strategy.name", AL, "query strategy (default {default}); see `fm-ray strategies`", name="strategy"),
     Flag("init", AL, "initial labeled samples, seeded random (default {default})", parse=int),
     Flag("batch", AL, "samples queried per round (default {default})", parse=int),
-    Flag("rounds", AL, "query rounds (default: until --budget or the pool is used up)", parse=int),
+    Flag(
+        "rounds",
+        AL,
+        "query rounds, or 'all': until --budget or the pool is used up (default {default}; with --budget "
+        "or a --preset and no --rounds: all)",
+        parse=_rounds,
+        none_means="all",
+    ),
     Flag("budget", AL, "most labeled samples in all (default: no cap)", parse=int),
     Flag("seed", AL, "seeds everything: pool, initial set, weights, training (default {default})", parse=int),
     Flag(
@@ -173,7 +190,13 @@ RUN_FLAGS: tuple[Flag, ...] = (
         "still computes in float32/float64 (default {default}: as computed)",
         choices=("float32", "bfloat16", "float16"),
     ),
-    Flag("pool.backend", POOL, "ray | local (default {default}; local runs the shards in-process)"),
+    Flag(
+        "pool.backend",
+        POOL,
+        "auto | ray | local (default {default}: Ray when --ray-address or $RAY_ADDRESS, --shards > 1 or "
+        "--gpus-per-shard > 0 is given, else in-process; the rows' backend column says which ran)",
+        choices=BACKENDS,
+    ),
     Flag("pool.shards", POOL, "pool shards (default {default})", parse=int),
     Flag("pool.cpus_per_shard", POOL, "Ray CPUs per shard actor (default {default})", parse=float),
     Flag(
@@ -199,6 +222,30 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("pool.driver_cpus", DRIVER, "CPUs (torch threads) of that actor (default 1)", parse=float, run_only=True),
 )
 BY_DEST: dict[str, Flag] = {f.dest: f for f in RUN_FLAGS}
+
+# `fm-ray run --help` examples: (what it does, argv after `fm-ray`); tests/test_cli.py parses each one.
+RUN_EXAMPLES: tuple[tuple[str, str], ...] = (
+    ("a first run: FisherMask, 5 query rounds of 100 on FashionMNIST setting 2", "run --out runs/first"),
+    ("continue it after Ctrl+C (the same flags, plus --resume)", "run --out runs/first --resume"),
+    ("a quick check on a laptop CPU", "run --model mlp --epochs 2 --rounds 2 --device cpu --out runs/quick"),
+    ("a baseline in the paper's setting-2 regime (to 6500 labels)", "run --preset s2 --strategy entropy --out runs/s2"),
+    ("the pool on 4 Ray shard actors of a running cluster", "run --shards 4 --ray-address auto --out runs/big"),
+)
+
+
+def epilog(examples: tuple[tuple[str, str], ...]) -> str:
+    """The `examples:` block at the end of a command's --help."""
+    lines = [f"  # {what}\n  fm-ray {argv}" for what, argv in examples]
+    return "examples:\n" + "\n".join(lines)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that the examples block keeps its lines."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line + "\n" for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +288,8 @@ def config_from_values(values: Mapping[str, Any]) -> RunConfig:
     """{run flag dest: value} -> RunConfig: the only way user input becomes a config.
 
     A regime preset fills setting/init/batch/budget where `values` leaves them unset, so explicit
-    values win; --class-counts without --setting means the custom setting.
+    values win; --class-counts without --setting means the custom setting; a budget without
+    --rounds runs until the budget (not the default of a few rounds).
     """
     unknown = sorted(set(values) - set(BY_DEST))
     if unknown:
@@ -254,6 +302,8 @@ def config_from_values(values: Mapping[str, Any]) -> RunConfig:
         if preset not in PRESETS:
             raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
         given = {**PRESETS[preset], **given}
+    if given.get("budget") is not None and "rounds" not in given:
+        given["rounds"] = "all"  # a budget given is the stopping rule, not the small default
     if "dataset" in given:
         given["dataset"] = absolute_pool(given["dataset"])
     if given.get("checkpoint"):  # absolute: a Tune trial runs in its own working directory

@@ -156,6 +156,8 @@ def open_cifar10(data_dir: str | None, skip_bad: bool = False) -> Dataset:
     except Exception as e:
         if made:  # leave no empty folder behind in the cache
             shutil.rmtree(tv_root, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                Path(tv_root).parent.rmdir()  # cache/extracted too, when nothing else is in it
         if isinstance(e, UserError):
             raise
         raise _missing("cifar10", root, expected, e) from None

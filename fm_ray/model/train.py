@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fm_ray._internal.log import EpochProgress
 from fm_ray.config import ModelConfig, TrainConfig
 from fm_ray.data.normalize import Normalizer
 from fm_ray.errors import UserError
@@ -51,16 +52,20 @@ def train_model(
     cfg: TrainConfig,
     device: torch.device,
     seed: int,
+    desc: str = "training",
 ) -> dict[str, float]:
-    """Adam until `cfg.epochs` or an epoch's training accuracy reaches `cfg.target_train_acc`."""
+    """Adam until `cfg.epochs` or an epoch's training accuracy reaches `cfg.target_train_acc`.
+
+    Progress (`desc`, per epoch: loss and accuracy) goes to fm_ray's logger / a terminal bar."""
     torch.manual_seed(seed)  # batch order and augmentation
     model.to(device).train()
     trainable = _freeze_backbone(model) if cfg.freeze_backbone else list(model.parameters())
     opt = torch.optim.Adam(trainable, lr=cfg.lr)
     loss_fn = nn.CrossEntropyLoss()
     start, acc, epochs_run = time.perf_counter(), 0.0, 0
+    bar = EpochProgress(cfg.epochs, desc)
     for epoch in range(1, cfg.epochs + 1):
-        epochs_run, correct = epoch, 0
+        epochs_run, correct, loss_sum = epoch, 0, torch.zeros((), device=device)
         for idx in _batches(len(y), cfg.batch_size, torch.randperm(len(y))):
             xb = norm(x_u8[idx], augment).to(device)
             yb = y[idx].to(device)
@@ -70,9 +75,13 @@ def train_model(
             loss.backward()
             opt.step()
             correct += int((logits.argmax(1) == yb).sum())
+            loss_sum += loss.detach() * len(idx)  # summed on the device: no sync per batch
         acc = correct / len(y)
+        done = acc >= cfg.target_train_acc or epoch == cfg.epochs
+        bar.update(epoch, float(loss_sum) / len(y), acc, last=done)
         if acc >= cfg.target_train_acc:
             break
+    bar.close()
     model.eval()
     if cfg.freeze_backbone:
         model.requires_grad_(True)  # the Fisher quantities differentiate every weight
@@ -138,6 +147,7 @@ def fit_round(
     n_classes: int,
     device: torch.device,
     init_weights: dict[str, torch.Tensor] | None = None,
+    desc: str = "training",
 ) -> tuple[nn.Module, dict[str, float]]:
     """One round's model: seeded fresh weights (or `init_weights`, a warm start) trained on the labels.
 
@@ -150,5 +160,5 @@ def fit_round(
     model = build_model(model_cfg, x_u8.shape[1], x_u8.shape[-1], n_classes)
     if init_weights is not None:
         model.load_state_dict(init_weights)
-    fit = train_model(model, x_u8, y, norm, augment, cfg, device, seed=round_seed(seed, round))
+    fit = train_model(model, x_u8, y, norm, augment, cfg, device, seed=round_seed(seed, round), desc=desc)
     return model, fit

@@ -29,6 +29,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from fm_ray._internal.ray_session import ray_log_level
 from fm_ray.config import PoolConfig
 from fm_ray.data.source import ImageSource, as_source
 from fm_ray.errors import UserError
@@ -63,17 +64,32 @@ def to_cpu(x: Any) -> Any:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ShardActor:
-    def __init__(self, spec: ShardSpec, images: ImageSource, index_N: np.ndarray, threads: int):
+    """A `PoolShard` in an actor. Its data comes with `start` and with every call, as nested object
+    refs ([spec, images, index_N], held by the pool), never as constructor arguments: Ray logs an
+    error-level line for a restartable actor with constructor arguments in the object store
+    (ray-project/ray#53727), and a restarted actor loads its shard again from the call's refs."""
+
+    def __init__(self, threads: int):
         torch.set_num_threads(threads)
         self.incarnation = uuid.uuid4().hex  # new in every process Ray starts for this actor
-        self.shard = PoolShard(spec, images, index_N)
+        self.shard: PoolShard | None = None
+
+    def _load(self, refs: list[Any]) -> None:
+        if self.shard is None:
+            spec, images, index_N = ray.get(refs)
+            self.shard = PoolShard(spec, images, index_N)
+
+    def start(self, refs: list[Any]) -> str:
+        self._load(refs)
+        return self.incarnation
 
     def token(self) -> str:
         return self.incarnation
 
-    def call(self, expected: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Answer:
+    def call(self, expected: str, refs: list[Any], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Answer:
         if expected != self.incarnation:  # restarted since the pool last heard from us: state lost
             return Answer(self.incarnation, ran=False)
+        self._load(refs)
         return Answer(self.incarnation, ran=True, value=to_cpu(fn(self.shard, *args, **kwargs)))
 
 
@@ -85,8 +101,8 @@ class _Call:
     args: tuple
     kwargs: dict[str, Any]
 
-    def submit(self, actor: Any, expected: str) -> Any:
-        return actor.call.remote(expected, self.fn, *self.args, **self.kwargs)
+    def submit(self, actor: Any, expected: str, refs: list[Any]) -> Any:
+        return actor.call.remote(expected, refs, self.fn, *self.args, **self.kwargs)
 
 
 def _get(future: Any) -> Answer | None:
@@ -162,22 +178,27 @@ class RayPool:
     def __init__(self, cfg: PoolConfig, spec: ShardSpec, images: ImageSource | torch.Tensor):
         self._own_ray = not ray.is_initialized()
         if self._own_ray:  # address None: $RAY_ADDRESS if set, else a local instance for this run
-            ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+            ray.init(
+                address=cfg.ray_address, include_dashboard=False, log_to_driver=False, logging_level=ray_log_level()
+            )
         cfg = dataclasses.replace(cfg, gpus_per_shard=_gpus_per_shard(cfg))
         device = "cuda" if cfg.gpus_per_shard else "cpu"
         spec = dataclasses.replace(spec, device=device)
         self._pg = self._reserve(cfg)
         threads = max(1, int(cfg.cpus_per_shard))
         self.actors = []
-        self._images = []  # held so a restarted actor can re-read its constructor arguments
+        self._images = []  # each shard's images (in _refs too): held so a restarted actor reloads them
         source = as_source(images)
+        spec_ref = ray.put(spec)
+        self._refs: list[list[Any]] = []  # per shard: [spec, images, index_N], what its actor loads
         for i, part in enumerate(partition(len(source), cfg.shards, BLOCK)):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i) if self._pg else None
             # in-RAM pixels, or for a Parquet pool a small descriptor the actor reads its rows with
             self._images.append(ray.put(source.subset(part)))
+            self._refs.append([spec_ref, self._images[-1], ray.put(part)])
             actor = ShardActor.options(  # type: ignore[attr-defined]
                 num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard, scheduling_strategy=strategy
-            ).remote(spec, self._images[-1], part, threads)
+            ).remote(threads)
             self.actors.append(actor)
         self.n_shards = len(self.actors)
         # the incarnation each actor last answered with (waits for the actors to start)
@@ -186,11 +207,16 @@ class RayPool:
         self.restarts = 0
 
     def _wait_started(self) -> list[str]:
-        """Each actor's incarnation, once all have started. Ray does not restart an actor whose
-        constructor raised (e.g. its Parquet rows cannot be read): say why now, as the one-line
-        UserError it was, not as a dead actor at the first call."""
+        """Each actor's incarnation, once all have started and loaded their shard. A shard that
+        cannot load (e.g. its Parquet rows cannot be read) says why now, as the one-line UserError
+        it was, not at the first call."""
         try:
-            return list(ray.get([a.token.remote() for a in self.actors]))
+            return list(ray.get([a.start.remote(r) for a, r in zip(self.actors, self._refs, strict=True)]))
+        except RayTaskError as e:
+            if isinstance(e.cause, UserError):
+                self.close()
+                raise e.cause from None
+            raise
         except RayActorError as e:
             if not e.actor_init_failed:
                 raise
@@ -216,13 +242,16 @@ class RayPool:
         call = _Call(fn, tuple(_share(a) for a in args), {k: _share(v) for k, v in kwargs.items()})
         if not is_read_only(fn):
             self._log.append(call)
-        futures = [call.submit(a, token) for a, token in zip(self.actors, self._incarnation, strict=True)]
+        futures = [
+            call.submit(a, token, refs)
+            for a, token, refs in zip(self.actors, self._incarnation, self._refs, strict=True)
+        ]
         results: list[R] = []
         for i, fut in enumerate(futures):
             answer = _get(fut)
             while answer is None or not answer.ran:  # died during the call, or restarted before it
                 self._rejoin(i, self._log if is_read_only(fn) else self._log[:-1])
-                answer = _get(call.submit(self.actors[i], self._incarnation[i]))
+                answer = _get(call.submit(self.actors[i], self._incarnation[i], self._refs[i]))
             results.append(answer.value)
         return results
 
@@ -242,7 +271,7 @@ class RayPool:
                 self._incarnation[i] = token
             try:
                 for c in replay:
-                    answer = _get(c.submit(self.actors[i], token))
+                    answer = _get(c.submit(self.actors[i], token, self._refs[i]))
                     if answer is None or not answer.ran:
                         raise _Restarted
                 return

@@ -90,7 +90,8 @@ class PoolShard:
 
     def blocks(self) -> list[torch.Tensor]:
         """Member positions in inference batches (the same batches whatever the shard count)."""
-        return list(torch.arange(len(self.index_N)).split(BLOCK))
+        # none for an empty shard (a pool smaller than a block per shard): nothing to score there
+        return [b for b in torch.arange(len(self.index_N)).split(BLOCK) if len(b)]
 
 
 def read_only(fn: F) -> F:

@@ -178,6 +178,7 @@ class Project:
                 pool.augment,
                 len(classes),
                 device,
+                desc=f"batch {b}",
             )
             summary |= {"n_train": len(train_ids), "train_epochs": fit["epochs"], "train_seconds": fit["train_seconds"]}
             summary |= self._holdout_accuracy(model, pool, labels, classes, norm, device)

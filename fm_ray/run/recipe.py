@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fm_ray._internal.log import log
-from fm_ray.config import RunConfig
+from fm_ray.config import RunConfig, resolve_backend
 from fm_ray.data.core import Dataset, write_skipped_images
 from fm_ray.data.normalize import Normalizer
 from fm_ray.data.registry import check_outside, open_source
@@ -59,7 +59,7 @@ def run_experiment(
             log(
                 f"round {r}/{s.n_rounds} done: n_labeled {row['n_labeled']}, test acc {ev['accuracy']:.4f}, "
                 f"balanced {ev['balanced_accuracy']:.4f} | train {fit['train_seconds']:.1f}s "
-                f"({fit['epochs']} ep, train acc {fit['train_accuracy']:.3f}), query {query_s:.1f}s"
+                f"({fit['epochs']} ep, train acc {fit['train_accuracy']:.3f}), eval {eval_s:.1f}s, query {query_s:.1f}s"
             )
             if on_round is not None:
                 on_round(row)
@@ -139,7 +139,7 @@ def _open(s: _Setup, rundir: RunDir, resume: bool, overwrite: bool) -> _Progress
     labeled = labeled.astype(np.int64)
     log(
         f"run {rid}: pool {s.size} ({s.n_classes} classes), {len(labeled)} labeled, {s.n_rounds} query rounds of "
-        f"{cfg.batch}, strategy {cfg.strategy.name}, {cfg.pool.backend} pool x{cfg.pool.shards}, device {s.device}"
+        f"{cfg.batch}, strategy {cfg.strategy.name}, {resolve_backend(cfg.pool)} pool x{cfg.pool.shards}, device {s.device}"
         + (f", resuming after round {rows[-1]['round']}" if rows else "")
     )
     return _Progress(rid, rows, queries, labeled)
@@ -156,7 +156,10 @@ def _train(s: _Setup, rundir: RunDir, labeled: np.ndarray, r: int) -> tuple[nn.M
     fault_point("train", r)
     log(f"round {r}/{s.n_rounds}: training on {len(labeled)} labels")
     x, y = s.pool_images.read(labeled), s.y_pool[torch.from_numpy(labeled)]
-    return fit_round(cfg.model, cfg.train, cfg.seed, r, x, y, s.norm, s.data.augment, s.n_classes, s.device, warm)
+    desc = f"round {r}/{s.n_rounds}"  # the epoch progress lines' prefix
+    return fit_round(
+        cfg.model, cfg.train, cfg.seed, r, x, y, s.norm, s.data.augment, s.n_classes, s.device, warm, desc=desc
+    )
 
 
 def _evaluate(s: _Setup, model: nn.Module, r: int) -> tuple[dict[str, Any], float]:
@@ -232,7 +235,7 @@ def _record(
         "query_seconds": query_s,
         **sel.timings,
         **sel.info,
-        "backend": cfg.pool.backend,
+        "backend": resolve_backend(cfg.pool),  # what --backend auto became (as PoolSession's)
         "shards": cfg.pool.shards,
         **_peak_memory(sharded),
     }

@@ -11,13 +11,13 @@ same files and rows as a run without the flags, and Ctrl+C keeps every finished 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import io
+import logging
 import queue
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import redirect_stdout
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -30,7 +30,8 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fm_ray._internal.files import write_atomically
-from fm_ray.config import RunConfig, from_dict, to_dict
+from fm_ray._internal.log import LOGGER, log
+from fm_ray.config import RunConfig, from_dict, resolve_backend, to_dict, with_resolved_backend
 from fm_ray.errors import UserError
 from fm_ray.pool.ray_pool import reserve
 from fm_ray.run.rundir import RunDir
@@ -60,26 +61,26 @@ def _writer(data: bytes) -> Callable[[IO[bytes]], object]:
     return lambda f: f.write(data)
 
 
-class _Lines(io.TextIOBase):
-    """A stdout that hands every complete line to `emit` (the recipe logs with print)."""
+class _Lines(logging.Handler):
+    """Hands each fm_ray log message of the task to `emit_line` (the driver logs it again, with its
+    own format and level, so `fm-ray -q` and `-v` govern the task's lines too)."""
 
-    def __init__(self, emit: Callable[[str], None]):
-        self._emit, self._buf = emit, ""
+    def __init__(self, emit_line: Callable[[str], None]):
+        super().__init__()
+        self._emit_line = emit_line
 
-    def write(self, text: str) -> int:
-        self._buf += text
-        *lines, self._buf = self._buf.split("\n")
-        for line in lines:
-            self._emit(line)
-        return len(text)
+    def emit(self, record: logging.LogRecord) -> None:
+        self._emit_line(record.getMessage())
 
 
 # A task, not an actor: an idle worker that already imported torch and fm_ray is reused, and a
 # generator task streams its items as they come. Never retried: a rerun would repeat rounds.
 @ray.remote(max_retries=0)
-def drive(cfg_dict: dict[str, Any], files: dict[str, bytes], threads: int) -> Iterator[tuple[str, Any]]:
-    """Runs one experiment in a temp run dir seeded with `files`; yields ("line", text) per progress
-    line and ("files", {name: bytes}) per finished round."""
+def drive(
+    cfg_dict: dict[str, Any], files: dict[str, bytes], threads: int, level: int = logging.INFO
+) -> Iterator[tuple[str, Any]]:
+    """Runs one experiment in a temp run dir seeded with `files`; yields ("line", text) per fm_ray
+    log message at `level` or above and ("files", {name: bytes}) per finished round."""
     from fm_ray.run.recipe import run_experiment
 
     torch.set_num_threads(threads)  # as OMP_NUM_THREADS=<cpus> fm-ray run: same float sums
@@ -89,17 +90,24 @@ def drive(cfg_dict: dict[str, Any], files: dict[str, bytes], threads: int) -> It
         write_files(rundir, files)
 
         def work() -> None:
+            lines = _Lines(lambda line: items.put(("line", line)))
+            propagate = LOGGER.propagate
+            LOGGER.addHandler(lines)
+            LOGGER.setLevel(level)  # a reused worker: set, not inherited from the last task
+            LOGGER.propagate = False  # the lines reach the driver once, through `items`
             try:
-                with redirect_stdout(_Lines(lambda line: items.put(("line", line)))):
-                    run_experiment(
-                        from_dict(cfg_dict),
-                        d,
-                        resume=True,
-                        on_round=lambda row: items.put(("files", read_files(rundir))),
-                    )
+                run_experiment(
+                    from_dict(cfg_dict),
+                    d,
+                    resume=True,
+                    on_round=lambda row: items.put(("files", read_files(rundir))),
+                )
                 items.put(("done", None))
             except BaseException as e:  # handed to the generator, which raises it to the caller
                 items.put(("error", e))
+            finally:
+                LOGGER.removeHandler(lines)
+                LOGGER.propagate = propagate
 
         threading.Thread(target=work, daemon=True).start()
         while True:
@@ -114,11 +122,18 @@ def drive(cfg_dict: dict[str, Any], files: dict[str, bytes], threads: int) -> It
 def _beside_driver(cfg: RunConfig, driver_gpus: float) -> RunConfig:
     """Shard actors' default GPU share counts only the GPUs the driver leaves free (pool options
     are not part of run_id, so results do not change)."""
-    if cfg.pool.backend != "ray" or cfg.pool.gpus_per_shard is not None:
+    if resolve_backend(cfg.pool) != "ray" or cfg.pool.gpus_per_shard is not None:
         return cfg
     free = max(0.0, ray.cluster_resources().get("GPU", 0.0) - driver_gpus)
     share = min(1.0, free / cfg.pool.shards)
     return dataclasses.replace(cfg, pool=dataclasses.replace(cfg.pool, gpus_per_shard=share))
+
+
+def _wait_ended(items: Any) -> None:
+    """Block until the cancelled task has ended, so its CPUs and GPUs are free when we return."""
+    # it raises once cancelled (a second Ctrl+C ends the wait too): either way nothing more to wait for
+    with contextlib.suppress(ray.exceptions.RayError, KeyboardInterrupt):
+        ray.get(items.completed())
 
 
 def run_remote(
@@ -126,7 +141,7 @@ def run_remote(
     out: str | Path,
     resume: bool = False,
     overwrite: bool = False,
-    on_line: Callable[[str], None] = lambda line: print(line, flush=True),
+    on_line: Callable[[str], None] = log,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """`run_experiment(cfg, out, resume, overwrite)` in a Ray task holding cfg.pool.driver_cpus/_gpus.
@@ -141,6 +156,7 @@ def run_remote(
     from fm_ray.run.validate import check
 
     check(cfg)  # bad input fails here, before Ray starts
+    cfg = with_resolved_backend(cfg)  # by this shell's $RAY_ADDRESS, not the task's
     rundir = RunDir(out)
     rundir.open(cfg, resume, overwrite)  # same refusals as a local run; the task then always resumes
     cpus = cfg.pool.driver_cpus if cfg.pool.driver_cpus is not None else 1.0
@@ -154,8 +170,9 @@ def run_remote(
         pg = reserve([bundle], "the driver", hint)
         cfg = _beside_driver(cfg, gpus)
         placed = drive.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(pg))
+        level = LOGGER.getEffectiveLevel()
         # a generator task's .remote() gives an ObjectRefGenerator (ray's stubs say one ObjectRef)
-        items = cast(ObjectRefGenerator, placed.remote(to_dict(cfg), read_files(rundir), max(1, int(cpus))))
+        items = cast(ObjectRefGenerator, placed.remote(to_dict(cfg), read_files(rundir), max(1, int(cpus)), level))
         try:
             for ref in items:
                 kind, payload = ray.get(ref)
@@ -174,6 +191,7 @@ def run_remote(
     finally:
         if items is not None and not finished:
             ray.cancel(items, force=True)  # Ctrl+C or error: kill the run's worker; its shard actors die with it
+            _wait_ended(items)
         if pg is not None:
             remove_placement_group(pg)
         if started:

@@ -34,6 +34,32 @@ GRID_AXES: dict[str, str] = {
     "models": "model",
 }
 SWEEP_KEYS = ("max_concurrent", "cpus_per_trial", "gpus_per_trial")
+# One right example per axis, for --help and error messages (tests/test_cli.py parses each one).
+AXIS_EXAMPLES: dict[str, str] = {
+    "strategies": "random,entropy,fishermask",
+    "seeds": "0,1,2",
+    "datasets": "fashion_mnist,cifar10",
+    "settings": "setting1,setting2",
+    "presets": "s1-low,s2",
+    "sparsities": "0.002,0.01",
+    "lams": "0.1,1,10",
+    "batches": "50,100",
+    "models": "cnn,resnet18",
+}
+# `fm-ray sweep --help` examples: (what it does, argv after `fm-ray`); tests/test_cli.py parses each.
+SWEEP_EXAMPLES: tuple[tuple[str, str], ...] = (
+    (
+        "three strategies x three seeds in the paper's setting-2 regime, 5 epochs a round",
+        "sweep --out sweeps/a --strategies random,entropy,fishermask --seeds 0,1,2 --preset s2 --epochs 5",
+    ),
+    ("the CPU-sized paper grid (about 20 minutes on 2 cores)", "sweep --out sweeps/c --preset cpu-paper-fmnist-s2"),
+    (
+        "FisherMask's lambda and mask sparsity, 3 rounds each",
+        "sweep --out sweeps/l --lams 0.1,1,10 --sparsities 0.002,0.01 --rounds 3",
+    ),
+    ("continue after Ctrl+C, a crash or failed trials", "sweep --out sweeps/a --resume"),
+    ("figures and tables of the sweep", "report sweeps/a"),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,21 +105,21 @@ for _ds, _short in (("cifar10", "cifar10"), ("fashion_mnist", "fmnist")):
 
 
 def parse_list(text: str, typ: type, flag: str) -> list[Any]:
-    """'0,1,2' -> [0, 1, 2]; a bad or empty list is a UserError naming the flag."""
+    """'0,1,2' -> [0, 1, 2]; a bad or empty list is a UserError naming the flag (a grid axis)."""
     items = [s.strip() for s in str(text).split(",") if s.strip()]
     try:
         values = [typ(s) for s in items]
     except ValueError:
         raise UserError(
-            f"--{flag} {text!r} is not a comma-separated list of {typ.__name__}s: e.g. --{flag} {_example(typ)}"
+            f"--{flag} {text!r} is not a comma-separated list of {typ.__name__}s: e.g. --{flag} {_example(flag)}"
         ) from None
     if not values:
-        raise UserError(f"--{flag} is empty: give a comma-separated list, e.g. --{flag} {_example(typ)}")
+        raise UserError(f"--{flag} is empty: give a comma-separated list, e.g. --{flag} {_example(flag)}")
     return values
 
 
-def _example(typ: type) -> str:
-    return {int: "0,1,2", float: "0.002,0.01"}.get(typ, "random,entropy")
+def _example(axis: str) -> str:
+    return AXIS_EXAMPLES.get(axis, "0,1,2")
 
 
 def load_spec(path: str | Path) -> dict[str, Any]:
@@ -129,7 +155,7 @@ def _grid_values(axis: str, values: Any) -> list[Any]:
     if isinstance(values, str | int | float):
         return parse_list(str(values), typ, axis)
     if not isinstance(values, list) or not values:
-        raise UserError(f"grid axis {axis}: give a non-empty list, e.g. {axis}: [{_example(typ)}]")
+        raise UserError(f"grid axis {axis}: give a non-empty list, e.g. {axis}: [{_example(axis)}]")
     return parse_list(",".join(str(v) for v in values), typ, axis)
 
 
@@ -198,9 +224,7 @@ def add_sweep_flags(p: argparse.ArgumentParser) -> None:
     """The grid and Tune flags of `fm-ray sweep` (every `fm-ray run` flag comes from flags.add_run_flags)."""
     g = p.add_argument_group("grid (comma-separated lists; each replaces the single-value run flag)")
     for axis, dest in GRID_AXES.items():
-        g.add_argument(
-            f"--{axis}", metavar="LIST", help=f"values of {BY_DEST[dest].flag}, e.g. {_example(axis_type(axis))}"
-        )
+        g.add_argument(f"--{axis}", metavar="LIST", help=f"values of {BY_DEST[dest].flag}, e.g. {_example(axis)}")
     g.add_argument(
         "--spec", help="YAML/JSON file: {base: {<run flag>: value}, grid: {<axis>: [...]}, sweep: {max_concurrent: 2}}"
     )

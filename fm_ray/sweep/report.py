@@ -1,8 +1,8 @@
 """`fm-ray report`: figures and tables from a run or sweep directory (FisherMask arXiv 2411.05752).
 
-Learning curves, mean +- std over seeds, one line per method and one panel per (dataset, setting)
-(the paper's Figs. 4-5); the FisherMask mask profile across layers (Fig. 2); the class histogram of
-queried samples; and a table of final accuracy, area under the learning curve, mean rank and seconds
+Learning curves, mean +- std over seeds (a single seed's titled as one seed, without a band), one
+line per method and one panel per (dataset, setting) (the paper's Figs. 4-5); the FisherMask mask
+profile across layers (Fig. 2); the class histogram of queried samples, by class name; and a table of final accuracy, area under the learning curve, mean rank and seconds
 per round per phase. A "method" is the strategy plus any hyper-parameter that varies in the sweep
 (e.g. `fishermask sparsity=0.01`). Stds are population stds (ddof=0) over seeds.
 """
@@ -157,6 +157,34 @@ def summarize(rounds: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def seeds_note(df: pd.DataFrame) -> str:
+    """How a figure aggregates seeds: "one seed (0)" when there is one, so no spread is claimed."""
+    seeds = sorted(df["seed"].unique())
+    return f"one seed ({seeds[0]})" if len(seeds) == 1 else f"mean ± std over {len(seeds)} seeds"
+
+
+def class_names(dataset: str) -> list[str] | None:
+    """The names of a dataset's class ids: the built-ins', an image folder's (its sorted class
+    folders, if the folder is still there); None where only ids are known (a Parquet pool)."""
+    from torchvision.datasets import FashionMNIST
+
+    from fm_ray.data.builtin import CIFAR10_CLASSES
+
+    known = {"fashion_mnist": tuple(FashionMNIST.classes), "cifar10": CIFAR10_CLASSES}
+    if dataset in known:
+        return list(known[dataset])
+    kind, _, path = dataset.partition(":")
+    train = Path(path).expanduser() / "train"
+    if kind == "imagefolder" and train.is_dir():
+        return sorted(p.name for p in train.iterdir() if p.is_dir())
+    return None
+
+
+def class_label(dataset: str, cls: int) -> str:
+    names = class_names(dataset)
+    return names[cls] if names is not None and 0 <= cls < len(names) else str(cls)
+
+
 def class_histogram(rounds: pd.DataFrame) -> pd.DataFrame:
     """Queried samples per (dataset, setting, method, class), summed over rounds and seeds."""
     recs = [
@@ -166,8 +194,10 @@ def class_histogram(rounds: pd.DataFrame) -> pd.DataFrame:
         for c, n in zip(r["classes"], r["queried_class_counts"], strict=True)
     ]
     if not recs:
-        return pd.DataFrame(columns=[*PANEL, "method", "cls", "count"])
-    return pd.DataFrame(recs).groupby([*PANEL, "method", "cls"], as_index=False)["count"].sum()
+        return pd.DataFrame(columns=[*PANEL, "method", "cls", "count", "seeds"])
+    seeds = rounds.groupby([*PANEL, "method"])["seed"].nunique().rename("seeds").reset_index()
+    hist = pd.DataFrame(recs).groupby([*PANEL, "method", "cls"], as_index=False)["count"].sum()
+    return hist.merge(seeds, on=[*PANEL, "method"])
 
 
 def mask_profile(rounds: pd.DataFrame) -> pd.DataFrame:
@@ -216,34 +246,41 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def plot_learning_curves(rounds: pd.DataFrame, path: Path) -> Path:
-    fig, panels = _panels(rounds, "Test accuracy vs. labeled samples (mean ± std over seeds)")
+    fig, panels = _panels(rounds, f"Test accuracy vs. labeled samples ({seeds_note(rounds)})")
     for (d, s), ax, sub in panels:
         for method, g in sub.groupby("method"):
             curve = g.groupby("round").agg(
                 n=("n_labeled", "mean"), mean=("accuracy", "mean"), std=("accuracy", lambda x: x.std(ddof=0))
             )
             ax.plot(curve["n"], curve["mean"], marker="o", ms=3, label=method)
-            ax.fill_between(curve["n"], curve["mean"] - curve["std"], curve["mean"] + curve["std"], alpha=0.2)
+            if g["seed"].nunique() > 1:  # a band only where there is a spread to show
+                ax.fill_between(curve["n"], curve["mean"] - curve["std"], curve["mean"] + curve["std"], alpha=0.2)
         ax.set(title=f"{d} / {s}", xlabel="labeled samples", ylabel="test accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def _grouped_bars(ax: Any, table: pd.DataFrame, x: str, y: str, order: list[Any]) -> None:
+def _grouped_bars(
+    ax: Any, table: pd.DataFrame, x: str, y: str, order: list[Any], labels: list[str] | None = None
+) -> None:
     methods = sorted(table["method"].unique())
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
         vals = table[table["method"] == method].set_index(x)[y].reindex(order).fillna(0)
         ax.bar(np.arange(len(order)) + (i - (len(methods) - 1) / 2) * width, vals, width, label=method)
-    ax.set_xticks(np.arange(len(order)), [str(o) for o in order], rotation=45 if x == "layer" else 0, ha="right")
+    labels = labels or [str(o) for o in order]
+    slanted = x == "layer" or max(map(len, labels)) > 3
+    ax.set_xticks(np.arange(len(order)), labels, rotation=45 if slanted else 0, ha="right" if slanted else "center")
     ax.legend(fontsize=8)
 
 
 def plot_class_histogram(hist: pd.DataFrame, path: Path) -> Path:
-    fig, panels = _panels(hist, "Queried samples per class (summed over rounds and seeds)")
+    over = "rounds" if "seeds" not in hist or (hist["seeds"] == 1).all() else "rounds and seeds"
+    fig, panels = _panels(hist, f"Queried samples per class (summed over {over})")
     for (d, s), ax, sub in panels:
-        _grouped_bars(ax, sub, "cls", "count", sorted(sub["cls"].unique()))
+        order = sorted(sub["cls"].unique())
+        _grouped_bars(ax, sub, "cls", "count", order, [class_label(d, int(c)) for c in order])
         ax.set(title=f"{d} / {s}", xlabel="class", ylabel="queried samples")
     return _save(fig, path)
 
@@ -263,8 +300,10 @@ def plot_mask_profile(profile: pd.DataFrame, path: Path) -> Path:
 
 
 def _markdown(table: pd.DataFrame, figures: list[str], source: str) -> str:
+    one_seed = bool((table["seeds"] == 1).all())
+
     def pm(m: float, s: float) -> str:
-        return f"{m:.4f} ± {s:.4f}"
+        return f"{m:.4f}" if one_seed else f"{m:.4f} ± {s:.4f}"
 
     def sec(v: float) -> str:
         return "-" if pd.isna(v) else f"{v:.2f}"
@@ -281,7 +320,8 @@ def _markdown(table: pd.DataFrame, figures: list[str], source: str) -> str:
         "",
         "AULC: trapezoid of accuracy over labeled samples, divided by the labeled-sample span. Mean rank: "
         "methods ranked by accuracy (1 = best) per dataset, setting, seed and round, then averaged. "
-        "± is the std over seeds (ddof=0). Query-phase seconds average the rounds that queried.",
+        + ("One seed: no spread over seeds to show. " if one_seed else "± is the std over seeds (ddof=0). ")
+        + "Query-phase seconds average the rounds that queried.",
         "",
         *(f"![{f}]({f})" for f in figures),
         "",

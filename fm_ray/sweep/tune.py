@@ -32,10 +32,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fm_ray._internal.files import write_bytes_atomically
+from fm_ray._internal.log import log
 from fm_ray._internal.ray_session import ensure_ray
-from fm_ray.config import RunConfig, from_dict, to_dict
+from fm_ray.config import RunConfig, from_dict, resolve_backend, to_dict, with_resolved_backend
 from fm_ray.errors import UserError
 from fm_ray.run.rundir import PARTITIONS, ROUND_SCHEMA, SWEEP_QUERY_SCHEMA, RunDir, run_id
 from fm_ray.sweep.grid import SWEEP_KEYS, SweepOptions
@@ -180,7 +181,7 @@ def trial_resources(cfg: dict[str, Any], cpus: float, gpus: float) -> Any:
         return {"CPU": c, **({"GPU": g} if g > 0 else {})}
 
     pool = cfg["cfg"]["pool"]
-    shards = pool["shards"] if pool["backend"] == "ray" else 0
+    shards = pool["shards"] if resolve_backend(from_dict(cfg["cfg"]).pool) == "ray" else 0
     return tune.PlacementGroupFactory(
         [bundle(cpus, gpus)] + [bundle(pool["cpus_per_shard"], pool["gpus_per_shard"] or 0.0)] * shards
     )
@@ -198,13 +199,13 @@ def check_fits(configs: list[RunConfig], opts: SweepOptions, fixed: bool) -> Non
         short = {k: v for k, v in need.items() if v > have.get(k, 0.0)}
         if short:
             msg = (
-                f"trial {run_id(cfg)} needs {short} (driver + {cfg.pool.shards if cfg.pool.backend == 'ray' else 0} "
+                f"trial {run_id(cfg)} needs {short} (driver + {cfg.pool.shards if resolve_backend(cfg.pool) == 'ray' else 0} "
                 f"shard actors) but the Ray cluster has { {k: have.get(k, 0.0) for k in short} }: lower "
                 "--shards / --cpus-per-shard / --cpus-per-trial, use --backend local, or join a larger cluster"
             )
             if fixed:
                 raise UserError(msg)
-            print(f"[sweep] warning: {msg}; it waits until the cluster scales up", flush=True)
+            log(f"sweep: {msg}; it waits until the cluster scales up", logging.WARNING)
             return
 
 
@@ -215,9 +216,11 @@ class Progress:
         self.total = total
 
     def line(self, trials: list[Any], trial: Any, result: dict[str, Any] | None, event: str) -> str:
-        states = [t.status for t in trials]
+        # Tune calls on_trial_complete/_error before it updates the trial's status: count it as it ends
+        ending = {"finished": "TERMINATED"}.get(event, "ERROR" if event.startswith("failed") else None)
+        states = [ending if ending and t is trial else t.status for t in trials]
         head = (
-            f"[sweep {time.strftime('%H:%M:%S')}] {states.count('TERMINATED')}/{self.total} done, "
+            f"sweep: {states.count('TERMINATED')}/{self.total} done, "
             f"{states.count('RUNNING')} running, {states.count('ERROR')} errored"
         )
         name = run_id(from_dict(trial.config["cfg"])) if "cfg" in trial.config else str(trial)
@@ -233,13 +236,13 @@ def _progress_callback(total: int) -> Any:
 
     class _Callback(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            print(progress.line(trials, trial, result, "result"), flush=True)
+            log(progress.line(trials, trial, result, "result"))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            print(progress.line(trials, trial, None, "finished"), flush=True)
+            log(progress.line(trials, trial, None, "finished"))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(progress.line(trials, trial, None, "failed (resume with --resume)"), flush=True)
+            log(progress.line(trials, trial, None, "failed (resume with --resume)"), logging.ERROR)
 
     return _Callback()
 
@@ -258,19 +261,23 @@ def run_sweep(
     """
     # num_to_keep forces a state snapshot per checkpoint; cheap here (small files), so no warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's console output (its experiment banner and tables, printed even at verbose=0 by its new
+    # output engine) gives way to fm_ray's progress lines (_progress_callback)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    configs = [with_resolved_backend(c) for c in configs]  # here, not in each trial's worker
     root = storage_root(opts.out)
-    started = ensure_ray(ray_address)
+    started = ensure_ray(ray_address, log_to_driver=False)  # trials report through the callback
     try:
         check_fits(configs, opts, fixed=started)
         if _holds_sweep(root, opts):
             tuner, total = _restored_tuner(root, configs, opts)
         else:
             tuner, total = _new_tuner(root, configs, opts, callbacks)
-        print(f"[sweep] {total} trials -> {opts.out}", flush=True)
+        log(f"sweep: {total} trials -> {opts.out}")
         results = tuner.fit()
         failed = sum(results[i].error is not None for i in range(len(results)))  # ResultGrid: no __iter__ stub
         if failed:
-            print(f"[sweep] {failed} trial(s) failed; continue with `fm-ray sweep --out {opts.out} --resume`")
+            log(f"sweep: {failed} trial(s) failed; continue with `fm-ray sweep --out {opts.out} --resume`")
         return results
     finally:
         if started:
