@@ -13,7 +13,7 @@ all kept up, and the counts are timed in turns (order alternating per repeat), s
 processes on the machine hits every count alike; only one pool computes at a time.
 
 Per shard count, one JSON line:
-  embed_s           wall time of pool.map(build_greedy_state, mask, "fast", chunk, "float32", "float32"): Fisher embeddings and
+  embed_s           wall time of pool.map_sum(build_greedy_state, mask, "fast", chunk, "float32", "float32"): Fisher embeddings and
                     partial V^T V sums on all shards in parallel (min over --repeats)
   select_s          wall time of greedy_select over K steps, shard state init included (min over --repeats)
   step_ms           mean wall time of one greedy step (one broadcast + every shard's step + reduce)
@@ -22,6 +22,8 @@ Per shard count, one JSON line:
   embed_cpu_s       CPU seconds of the busiest shard actor in that embed phase (read from /proc): when
                     embed_s is well above it, other processes took CPU from the shards
   same_picks        picks equal to those of the smallest shard count
+  driver_received_bytes, driver_received_dxd  tensor bytes the driver received for the partial
+                    sums (pool.map_sum: added among the shards), also in units of one d x d float64
 Exits non-zero if the picks differ across shard counts.
 """
 
@@ -99,6 +101,7 @@ class Timed:
         self._states = state_call(self.pool, GreedyState)
         self.embed: list[float] = []
         self.embed_cpu: list[float] = []  # the busiest shard's CPU seconds in each embed phase
+        self.received: list[int] = []  # tensor bytes the driver received in each embed phase
         self.select: list[float] = []
         self.picks: list[int] | None = None
         self.steps: list[tuple[float, tuple]] = []  # (wall s, args) of each greedy step of the current round
@@ -125,9 +128,13 @@ class Timed:
     def round(self, mask: torch.Tensor) -> None:
         cpu0 = self._cpu_s()
         start = time.perf_counter()
-        parts = self.pool.map(build_greedy_state, mask, "fast", self.a.chunk, "float32", "float32")
-        fisher_D_D = sum(p for p, _, _ in parts) / sum(c for _, _, c in parts)
-        labeled_sum = sum(s for _, s, _ in parts)
+        received = self.pool.received_bytes
+        # the partial sums are added among the shards (a tree over the object store): one sum arrives
+        pool_sum, labeled_sum, count = self.pool.map_sum(
+            build_greedy_state, mask, "fast", self.a.chunk, "float32", "float32"
+        )
+        self.received.append(self.pool.received_bytes - received)
+        fisher_D_D = pool_sum / count
         self.embed.append(time.perf_counter() - start)
         self.embed_cpu.append(max(b - a for a, b in zip(cpu0, self._cpu_s(), strict=True)))
         self.steps.clear()
@@ -227,6 +234,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "step_overhead_p50_ms": round(statistics.median(overhead[id(run)]), 2),
                 "step_overhead_max_ms": round(max(overhead[id(run)]), 2),
                 "same_picks": run.picks == base.picks,
+                "driver_received_bytes": run.received[-1],
+                "driver_received_dxd": round(run.received[-1] / (8 * int(mask.numel()) ** 2), 3),
                 "baseline_shards": shard_counts[0],
                 "load_avg_1m": round(load, 2),
                 "method": METHOD,

@@ -204,6 +204,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other: pass one")
     cfg = config_from_args(args)
+    if cfg.dry_run:
+        from fm_ray.run.plan import dry_run
+
+        print(dry_run(cfg))
+        return 0
     tracker = None
     if args.mlflow:
         from fm_ray.run.rundir import run_id

@@ -17,9 +17,11 @@ from fm_ray.config import ModelConfig, PoolConfig, StrategyConfig, resolve_backe
 from fm_ray.data.normalize import Normalizer
 from fm_ray.data.source import ImageSource, as_source
 from fm_ray.errors import UserError
+from fm_ray.model.zoo import build_model
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import ShardSpec, set_round
 from fm_ray.strategies import STRATEGIES, QueryContext, Selection
+from fm_ray.strategies.memory import check_plan, plan_inputs, query_plan
 
 
 class PoolSession:
@@ -41,13 +43,14 @@ class PoolSession:
         self.ids = ids if isinstance(ids, range) else list(ids)
         # ids that are the positions themselves (the loop's range(T)) need no pool-sized lookup table
         self.position = None if self.ids == range(len(self.ids)) else {i: p for p, i in enumerate(self.ids)}
-        shape = as_source(images).shape
+        shape = self.shape = as_source(images).shape
         channels, side = shape[0], shape[-1]
         if isinstance(model, ModelConfig):
             spec = ShardSpec(model, channels, side, n_classes, norm, device)
         else:
             spec = ShardSpec(None, channels, side, n_classes, norm, device, module=model)
         self.backend = resolve_backend(pool_cfg)  # what `auto` became: the rows record it
+        self.spec, self.local = spec, self.backend == "local"
         self.pool: ShardedPool = make_pool(pool_cfg, spec, images)
 
     def positions(self, ids: Any) -> np.ndarray:
@@ -71,12 +74,41 @@ class PoolSession:
         if not 0 < k <= free:
             raise UserError(f"k = {k} but {free} pool samples are unlabeled: pick 1..{free}")
         strategy = STRATEGIES[cfg.name]
+        self.check_memory(model, k, labeled, cfg)
         weights = {n: t.detach().cpu() for n, t in model.state_dict().items()} if strategy.needs_model else None
         self.pool.map(set_round, weights, labeled)
         ctx = QueryContext(round, k, seed, labeled, len(self.ids), cfg, model)
         sel = strategy.select(self.pool, ctx)
         sel.ids = [self.ids[i] for i in sel.indices]
         return sel
+
+    def check_memory(
+        self, model: nn.Module | None, k: int, labeled: np.ndarray, cfg: StrategyConfig, driver: str | None = None
+    ) -> str:
+        """The query's memory plan as text (strategies.memory); a UserError if it does not fit.
+        `model` None: the session's model, built here to count its weights; `driver`: where the
+        driver computes (default: the model's device)."""
+        if model is None:
+            model = self.spec.module
+        if model is None:
+            assert self.spec.model is not None  # a session holds a module or a model config
+            model = build_model(self.spec.model, self.spec.channels, self.spec.side, self.spec.n_classes)
+        device = torch.device(driver) if driver else next(model.parameters()).device
+        x = plan_inputs(
+            model,
+            self.spec.n_classes,
+            len(self.ids),
+            self.pool.n_shards,
+            labeled,
+            k,
+            cfg,
+            self.spec.device,
+            self.local,
+            device,
+        )
+        plan = query_plan(x)
+        check_plan(plan, x, device)
+        return "" if plan is None else plan.text()
 
     def close(self) -> None:
         self.pool.close()

@@ -140,3 +140,25 @@ def test_gpus_per_shard_defaults_to_the_clusters_share():
     assert ray.cluster_resources().get("GPU", 0.0) == 0.0
     assert _gpus_per_shard(PoolConfig(backend="ray", shards=2)) == 0.0  # no GPU here: shards on CPU
     assert _gpus_per_shard(PoolConfig(backend="ray", shards=2, gpus_per_shard=0.25)) == 0.25
+
+
+def test_partial_sums_are_added_among_the_shards(trained):
+    """map_sum over 3 actors equals the sum of their answers, and the driver receives one sum."""
+    import torch
+
+    from fm_ray.core.mask import fisher_mask
+    from fm_ray.strategies.fisher import build_greedy_state
+
+    pool = RayPool(PoolConfig(backend="ray", shards=3), trained["spec"], trained["x_pool"])
+    try:
+        pool.map(set_round, trained["weights"], trained["labeled"])
+        mask = fisher_mask(torch.arange(71850, dtype=torch.float64) % 977, 300)  # the CNN has 71,850 weights
+        parts = pool.map(build_greedy_state, mask, "fast", 64, "float64", "float32")
+        before = pool.received_bytes
+        pool_sum, labeled_sum, count = pool.map_sum(build_greedy_state, mask, "fast", 64, "float64", "float32")
+        assert pool.received_bytes - before == 2 * 300 * 300 * 8  # one pool sum and one labeled sum
+        assert count == 560
+        assert torch.allclose(pool_sum, sum(p for p, _, _ in parts), rtol=1e-12)
+        assert torch.allclose(labeled_sum, sum(s for _, s, _ in parts), rtol=1e-12)
+    finally:
+        pool.close()

@@ -54,6 +54,11 @@ class StrategyConfig:
     chunk_size: int = 64  # samples per batched gradient chunk
     fisher_dtype: str = "float32"  # float32 | float64: compute dtype of Fisher diagonal and embeddings
     embed_dtype: str = "float32"  # float32 (= as computed) | bfloat16 | float16: stored Fisher embeddings
+    # opt-in approximations (docs/method.md, "Approximations"); None = exact
+    candidates: int | None = None  # greedy candidates: N unlabeled samples chosen by candidate_rule
+    candidate_rule: str = "uniform"  # uniform (seeded) | entropy | margin | least_confidence (top N)
+    top_classes: int | None = None  # keep each sample's c most likely classes' rows (BAIT Exp)
+    project: int | None = None  # seeded random projection of the embeddings to r dimensions
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class RunConfig:
     budget: int | None = None  # max labeled samples in all; None = no cap besides rounds and pool
     seed: int = 0
     preset: str | None = None
+    dry_run: bool = False  # `fm-ray run --dry-run`: print the memory plan, train nothing
 
 
 # The paper's regimes (Gul et al., arXiv 2411.05752, section 5; see docs/method.md). The paper gives setting 1's low regime only as
@@ -205,6 +211,12 @@ def _validate_strategy(s: StrategyConfig) -> None:
         raise UserError(f"--fisher-dtype must be float32 or float64, got {s.fisher_dtype!r}")
     if s.embed_dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--embed-dtype must be float32, bfloat16 or float16, got {s.embed_dtype!r}")
+    for flag, value in (("--candidates", s.candidates), ("--top-classes", s.top_classes), ("--project", s.project)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag} must be positive, got {value}: pass a number >= 1 or leave it out (exact)")
+    rules = ("uniform", "entropy", "margin", "least_confidence")
+    if s.candidate_rule not in rules:
+        raise UserError(f"--candidate-rule must be one of {', '.join(rules)}, got {s.candidate_rule!r}")
 
 
 def _validate_pool(pl: PoolConfig) -> None:

@@ -191,6 +191,34 @@ RUN_FLAGS: tuple[Flag, ...] = (
         choices=("float32", "bfloat16", "float16"),
     ),
     Flag(
+        "strategy.candidates",
+        FM,
+        "approximation: greedy candidates limited to N unlabeled samples, chosen by --candidate-rule "
+        "(default: all, exact)",
+        parse=int,
+    ),
+    Flag(
+        "strategy.candidate_rule",
+        FM,
+        "how --candidates chooses: uniform (seeded, shard-invariant) or the top N by an uncertainty score "
+        "(default {default})",
+        choices=("uniform", "entropy", "margin", "least_confidence"),
+    ),
+    Flag(
+        "strategy.top_classes",
+        FM,
+        "approximation: keep each sample's c most likely classes' embedding rows (BAIT Exp, arXiv 2404.08981; "
+        "default: all C, exact)",
+        parse=int,
+    ),
+    Flag(
+        "strategy.project",
+        FM,
+        "approximation: seeded random projection of the embeddings to r dimensions, so the d x d state becomes "
+        "r x r (default: none, exact)",
+        parse=int,
+    ),
+    Flag(
         "pool.backend",
         POOL,
         "auto | ray | local (default {default}: Ray when --ray-address or $RAY_ADDRESS, --shards > 1 or "
@@ -217,6 +245,13 @@ RUN_FLAGS: tuple[Flag, ...] = (
         "run the recipe (training, evaluation, the d x d reduce) in a Ray actor holding this many GPUs, "
         "e.g. under `ray job submit` on a head node without GPUs; progress and --out stay here",
         parse=float,
+        run_only=True,
+    ),
+    Flag(
+        "dry_run",
+        DRIVER,
+        "print the memory plan (per process: driver, each shard; RAM and GPU) and exit without training",
+        kind="switch",
         run_only=True,
     ),
     Flag("pool.driver_cpus", DRIVER, "CPUs (torch threads) of that actor (default 1)", parse=float, run_only=True),

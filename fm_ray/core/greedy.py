@@ -41,7 +41,9 @@ R = TypeVar("R")
 S = TypeVar("S")
 S_co = TypeVar("S_co", covariant=True)
 
-_CHUNK_ROWS = 1 << 16  # rows of V (candidates x C) multiplied by a d x d matrix at once
+_CHUNK_ROWS = 1 << 16  # rows of V (candidates x C) multiplied by a d x d matrix at once, at most
+CHUNK_BYTES = 1 << 28  # and at most this many bytes per chunk-sized temporary (V, V B, V B F)
+COLUMN_BLOCK = 2048  # columns of a d x d matrix converted to the shard's dtype/device at once
 
 
 class StateCall(Protocol[S_co]):
@@ -105,21 +107,43 @@ def trace_solve(A_S_C_C: Tensor, N_S_C_C: Tensor) -> Tensor:
     return torch.nan_to_num(score_S, nan=-math.inf)
 
 
-def literal_state(emb_S_C_D: Tensor, B_D_D: Tensor, F_D_D: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+def chunk_samples(C: int, D: int, itemsize: int) -> int:
+    """Candidates per chunk of the O(S C d^2) passes: ``_CHUNK_ROWS`` rows and ``CHUNK_BYTES`` at most."""
+    rows = min(_CHUNK_ROWS, CHUNK_BYTES // max(1, D * itemsize))
+    return max(1, rows // max(C, 1))
+
+
+def times(X_s_C_D: Tensor, M_D_E: Tensor) -> Tensor:
+    """``X @ M`` in ``X``'s dtype and on its device; a ``M`` of another dtype or device (the driver's
+    float64 ``B`` and ``F``) is converted a block of columns at a time, never as a whole copy."""
+    if M_D_E.dtype == X_s_C_D.dtype and M_D_E.device == X_s_C_D.device:
+        return X_s_C_D @ M_D_E
+    out = X_s_C_D.new_empty(*X_s_C_D.shape[:-1], M_D_E.shape[1])
+    for lo in range(0, M_D_E.shape[1], COLUMN_BLOCK):
+        block = M_D_E[:, lo : lo + COLUMN_BLOCK].to(device=X_s_C_D.device, dtype=X_s_C_D.dtype)
+        out[..., lo : lo + COLUMN_BLOCK] = X_s_C_D @ block
+    return out
+
+
+def literal_state(
+    emb_S_C_D: Tensor, B_D_D: Tensor, F_D_D: Tensor, scale: float = 1.0, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     """``A = I + V B V^T`` and ``N = V B F B V^T`` with ``V = scale * emb``, literally (O(S C d^2)).
 
-    Computed in ``B``'s dtype and scaled in chunks, so the state never holds a second copy of the
-    embeddings (which may be stored in a narrower dtype than ``B``).
+    Computed in ``dtype`` (default ``B``'s) on the embeddings' device, in chunks of candidates, so
+    the state never holds a second copy of the embeddings (which may be stored in a narrower dtype)
+    nor of ``B`` and ``F`` (see ``times``).
     """
-    S, C, _ = emb_S_C_D.shape
-    A_S_C_C = B_D_D.new_empty(S, C, C)
-    N_S_C_C = B_D_D.new_empty(S, C, C)
-    step = max(1, _CHUNK_ROWS // max(C, 1))
+    dtype = dtype or B_D_D.dtype
+    S, C, D = emb_S_C_D.shape
+    A_S_C_C = emb_S_C_D.new_empty(S, C, C, dtype=dtype)
+    N_S_C_C = emb_S_C_D.new_empty(S, C, C, dtype=dtype)
+    step = chunk_samples(C, D, dtype.itemsize)
     for lo in range(0, S, step):
-        V = emb_S_C_D[lo : lo + step].to(B_D_D) * scale
-        VB = V @ B_D_D  # (s, C, D)
+        V = emb_S_C_D[lo : lo + step].to(dtype) * scale
+        VB = times(V, B_D_D)  # (s, C, D)
         A_S_C_C[lo : lo + step] = VB @ V.transpose(1, 2)
-        N_S_C_C[lo : lo + step] = (VB @ F_D_D) @ VB.transpose(1, 2)
+        N_S_C_C[lo : lo + step] = times(VB, F_D_D) @ VB.transpose(1, 2)
     A_S_C_C += torch.eye(C, dtype=A_S_C_C.dtype, device=A_S_C_C.device)
     return A_S_C_C, N_S_C_C
 
@@ -175,6 +199,7 @@ class GreedyState:
         self.compute_dtype = torch.promote_types(emb_N_C_D.dtype, torch.float32)
         # 0: candidate, 1: in the selected set, 2: removed by backward pruning
         self.status_N = torch.zeros(len(self.index_N), dtype=torch.int8, device=emb_N_C_D.device)
+        self.labeled_emb_L_C_D: Tensor | None = None  # labeled rows kept for a Woodbury M_0^-1
 
     def init(self, inverse_D_D: Tensor, fisher_D_D: Tensor, scale: float) -> bool:
         """Set the embedding scale and ``B = M_0^-1``; returns whether ``B`` is needed every step."""
@@ -184,7 +209,7 @@ class GreedyState:
             self.F_D_D, self.B_D_D = self._here(fisher_D_D), self._here(inverse_D_D)
             return True
         # the fast state never touches a d x d matrix again; its C x C sums accumulate in float64
-        A_N_C_C, N_N_C_C = literal_state(self.emb_N_C_D, self._here(inverse_D_D), self._here(fisher_D_D), scale)
+        A_N_C_C, N_N_C_C = literal_state(self.emb_N_C_D, inverse_D_D, fisher_D_D, scale, self.compute_dtype)
         self.A_N_C_C, self.N_N_C_C = A_N_C_C.double(), N_N_C_C.double()
         return False
 
@@ -248,7 +273,7 @@ class GreedyState:
         if self.emb_N_C_D.dtype == self.compute_dtype:
             return (WZ_D_2C.T @ self.emb_N_C_D.reshape(N * C, D).T).T
         out_NC_2C = WZ_D_2C.new_empty(N * C, WZ_D_2C.shape[1])
-        step = max(1, _CHUNK_ROWS // max(C, 1))
+        step = chunk_samples(C, D, WZ_D_2C.element_size())
         for lo in range(0, N, step):
             rows = self.emb_N_C_D[lo : lo + step]
             out_NC_2C[lo * C : lo * C + rows.shape[0] * C] = (WZ_D_2C.T @ rows.reshape(-1, D).to(WZ_D_2C).T).T
@@ -258,7 +283,8 @@ class GreedyState:
 def woodbury_update(
     B_D_D: Tensor, F_D_D: Tensor, best: ShardBest, sign: float, send_inverse: bool
 ) -> tuple[Tensor, GreedyUpdate]:
-    """New ``B`` after adding (``sign=+1``) or removing (``-1``) ``best.emb`` and the shard message."""
+    """``B`` updated in place after adding (``sign=+1``) or removing (``-1``) ``best.emb``, and the
+    shard message (a reference state gets its own copy of the new ``B``)."""
     assert best.emb is not None
     U_C_D = best.emb.to(B_D_D)
     C = U_C_D.shape[0]
@@ -268,17 +294,18 @@ def woodbury_update(
     if int(info) != 0:
         G = torch.linalg.pinv(sign * eye + U_C_D @ W)
     FW = F_D_D @ W
-    B_new = torch.addmm(B_D_D, W @ G, W.T, alpha=-1)  # B - W G W^T, one pass over d x d
+    Z = B_D_D @ FW  # with the old B, before it is overwritten
+    B_D_D.addmm_(W @ G, W.T, alpha=-1)  # B - W G W^T in place: no third d x d matrix on the driver
     update = GreedyUpdate(
         index=best.index,
         sign=sign,
         W_D_C=W,
-        Z_D_C=B_D_D @ FW,
+        Z_D_C=Z,
         G_C_C=G,
         WFW_C_C=W.T @ FW,
-        inverse_D_D=B_new if send_inverse else None,
+        inverse_D_D=B_D_D.clone() if send_inverse else None,
     )
-    return B_new, update
+    return B_D_D, update
 
 
 def greedy_select(
@@ -291,6 +318,7 @@ def greedy_select(
     lam: float = 1.0,
     backward_steps: int = 0,
     progress: Progress = no_progress,
+    inverse_D_D: Tensor | None = None,
 ) -> list[int]:
     """Greedy FisherMask/BAIT batch selection over shard states (``GreedyState``).
 
@@ -309,17 +337,22 @@ def greedy_select(
         lam: ridge ``lambda``.
         backward_steps: ``b``; oversample ``(1 + b) K`` then prune back to ``K``.
         progress: wraps the step loop (e.g. a tqdm bar); silent by default.
+        inverse_D_D: ``M_0^-1`` already computed (``initial_inverse``, in ``fisher_D_D``'s dtype and
+            device); then ``labeled_sum_D_D`` and ``lam`` are not used, and it is updated in place.
 
     Returns:
         ``K`` global indices (fewer if the pool runs out) in the order they were chosen.
     """
     if K <= 0:
         return []
-    D = fisher_D_D.shape[0]
-    M0_D_D = lam * torch.eye(D, dtype=fisher_D_D.dtype, device=fisher_D_D.device)
-    if labeled_sum_D_D is not None:
-        M0_D_D = M0_D_D + labeled_sum_D_D.to(fisher_D_D) / (n_labeled + K)
-    B_D_D = torch.linalg.inv(M0_D_D)
+    if inverse_D_D is None:
+        D = fisher_D_D.shape[0]
+        M0_D_D = lam * torch.eye(D, dtype=fisher_D_D.dtype, device=fisher_D_D.device)
+        if labeled_sum_D_D is not None:
+            M0_D_D += labeled_sum_D_D.to(fisher_D_D) / (n_labeled + K)
+        inverse_D_D = torch.linalg.inv(M0_D_D)
+        del M0_D_D
+    B_D_D = inverse_D_D  # updated in place from here on
     scale = math.sqrt(K / (n_labeled + K))
     send_inverse = any(call(GreedyState.init, B_D_D, fisher_D_D, scale))
 
@@ -340,3 +373,44 @@ def greedy_select(
             sign = -1.0 if backward else 1.0
             B_D_D, update = woodbury_update(B_D_D, fisher_D_D, best, sign, send_inverse)
     return chosen
+
+
+def initial_inverse(
+    D: int,
+    lam: float,
+    weight_count: int,
+    *,
+    labeled_sum_D_D: Tensor | None = None,
+    labeled_emb_R_D: Tensor | None = None,
+    like: Tensor,
+) -> Tensor:
+    """``M_0^-1 = (lam I + L / m)^-1`` with ``m = weight_count`` (``n_L + K``), ``L = sum_x V_x^T V_x``.
+
+    From the labeled embeddings' rows ``X`` (``labeled_emb_R_D``, R = n_L C rows), by Woodbury,
+    ``(1 / lam) (I - X^T (lam m I_R + X X^T)^-1 X)``: O(d^2 R) and no d x d matrix besides the
+    result, the cheaper way while R < d. From the labeled sum ``L`` (``labeled_sum_D_D``), which is
+    overwritten (folded into ``M_0``) so the driver never holds it next to ``M_0``: a Cholesky
+    inverse. Neither given: ``I / lam``. The result is in ``like``'s dtype and on its device.
+    """
+    if labeled_emb_R_D is not None:
+        X_R_D = labeled_emb_R_D.to(like)
+        K_R_R = X_R_D @ X_R_D.T
+        K_R_R.diagonal().add_(lam * weight_count)
+        Y_R_D = torch.linalg.solve(K_R_R, X_R_D)
+        B_D_D = X_R_D.T @ Y_R_D
+        B_D_D.mul_(-1.0 / lam)
+        B_D_D.diagonal().add_(1.0 / lam)
+        assert B_D_D.shape == (D, D)
+        return B_D_D
+    if labeled_sum_D_D is None:
+        B_D_D = torch.zeros(D, D, dtype=like.dtype, device=like.device)
+        B_D_D.diagonal().fill_(1.0 / lam)
+        return B_D_D
+    M0_D_D = labeled_sum_D_D.to(like)  # the same tensor when it is in the right dtype already
+    labeled_sum_D_D = None  # so that `del M0_D_D` frees it once the caller has let go of it too
+    M0_D_D.div_(weight_count).diagonal().add_(lam)
+    L_D_D, info = torch.linalg.cholesky_ex(M0_D_D)
+    if int(info) != 0:  # not positive definite in floating point: the plain inverse
+        return torch.linalg.inv(M0_D_D)
+    del M0_D_D
+    return torch.cholesky_inverse(L_D_D)

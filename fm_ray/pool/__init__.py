@@ -8,9 +8,10 @@ function beside the strategy that needs it) and the answers come back in shard o
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Concatenate, Generic, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 import numpy as np
+import torch
 
 if TYPE_CHECKING:
     from fm_ray.pool.shard import PoolShard
@@ -27,7 +28,25 @@ class ShardedPool(Protocol):
 
     def map(self, fn: Callable[Concatenate[PoolShard, P], R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]: ...
 
+    def map_sum(self, fn: Callable[Concatenate[PoolShard, P], R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """``fn`` on every shard, the answers added up (``add_into``); the Ray pool adds them among
+        the shards, so the driver receives one sum, not one answer per shard."""
+        ...
+
     def close(self) -> None: ...
+
+
+def add_into(acc: Any, x: Any) -> Any:
+    """``acc + x`` for answers made of tensors, numbers and None (None + None = None), tuples of
+    them elementwise; tensors are added in place into ``acc`` (which the caller owns)."""
+    if isinstance(acc, tuple):
+        return tuple(add_into(a, b) for a, b in zip(acc, x, strict=True))
+    if acc is None or x is None:
+        assert acc is None and x is None, "a partial sum on one shard but not on another"
+        return None
+    if isinstance(acc, torch.Tensor):
+        return acc.add_(x.to(acc.device))
+    return acc + x
 
 
 class PoolStateCall(Generic[S]):

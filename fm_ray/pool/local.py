@@ -8,7 +8,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 import torch
 
 from fm_ray.data.source import ImageSource, as_source
-from fm_ray.pool import partition
+from fm_ray.pool import add_into, partition
 from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec
 
 P = ParamSpec("P")
@@ -24,6 +24,13 @@ class LocalPool:
 
     def map(self, fn: Callable[Concatenate[PoolShard, P], R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
         return [fn(s, *args, **kwargs) for s in self.shards]
+
+    def map_sum(self, fn: Callable[Concatenate[PoolShard, P], R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Answers added in shard order, each into the first as soon as it is made (then freed)."""
+        total = fn(self.shards[0], *args, **kwargs)
+        for s in self.shards[1:]:
+            total = add_into(total, fn(s, *args, **kwargs))
+        return total
 
     def close(self) -> None:
         self.shards = []

@@ -33,7 +33,7 @@ from fm_ray._internal.ray_session import ray_log_level
 from fm_ray.config import PoolConfig
 from fm_ray.data.source import ImageSource, as_source
 from fm_ray.errors import UserError
-from fm_ray.pool import partition
+from fm_ray.pool import add_into, partition
 from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec, is_read_only, set_round
 
 P = ParamSpec("P")
@@ -91,6 +91,13 @@ class ShardActor:
             return Answer(self.incarnation, ran=False)
         self._load(refs)
         return Answer(self.incarnation, ran=True, value=to_cpu(fn(self.shard, *args, **kwargs)))
+
+    def add(self, expected: str, a: Answer, b: Answer) -> Answer:
+        """Two answers (Ray fetches them from the object store, shard to shard) added up: one step
+        of the tree `RayPool.map_sum` reduces over; not run if either is from a lost incarnation."""
+        if expected != self.incarnation or not (a.ran and b.ran):
+            return Answer(self.incarnation, ran=False)
+        return Answer(self.incarnation, ran=True, value=add_into(a.value, b.value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +212,7 @@ class RayPool:
         self._incarnation: list[str] = self._wait_started()
         self._log: list[_Call] = []  # this round's state-changing calls, for replay
         self.restarts = 0
+        self.received_bytes = 0  # tensor bytes of every answer the driver has received
 
     def _wait_started(self) -> list[str]:
         """Each actor's incarnation, once all have started and loaded their shard. A shard that
@@ -246,14 +254,53 @@ class RayPool:
             call.submit(a, token, refs)
             for a, token, refs in zip(self.actors, self._incarnation, self._refs, strict=True)
         ]
-        results: list[R] = []
+        return self._answers(call, futures)
+
+    def _answers(self, call: _Call, futures: list[Any]) -> list[Any]:
+        """Each actor's answer to `call`; an actor that died or restarted is rejoined (replaying the
+        round's calls before this one) and asked again."""
+        results: list[Any] = []
         for i, fut in enumerate(futures):
             answer = _get(fut)
             while answer is None or not answer.ran:  # died during the call, or restarted before it
-                self._rejoin(i, self._log if is_read_only(fn) else self._log[:-1])
+                self._rejoin(i, self._log if is_read_only(call.fn) else self._log[:-1])
                 answer = _get(call.submit(self.actors[i], self._incarnation[i], self._refs[i]))
+            self.received_bytes += _nbytes(answer.value)
             results.append(answer.value)
         return results
+
+    def map_sum(self, fn: Callable[Concatenate[PoolShard, P], R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """The shards' answers added pairwise among the actors (a binary tree over the object store,
+        in shard order), so the driver receives one sum instead of one answer per shard. If an
+        actor dies or restarts meanwhile, the answers are gathered as `map` does and added here."""
+        call = _Call(fn, tuple(_share(a) for a in args), {k: _share(v) for k, v in kwargs.items()})
+        if not is_read_only(fn):
+            self._log.append(call)
+        futures = [
+            call.submit(a, token, refs)
+            for a, token, refs in zip(self.actors, self._incarnation, self._refs, strict=True)
+        ]
+        level = list(enumerate(futures))
+        while len(level) > 1:
+            pairs = [level[j : j + 2] for j in range(0, len(level), 2)]
+            level = [
+                (p[0][0], self.actors[p[0][0]].add.remote(self._incarnation[p[0][0]], p[0][1], p[1][1]))
+                if len(p) == 2
+                else p[0]
+                for p in pairs
+            ]
+        try:
+            root = _get(level[0][1])
+        except RayTaskError:  # an argument lost with an actor that died: gather the answers instead
+            root = None
+        if root is not None and root.ran:
+            self.received_bytes += _nbytes(root.value)
+            return root.value
+        answers = self._answers(call, futures)
+        total = answers[0]
+        for a in answers[1:]:
+            total = add_into(total, a)
+        return total
 
     def _rejoin(self, i: int, replay: list[_Call]) -> None:
         """Wait for Ray to restart shard i, then replay `replay` on it, as often as it dies meanwhile."""

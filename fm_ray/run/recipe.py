@@ -48,6 +48,11 @@ def run_experiment(
     # the pool on its shards for the whole run: the same PoolSession as fm_ray.select and projects
     session = PoolSession(s.pool_images, range(s.size), s.n_classes, s.norm, cfg.model, cfg.pool, str(s.device))
     try:
+        # the first query's memory plan, refused before any training when it does not fit
+        labeled0 = initial_labeled(s.size, cfg.init, cfg.seed)
+        plan = session.check_memory(None, cfg.batch, labeled0, cfg.strategy, str(s.device))
+        if plan:
+            log(f"memory plan of the first query ({cfg.strategy.name}):\n{plan}")
         run = _open(s, rundir, resume, overwrite)
         for r in range(len(run.rows), s.n_rounds + 1):
             model, fit = _train(s, rundir, run.labeled, r)

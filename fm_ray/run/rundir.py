@@ -70,6 +70,10 @@ SWEEP_QUERY_SCHEMA = QUERY_SCHEMA.append(pa.field("dataset", pa.string())).appen
 TIMING_COLUMNS = tuple(n for n in ROUND_SCHEMA.names if n.endswith(("_seconds", "_mb"))) + ("selection_state_bytes",)
 
 
+# StrategyConfig's approximation fields at their exact defaults (they came later than the others)
+EXACT = {"candidates": None, "candidate_rule": "uniform", "top_classes": None, "project": None}
+
+
 def run_id(cfg: RunConfig) -> str:
     """Stable id of what a run computes (independent of backend, shard count and device).
 
@@ -77,7 +81,11 @@ def run_id(cfg: RunConfig) -> str:
     """
     d = to_dict(cfg)
     d.pop("pool")
+    d.pop("dry_run")
     d["train"].pop("device")
+    for name, default in EXACT.items():  # approximations left at exact: the ids runs had before them
+        if d["strategy"][name] == default:
+            d["strategy"].pop(name)
     digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
     readable = f"{cfg.data.dataset.split(':')[0]}-{cfg.data.setting}-{cfg.strategy.name}-s{cfg.seed}"
     return f"{safe_name(readable)}-{digest}"

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fm_ray.config import StrategyConfig
+from fm_ray.core.memory import Plan
 from fm_ray.pool import ShardedPool
 
 
@@ -36,10 +37,29 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class PlanInputs:
+    """What a strategy's memory plan is computed from, before any work (strategies.memory)."""
+
+    n_params: int  # the model's parameter count
+    n_classes: int
+    feat_dim: int  # E: the input width of the model's final nn.Linear
+    activations: int  # outputs of all leaf modules for one sample (the Fisher passes' workspace scales with it)
+    shard_members: list[int]  # pool samples per shard
+    shard_free: list[int]  # unlabeled samples per shard
+    n_labeled: int
+    k: int
+    cfg: StrategyConfig
+    shard_gpu: bool
+    driver_gpu: bool
+    local: bool  # the shards run in the driver's process
+
+
+@dataclass(frozen=True)
 class Strategy:
     select: Callable[[ShardedPool, QueryContext], Selection]
     needs_model: bool = True  # False: shards need no weights this round (random)
     doc: str = ""
+    plan: Callable[[PlanInputs], Plan] | None = None  # its large items (None: nothing pool-sized beyond predictions)
 
 
 STRATEGIES: dict[str, Strategy] = {}

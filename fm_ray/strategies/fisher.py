@@ -12,16 +12,22 @@ model's); per step only the factors documented in core.greedy cross between them
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from fm_ray._internal.log import log, progress
 from fm_ray.core import fisher
 from fm_ray.core import mask as fmask
-from fm_ray.core.greedy import GreedyState, greedy_select
+from fm_ray.core.approx import candidate_keys, projection, projection_seed, top_class_rows
+from fm_ray.core.greedy import GreedyState, greedy_select, initial_inverse
+from fm_ray.core.memory import GreedySizes, Plan, fisher_workspace, greedy_plan
+from fm_ray.core.scores import top_k
+from fm_ray.errors import UserError
 from fm_ray.pool import ShardedPool, state_call
 from fm_ray.pool.shard import BLOCK, DTYPES, PoolShard, read_only
-from fm_ray.strategies import QueryContext, Selection, Strategy, register
+from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, register
+from fm_ray.strategies.memory import head_shape
 
 
 @read_only
@@ -37,60 +43,113 @@ def fisher_diag_partial(shard: PoolShard, n_first: int, chunk_size: int, dtype: 
     return total, len(rows)
 
 
+@dataclass(frozen=True)
+class Approx:
+    """The opt-in approximations a shard applies to its Fisher embeddings (core.approx); the
+    defaults are exact. ``candidates``: the global pool positions kept as greedy candidates (None:
+    every unlabeled member); ``top_classes``: rows kept per sample; ``project``: (r, seed)."""
+
+    candidates: torch.Tensor | None = None
+    top_classes: int | None = None
+    project: tuple[int, int] | None = None
+
+    def projection_matrix(self, D: int, dtype: torch.dtype) -> torch.Tensor:
+        assert self.project is not None
+        r, seed = self.project
+        return projection(D, r, seed, dtype)
+
+
 def build_greedy_state(
-    shard: PoolShard, mask_idx: torch.Tensor | None, method: str, chunk_size: int, dtype: str, embed_dtype: str
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+    shard: PoolShard,
+    mask_idx: torch.Tensor | None,
+    method: str,
+    chunk_size: int,
+    dtype: str,
+    embed_dtype: str,
+    labeled_rows: bool = False,
+    approx: Approx = Approx(),
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Fisher embeddings of every member (`mask_idx` None: last layer, i.e. BAIT), computed in
     `dtype`; keeps the unlabeled ones as greedy candidates, stored in `embed_dtype` ("float32":
-    as computed), and returns partial float64 (pool sum, labeled sum, count) of V^T V.
+    as computed), and returns partial float64 (pool sum, labeled sum, count) of V^T V. With
+    `labeled_rows`, the labeled members' embeddings are kept in the state instead of their sum
+    (the driver then builds M_0^-1 by Woodbury; the labeled sum is None).
 
-    Block by block on the shard's device: the sums use the embeddings as computed, and only the
-    candidates' stored copy is ever pool-sized (no float64 or second full-precision copy)."""
+    Block by block on the shard's device: the sums use the embeddings as computed (after any
+    `approx`), and only the candidates' stored copy is ever pool-sized (no float64 or second
+    full-precision copy); the sums grow in place (no d x d temporary)."""
     dt = DTYPES[dtype]
     store = dt if embed_dtype == "float32" else DTYPES[embed_dtype]
     C, device = shard.spec.n_classes, shard.device
+    probs, feats = shard.predictions()
     if mask_idx is None:
-        probs, feats = shard.predictions()
         D = C * feats.shape[1]
     else:
         model, mask_idx = shard.model_in(dt), mask_idx.to(device)
         D = mask_idx.numel()
+    rows = min(C, approx.top_classes or C)
+    R_D_r = None if approx.project is None else approx.projection_matrix(D, dt).to(device)
+    width = D if R_D_r is None else R_D_r.shape[1]
     free_N = ~shard.labeled_N
-    emb_S_C_D = torch.empty(int(free_N.sum()), C, D, dtype=store, device=device)
-    pool_sum = torch.zeros(D, D, dtype=torch.float64, device=device)
-    labeled_sum = torch.zeros(D, D, dtype=torch.float64, device=device)
+    keep_N = free_N if approx.candidates is None else free_N & torch.isin(shard.index_N, approx.candidates)
+    emb_S_C_D = torch.empty(int(keep_N.sum()), rows, width, dtype=store, device=device)
+    pool_sum = torch.zeros(width, width, dtype=torch.float64, device=device)
+    labeled_sum = None if labeled_rows else torch.zeros(width, width, dtype=torch.float64, device=device)
+    labeled: list[torch.Tensor] = []
     stored = 0
     blocks = shard.blocks()
-    for rows in progress(blocks, "Fisher embeddings", total=len(blocks), unit="block"):
+    for pos in progress(blocks, "Fisher embeddings", total=len(blocks), unit="block"):
         if mask_idx is None:
-            block = fisher.last_layer_embeddings(probs[rows].to(device, dt), feats[rows].to(device, dt))
+            block = fisher.last_layer_embeddings(probs[pos].to(device, dt), feats[pos].to(device, dt))
         else:
-            block = fisher.fisher_embeddings(model, shard.inputs(rows, dt), mask_idx, chunk_size=chunk_size)
-        free = free_N[rows].to(device)
+            block = fisher.fisher_embeddings(model, shard.inputs(pos, dt), mask_idx, chunk_size=chunk_size)
+        if rows < C:
+            block = top_class_rows(block, probs[pos], rows)
+        if R_D_r is not None:
+            block = block @ R_D_r
+        free, keep = free_N[pos].to(device), keep_N[pos].to(device)
         b64 = block.double()
-        flat, lab = b64.reshape(-1, D), b64[~free].reshape(-1, D)
-        pool_sum += flat.T @ flat
-        labeled_sum += lab.T @ lab
-        candidates = block[free]
+        flat = b64.reshape(-1, width)
+        pool_sum.addmm_(flat.T, flat)
+        if labeled_sum is None:
+            labeled.append(block[~free])
+        else:
+            lab = b64[~free].reshape(-1, width)
+            labeled_sum.addmm_(lab.T, lab)
+        del b64, flat
+        candidates = block[keep]
         emb_S_C_D[stored : stored + len(candidates)] = candidates.to(store)
         stored += len(candidates)
-    shard.state = GreedyState(emb_S_C_D, shard.index_N[free_N], method=method)  # type: ignore[arg-type]
+    state = GreedyState(emb_S_C_D, shard.index_N[keep_N], method=method)  # type: ignore[arg-type]
+    state.labeled_emb_L_C_D = torch.cat(labeled) if labeled else None
+    shard.state = state
     return pool_sum, labeled_sum, len(shard.index_N)
 
 
-def _total(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Shards' partial sums added in shard order."""
-    total = parts[0].clone()
-    for p in parts[1:]:
-        total += p
-    return total
+@read_only
+def labeled_embeddings(shard: PoolShard) -> torch.Tensor:
+    """The labeled members' embeddings a `build_greedy_state(..., labeled_rows=True)` kept, (n, c, d)."""
+    state = shard.state
+    assert isinstance(state, GreedyState) and state.labeled_emb_L_C_D is not None
+    return state.labeled_emb_L_C_D
+
+
+@read_only
+def candidate_keys_top(shard: PoolShard, rule: str, seed: int, round: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This shard's `n` highest candidate keys (core.approx.candidate_keys) among its unlabeled
+    members, with their global indices (ties to the lower index), for the driver to merge."""
+    free = ~shard.labeled_N
+    probs = None if rule == "uniform" else shard.predictions()[0][free]
+    return top_k(candidate_keys(rule, seed, round, shard.index_N[free], probs).cpu(), shard.index_N[free], n)
 
 
 def _fisher_mask(pool: ShardedPool, ctx: QueryContext) -> tuple[torch.Tensor, dict]:
     cfg = ctx.cfg
     n = ctx.pool_size if cfg.fisher_samples is None else min(cfg.fisher_samples, ctx.pool_size)
-    parts = pool.map(fisher_diag_partial, n, cfg.chunk_size, cfg.fisher_dtype)  # the reference uses the first n
-    diag_P = _total([p.cpu() for p, _ in parts]) / sum(c for _, c in parts)
+    total_P, count = pool.map_sum(
+        fisher_diag_partial, n, cfg.chunk_size, cfg.fisher_dtype
+    )  # the first n, as the reference
+    diag_P = total_P.cpu() / count
     n_params = diag_P.numel()
     always = fmask.final_layer_indices(ctx.model) if cfg.include_last_layer else None
     mask_idx = fmask.fisher_mask(diag_P, fmask.mask_size(n_params, cfg.sparsity), always_include=always)
@@ -98,27 +157,63 @@ def _fisher_mask(pool: ShardedPool, ctx: QueryContext) -> tuple[torch.Tensor, di
     return mask_idx, {"mask_size": int(mask_idx.numel()), "mask_profile": profile}
 
 
+def _approx(pool: ShardedPool, ctx: QueryContext) -> Approx:
+    """The configured approximations for this round; the candidate subset chosen over all shards."""
+    cfg = ctx.cfg
+    candidates = None
+    if cfg.candidates is not None and cfg.candidates < ctx.pool_size - len(ctx.labeled):
+        answers = pool.map(candidate_keys_top, cfg.candidate_rule, ctx.seed, ctx.round, cfg.candidates)
+        keys = torch.cat([k for k, _ in answers])
+        _, candidates = top_k(keys, torch.cat([i for _, i in answers]), cfg.candidates)
+        candidates = candidates.sort().values
+    project = None if cfg.project is None else (cfg.project, projection_seed(ctx.seed, ctx.round))
+    return Approx(candidates, cfg.top_classes, project)
+
+
 def _greedy(pool: ShardedPool, ctx: QueryContext, mask_idx: torch.Tensor | None) -> tuple[list[int], dict[str, float]]:
     cfg = ctx.cfg
     driver = next(ctx.model.parameters()).device  # M^-1 and F live where the driver trains
+    if cfg.candidates is not None and cfg.candidates < ctx.k * (1 + cfg.backward_steps):
+        raise UserError(
+            f"--candidates {cfg.candidates} is below the {ctx.k * (1 + cfg.backward_steps)} picks this round "
+            "needs: raise --candidates or lower --batch"
+        )
     start = time.perf_counter()
-    parts = pool.map(build_greedy_state, mask_idx, cfg.greedy, cfg.chunk_size, cfg.fisher_dtype, cfg.embed_dtype)
+    approx = _approx(pool, ctx)
+    C, E = head_shape(ctx.model)
+    width = cfg.project or (mask_idx.numel() if mask_idx is not None else C * E)
+    rows = min(C, cfg.top_classes or C)
+    # M_0^-1 by Woodbury from the labeled rows while they are fewer than d (checked again below)
+    woodbury = cfg.labeled_init and len(ctx.labeled) * rows < width
+    args = (mask_idx, cfg.greedy, cfg.chunk_size, cfg.fisher_dtype, cfg.embed_dtype, woodbury, approx)
+    pool_sum, labeled_sum, count = pool.map_sum(build_greedy_state, *args)
     reduce_start = time.perf_counter()
-    fisher_D_D = _total([p.to(driver) for p, _, _ in parts]) / sum(n for _, _, n in parts)
-    labeled_sum = _total([s.to(driver) for _, s, _ in parts]) if cfg.labeled_init else None
-    embed_s, reduce_s = time.perf_counter() - start, time.perf_counter() - reduce_start
+    fisher_D_D = pool_sum.to(driver).div_(count)  # in place when already on the driver's device
+    del pool_sum
     d = fisher_D_D.shape[0]
-    log(f"  Fisher embeddings (d = {d}) and partial sums on {len(parts)} shard(s): {embed_s:.1f}s; selecting {ctx.k}")
+    if woodbury:
+        rows_L = torch.cat([e.reshape(-1, d) for e in pool.map(labeled_embeddings)]).to(driver)
+        inverse = initial_inverse(d, cfg.lam, len(ctx.labeled) + ctx.k, labeled_emb_R_D=rows_L, like=fisher_D_D)
+        del rows_L
+    else:
+        lab = labeled_sum.to(driver) if cfg.labeled_init and labeled_sum is not None else None
+        labeled_sum = None  # folded into M_0 and freed there
+        inverse = initial_inverse(d, cfg.lam, len(ctx.labeled) + ctx.k, labeled_sum_D_D=lab, like=fisher_D_D)
+        del lab
+    embed_s, reduce_s = time.perf_counter() - start, time.perf_counter() - reduce_start
+    log(
+        f"  Fisher embeddings (d = {d}) and partial sums on {pool.n_shards} shard(s): {embed_s:.1f}s; selecting {ctx.k}"
+    )
     start = time.perf_counter()
     picks = greedy_select(
         state_call(pool, GreedyState),
         fisher_D_D,
         ctx.k,
         n_labeled=len(ctx.labeled),
-        labeled_sum_D_D=labeled_sum,
         lam=cfg.lam,
         backward_steps=cfg.backward_steps,
         progress=progress,
+        inverse_D_D=inverse,
     )
     timings = {"embed_seconds": embed_s, "reduce_seconds": reduce_s, "select_seconds": time.perf_counter() - start}
     return picks, timings
@@ -138,8 +233,42 @@ def bait_select(pool: ShardedPool, ctx: QueryContext) -> Selection:
     return Selection(picks, timings)
 
 
+def _plan(x: PlanInputs, d: int, autograd: bool = True) -> Plan:
+    """The greedy selection's large items for embeddings of width `d` (core.memory)."""
+    cfg = x.cfg
+    store = DTYPES[cfg.fisher_dtype] if cfg.embed_dtype == "float32" else DTYPES[cfg.embed_dtype]
+    compute = torch.promote_types(store, torch.float32)
+    most_free = max(x.shard_free)
+    sizes = GreedySizes(
+        d=d,
+        C=x.n_classes,
+        shard_free=most_free if cfg.candidates is None else min(most_free, cfg.candidates),
+        n_labeled=x.n_labeled,
+        k=x.k,
+        rows=min(x.n_classes, cfg.top_classes or x.n_classes),
+        width=cfg.project or d,
+        embed_bytes=store.itemsize,
+        compute_bytes=compute.itemsize,
+        labeled_init=cfg.labeled_init,
+        method=cfg.greedy,
+        shard_gpu=x.shard_gpu,
+        driver_gpu=x.driver_gpu,
+        workspace=fisher_workspace(cfg.chunk_size, x.n_classes, x.activations) if autograd else 0,
+    )
+    return greedy_plan(sizes, len(x.shard_free), x.local)
+
+
+def fishermask_plan(x: PlanInputs) -> Plan:
+    d = fmask.mask_size(x.n_params, x.cfg.sparsity)
+    return _plan(x, max(d, x.n_classes * x.feat_dim) if x.cfg.include_last_layer else d)
+
+
+def bait_plan(x: PlanInputs) -> Plan:
+    return _plan(x, x.n_classes * x.feat_dim, autograd=False)  # closed-form embeddings
+
+
 register(
     "fishermask",
-    Strategy(fishermask_select, doc="greedy Fisher selection on the top-k Fisher weights"),
+    Strategy(fishermask_select, doc="greedy Fisher selection on the top-k Fisher weights", plan=fishermask_plan),
 )
-register("bait", Strategy(bait_select, doc="greedy Fisher selection on the final layer"))
+register("bait", Strategy(bait_select, doc="greedy Fisher selection on the final layer", plan=bait_plan))

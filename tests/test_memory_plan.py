@@ -1,0 +1,115 @@
+"""The memory plan: its figures against the peak RSS a real selection reaches (in a child process),
+the refusal before any work when a plan does not fit, and the free-memory readers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fm_ray._internal.resources import cgroup_free_bytes, meminfo_available_bytes
+from fm_ray.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a child process: a seeded CNN and pool, the plan of one fm_ray.select, then the select itself;
+# prints the plan's driver peak and the RSS growth (peak RSS - RSS just before the select, after a warm-up)
+CHILD = r"""
+import json, resource, sys
+import numpy as np, torch
+import fm_ray
+from fm_ray.config import ModelConfig, StrategyConfig
+from fm_ray.model.zoo import build_model
+from fm_ray.strategies.memory import plan_inputs, query_plan
+
+n, k, opts = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = build_model(ModelConfig("cnn"), 1, 28, 10).eval()
+pool = torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+labeled = {int(i): 0 for i in range(0, n, n // 10)}
+cfg = StrategyConfig(name="fishermask", **opts)
+x = plan_inputs(model, 10, n, 1, np.array(sorted(labeled)), k, cfg, "cpu", True, None, (1, 28, 28))
+plan = query_plan(x).peak("driver", "ram")
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+# warm-up: the same code path at a tiny size, so torch's lazily loaded code and buffers are in
+# the start figure, not in the growth the plan is compared with
+fm_ray.select(model, pool[:64], 2, labeled={0: 0}, strategy="fishermask", device="cpu", sparsity=0.001)
+start = rss()
+fm_ray.select(model, pool, k, labeled=labeled, strategy="fishermask", device="cpu", **opts)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"plan": plan, "grew": peak - start, "start": start, "peak": peak}))
+"""
+
+
+def measure(n: int, k: int, **opts) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(n), str(k), json.dumps(opts)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=900,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "n, k, opts",
+    [
+        (256, 4, {"sparsity": 0.08}),  # d = 5,750: F and M^-1 (Woodbury start) dominate
+        (2048, 4, {"sparsity": 0.02, "embed_dtype": "float32"}),  # d = 1,438: embeddings and their chunks
+    ],
+)
+def test_plan_is_within_25_percent_of_the_measured_peak(n, k, opts):
+    got = measure(n, k, **opts)
+    assert 0.75 * got["grew"] <= got["plan"] <= 1.25 * got["grew"], got
+
+
+def test_a_run_that_does_not_fit_exits_2_before_training(tmp_path, capsys):
+    # ResNet-18 at sparsity 0.05: d = 559,000, F alone 2.5 TB; refused before any round is trained
+    argv = ["run", "--strategy", "fishermask", "--model", "resnet18", "--sparsity", "0.05", "--backend", "local"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--init", "20", "--batch", "10", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "largest item is" in err and "--sparsity" in err
+    assert not (tmp_path / "run" / "rounds.parquet").exists()
+    assert main([*argv, "--out", str(tmp_path / "dry"), "--dry-run"]) == 2  # the dry run says so too
+    assert "F (pool Fisher)" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", "--strategy", "fishermask", "--model", "cnn", "--backend", "ray", "--shards", "2"]
+    assert main([*argv, "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "Fisher embeddings" in text and "M^-1" in text and "each of 2 shards" in text and "fits:" in text
+    assert not out.exists()
+
+
+def test_select_refuses_a_plan_beyond_free_ram(monkeypatch):
+    import torch
+
+    import fm_ray
+    from fm_ray.errors import UserError
+    from fm_ray.strategies import memory
+
+    monkeypatch.setattr(memory, "free_ram_bytes", lambda: 10_000)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    with pytest.raises(UserError, match="largest item is"):
+        fm_ray.select(model, torch.rand(40, 1, 4, 4), 2, labeled={0: 1}, strategy="bait")
+    assert len(fm_ray.select(model, torch.rand(40, 1, 4, 4), 2, labeled={0: 1}, strategy="entropy").ids) == 2
+
+
+def test_free_memory_readers(tmp_path):
+    (tmp_path / "memory.max").write_text("1000000\n")
+    (tmp_path / "memory.current").write_text("250000\n")
+    assert cgroup_free_bytes(str(tmp_path)) == 750000
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cgroup_free_bytes(str(tmp_path)) is None
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   12000000 kB\n")
+    assert meminfo_available_bytes(str(info)) == 12000000 * 1024
