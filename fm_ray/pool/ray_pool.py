@@ -1,6 +1,8 @@
 """The pool on Ray: one actor per shard wrapping the same `PoolShard` the local pool runs.
 
-Ray is the transport only. Large arguments (model weights, masks, a greedy step's factors) are
+Ray is the transport only. Actors are created from one plain value (their thread count) and
+sent their images by a `build` call, again after every restart, so no constructor argument lives
+in the object store (ray-project/ray#53727). Large arguments (model weights, masks, a greedy step's factors) are
 `ray.put` once per call and shared by every actor; tensors cross the wire on the CPU (the shard
 and the driver move them to their own devices on arrival).
 
@@ -29,11 +31,12 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from fm_ray._internal.ray_session import init_kwargs, reachable_or_die
 from fm_ray.config import PoolConfig
 from fm_ray.data.source import ImageSource, as_source
 from fm_ray.errors import UserError
-from fm_ray.pool import partition
-from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec, is_read_only, set_round
+from fm_ray.pool import shard_parts
+from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec, is_read_only, peak_rss_mb, set_round
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -46,6 +49,7 @@ class Answer:
     incarnation: str  # the answering actor's token
     ran: bool  # False: the caller expected another incarnation, nothing ran
     value: Any = None
+    peak_rss_mb: float = 0.0  # the actor process's peak resident memory so far
 
 
 def to_cpu(x: Any) -> Any:
@@ -63,18 +67,28 @@ def to_cpu(x: Any) -> Any:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ShardActor:
-    def __init__(self, spec: ShardSpec, images: ImageSource, index_N: np.ndarray, threads: int):
+    """Constructed from one small plain value, so a restart needs nothing from the object store
+    (ray-project/ray#53727); the pool sends the shard's images with `build` (and again after a restart)."""
+
+    def __init__(self, threads: int):
         torch.set_num_threads(threads)
         self.incarnation = uuid.uuid4().hex  # new in every process Ray starts for this actor
-        self.shard = PoolShard(spec, images, index_N)
+        self.shard: PoolShard | None = None
 
     def token(self) -> str:
         return self.incarnation
 
+    def build(self, expected: str, spec: ShardSpec, images: ImageSource, index_N: np.ndarray) -> Answer:
+        if expected != self.incarnation:
+            return Answer(self.incarnation, ran=False)
+        self.shard = PoolShard(spec, images, index_N)
+        return Answer(self.incarnation, ran=True, peak_rss_mb=peak_rss_mb())
+
     def call(self, expected: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Answer:
         if expected != self.incarnation:  # restarted since the pool last heard from us: state lost
             return Answer(self.incarnation, ran=False)
-        return Answer(self.incarnation, ran=True, value=to_cpu(fn(self.shard, *args, **kwargs)))
+        value = to_cpu(fn(self.shard, *args, **kwargs))
+        return Answer(self.incarnation, ran=True, value=value, peak_rss_mb=peak_rss_mb())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,44 +176,51 @@ class RayPool:
     def __init__(self, cfg: PoolConfig, spec: ShardSpec, images: ImageSource | torch.Tensor):
         self._own_ray = not ray.is_initialized()
         if self._own_ray:  # address None: $RAY_ADDRESS if set, else a local instance for this run
-            ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+            reachable_or_die(cfg.ray_address)
+            kwargs = init_kwargs(cfg.ray_address)
+            ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False, **kwargs)  # type: ignore[arg-type]
+        source = as_source(images)
+        parts = shard_parts(len(source), cfg.shards, BLOCK)  # a small pool: fewer shards, never an empty one
+        cfg = dataclasses.replace(cfg, shards=len(parts))
         cfg = dataclasses.replace(cfg, gpus_per_shard=_gpus_per_shard(cfg))
         device = "cuda" if cfg.gpus_per_shard else "cpu"
         spec = dataclasses.replace(spec, device=device)
         self._pg = self._reserve(cfg)
         threads = max(1, int(cfg.cpus_per_shard))
         self.actors = []
-        self._images = []  # held so a restarted actor can re-read its constructor arguments
-        source = as_source(images)
-        for i, part in enumerate(partition(len(source), cfg.shards, BLOCK)):
+        for i in range(len(parts)):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i) if self._pg else None
-            # in-RAM pixels, or for a Parquet pool a small descriptor the actor reads its rows with
-            self._images.append(ray.put(source.subset(part)))
+            # one small plain value: a restart needs nothing from the object store (ray-project/ray#53727)
             actor = ShardActor.options(  # type: ignore[attr-defined]
                 num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard, scheduling_strategy=strategy
-            ).remote(spec, self._images[-1], part, threads)
+            ).remote(threads)
             self.actors.append(actor)
         self.n_shards = len(self.actors)
-        # the incarnation each actor last answered with (waits for the actors to start)
-        self._incarnation: list[str] = self._wait_started()
+        self._spec, self._source, self._parts = spec, source, parts
         self._log: list[_Call] = []  # this round's state-changing calls, for replay
         self.restarts = 0
-
-    def _wait_started(self) -> list[str]:
-        """Each actor's incarnation, once all have started. Ray does not restart an actor whose
-        constructor raised (e.g. its Parquet rows cannot be read): say why now, as the one-line
-        UserError it was, not as a dead actor at the first call."""
+        self.peak_rss_mb = [0.0] * self.n_shards  # each shard's peak RSS as last reported
+        # the incarnation each actor last answered with (waits for the actors to start)
+        self._incarnation: list[str] = list(ray.get([a.token.remote() for a in self.actors]))
         try:
-            return list(ray.get([a.token.remote() for a in self.actors]))
-        except RayActorError as e:
-            if not e.actor_init_failed:
-                raise
+            self._build_all()
+        except BaseException:
             self.close()
-            prefix = f"{UserError.__module__}.{UserError.__qualname__}: "
-            lines = [line for line in str(e).splitlines() if line.startswith(prefix)]
-            if lines:
-                raise UserError(lines[-1][len(prefix) :]) from None
             raise
+
+    def _build(self, i: int, token: str) -> Any:
+        """Shard i's images by value (in-RAM pixels, or a Parquet pool's small descriptor the actor
+        reads its rows with), sent from the driver each time: nothing a restart needs is stored."""
+        return self.actors[i].build.remote(token, self._spec, self._source.subset(self._parts[i]), self._parts[i])
+
+    def _build_all(self) -> None:
+        futures = [self._build(i, token) for i, token in enumerate(self._incarnation)]
+        for i, fut in enumerate(futures):
+            answer = _get(fut)
+            if answer is None or not answer.ran:
+                self._rejoin(i, [])
+            else:
+                self.peak_rss_mb[i] = max(self.peak_rss_mb[i], answer.peak_rss_mb)
 
     def _reserve(self, cfg: PoolConfig) -> PlacementGroup | None:
         """One bundle per shard; inside a Tune trial the trial's placement group already holds them."""
@@ -223,24 +244,29 @@ class RayPool:
             while answer is None or not answer.ran:  # died during the call, or restarted before it
                 self._rejoin(i, self._log if is_read_only(fn) else self._log[:-1])
                 answer = _get(call.submit(self.actors[i], self._incarnation[i]))
+            self.peak_rss_mb[i] = max(self.peak_rss_mb[i], answer.peak_rss_mb)
             results.append(answer.value)
         return results
 
     def _rejoin(self, i: int, replay: list[_Call]) -> None:
-        """Wait for Ray to restart shard i, then replay `replay` on it, as often as it dies meanwhile."""
+        """Wait for Ray to restart shard i, then rebuild it and replay `replay` on it, as often as
+        it dies meanwhile; one UserError if it does not come back within RESOURCE_WAIT_S."""
         deadline = time.monotonic() + RESOURCE_WAIT_S
         while True:
             try:
                 token = ray.get(self.actors[i].token.remote())
-            except RayActorError:  # not restarted yet
+            except RayActorError:  # not restarted yet (ActorUnavailableError, ActorDiedError)
                 if time.monotonic() > deadline:
-                    raise
+                    raise self._lost(i) from None
                 time.sleep(0.2)
                 continue
             if token != self._incarnation[i]:
                 self.restarts += 1
                 self._incarnation[i] = token
             try:
+                answer = _get(self._build(i, token))
+                if answer is None or not answer.ran:
+                    raise _Restarted
                 for c in replay:
                     answer = _get(c.submit(self.actors[i], token))
                     if answer is None or not answer.ran:
@@ -248,6 +274,15 @@ class RayPool:
                 return
             except _Restarted:
                 continue
+
+    def _lost(self, i: int) -> UserError:
+        part = self._parts[i]
+        return UserError(
+            f"shard {i} (pool positions {part[0]}..{part[-1]}) died and could not be restarted within "
+            f"{RESOURCE_WAIT_S:.0f}s; likely cause: out of memory (its peak RSS so far: {self.peak_rss_mb[i]:.0f} MB): "
+            "give the shard more memory (a larger node, --cpus-per-shard) or fewer samples (more --shards, "
+            "--embed-dtype bfloat16), then rerun with --resume"
+        )
 
     def close(self) -> None:
         for a in self.actors:

@@ -20,8 +20,8 @@ from fm_ray.core import fisher
 from fm_ray.core import mask as fmask
 from fm_ray.core.greedy import GreedyState, greedy_select
 from fm_ray.pool import ShardedPool, state_call
-from fm_ray.pool.shard import BLOCK, DTYPES, PoolShard, read_only
-from fm_ray.strategies import QueryContext, Selection, Strategy, register
+from fm_ray.pool.shard import BLOCK, DTYPES, PoolShard, first_score_range, read_only
+from fm_ray.strategies import QueryContext, Selection, Strategy, merge_ranges, register
 
 
 @read_only
@@ -130,12 +130,13 @@ def fishermask_select(pool: ShardedPool, ctx: QueryContext) -> Selection:
     mask_s = time.perf_counter() - start
     log(f"  Fisher mask: {info['mask_size']} weights ({ctx.cfg.sparsity:g} of all) in {mask_s:.1f}s")
     picks, timings = _greedy(pool, ctx, mask_idx)
-    return Selection(picks, {"mask_seconds": mask_s, **timings}, info)
+    ranged = merge_ranges(pool.map(first_score_range))
+    return Selection(picks, {"mask_seconds": mask_s, **timings}, info, score_range=ranged)
 
 
 def bait_select(pool: ShardedPool, ctx: QueryContext) -> Selection:
     picks, timings = _greedy(pool, ctx, None)
-    return Selection(picks, timings)
+    return Selection(picks, timings, score_range=merge_ranges(pool.map(first_score_range)))
 
 
 register(
