@@ -139,7 +139,8 @@ def select(
         ids = list(range(len(x)))
         images, norm = TensorImages(x), Normalizer((), ())
     if len(ids) == 0:
-        raise ArgumentValueError(f"pool {pool!r} is empty: give at least k samples")
+        where = f" {pool!r}" if isinstance(pool, str) else ""
+        raise ArgumentValueError(f"pool{where} is empty: give at least k samples")
     labeled_ids = list(labeled or {})
     _check_in_pool(k, labeled_ids, ids)
     # the caller's model is left as it was (device, train/eval mode): the shards get a copy
