@@ -109,7 +109,7 @@ def _check_outputs(n_nonfinite: int, round: int) -> None:
 def _check_selection(sel: Selection, labeled: np.ndarray, k: int, free: int, name: str, round: int) -> None:
     """Every query passes here: k distinct unlabeled picks, ranked by scores that differ."""
     if free > k and sel.score_range is not None and all_equal(sel.score_range):
-        lo, hi = sel.score_range
+        lo, hi = (v + 0.0 for v in sel.score_range)  # + 0.0: print -0 as 0
         raise DegenerateModelError(
             f"round {round}: every candidate scores the same under {name} (scores in [{lo:.6g}, {hi:.6g}], "
             f"spread below {SCORE_RTOL:g} of their scale: a saturated model), so the picks would be arbitrary: "

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 
 import pyarrow.dataset as ds
@@ -246,3 +247,20 @@ def test_trial_with_ray_shards_runs_in_its_placement_group(tmp_path, sweep_dir):
         strip(load_queries(out))["pool_index"].tolist()
         == strip(load_queries(sweep_dir).query("run_id in @local.run_id"))["pool_index"].tolist()
     )
+
+
+def test_a_degenerate_trial_errors_with_its_line_while_the_others_finish(tmp_path, capsys):
+    """--lr 1e6 makes the model diverge (NaN or saturated): the entropy trial stops at its first query with the one-line
+    DegenerateModelError; the random trial (no model in its query) finishes all its rounds."""
+    import pandas as pd
+
+    out = tmp_path / "s"
+    args = ["sweep", "--out", str(out), "--strategies", "random,entropy", "--seeds", "0", *SMALL, "--lr", "1e6"]
+    assert main(args) == 1
+    rounds = pd.read_parquet(out / "results" / "rounds")
+    assert set(rounds["strategy"]) == {"random"} and sorted(rounds["round"]) == [0, 1, 2]
+    errors = [p.read_text() for p in out.rglob("error.txt")]
+    line = re.compile(
+        r"DegenerateModelError: round 0: (the model's outputs on the pool are not finite|every candidate)"
+    )
+    assert errors and all(line.search(e) for e in errors), errors
