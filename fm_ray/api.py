@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,11 @@ from fm_ray.config import PoolConfig, StrategyConfig
 from fm_ray.data.normalize import Normalizer
 from fm_ray.data.registry import open_source
 from fm_ray.data.source import TensorImages
-from fm_ray.errors import UserError
+from fm_ray.errors import ArgumentTypeError, ArgumentValueError, DegenerateModelError, UserError
 from fm_ray.session import PoolSession
-from fm_ray.strategies import Selection
+from fm_ray.strategies import STRATEGIES, Selection
+
+__all__ = ["select", "Selection", "PoolSession", "UserError", "DegenerateModelError", "Embedded"]
 
 Embed = Callable[[torch.Tensor], torch.Tensor]  # inputs -> penultimate features (N, E)
 
@@ -78,7 +81,7 @@ def dataset_tensor(pool: Any) -> torch.Tensor:
     except TypeError:
         raise UserError("pool must be a torch Dataset with len(), a tensor, or 'parquet:'/'folder:' text") from None
     if n == 0:
-        raise UserError("the pool is empty: give at least k + 1 samples")
+        raise ArgumentValueError("pool is empty: give at least k samples")
     items = [pool[i] for i in range(n)]
     xs = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
     try:
@@ -126,10 +129,7 @@ def select(
     Returns:
         A `Selection`: `ids` (the k pool ids, pick order), `indices` (their positions), `timings`, `info`.
     """
-    fields = {f.name for f in dataclasses.fields(StrategyConfig)} - {"name"}
-    unknown = set(strategy_options) - fields
-    if unknown:
-        raise UserError(f"unknown strategy option(s) {sorted(unknown)}: use {', '.join(sorted(fields))}")
+    _check_static(model, k, labeled, strategy, n_classes, strategy_options)
     if isinstance(pool, str):
         data = open_source(pool)  # any registered source; its train split is the pool
         ids: list[Any] = list(data.train.ids)
@@ -138,16 +138,62 @@ def select(
         x = dataset_tensor(pool)
         ids = list(range(len(x)))
         images, norm = TensorImages(x), Normalizer((), ())
+    if len(ids) == 0:
+        where = f" {pool!r}" if isinstance(pool, str) else ""
+        raise ArgumentValueError(f"pool{where} is empty: give at least k samples")
+    labeled_ids = list(labeled or {})
+    _check_in_pool(k, labeled_ids, ids)
     # the caller's model is left as it was (device, train/eval mode): the shards get a copy
     template = as_embedded(copy.deepcopy(model).cpu(), embed).eval()
-    if n_classes is None:
-        with torch.no_grad():
-            n_classes = int(template(norm(images.read(np.array([0])))).shape[-1])
+    n_classes = _model_classes(template, norm(images.read(np.array([0]))), n_classes)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pool_cfg = PoolConfig(backend=backend, shards=shards)
     session = PoolSession(images, ids, n_classes, norm, template, pool_cfg, dev)
     try:
         cfg = StrategyConfig(name=strategy, **strategy_options)
-        return session.select(template, k, list(labeled or {}), cfg, seed=seed)
+        return session.select(template, k, labeled_ids, cfg, seed=seed)
     finally:
         session.close()
+
+
+def _check_static(model: Any, k: Any, labeled: Any, strategy: Any, n_classes: Any, options: dict[str, Any]) -> None:
+    """Arguments checked before any pool is read: one ValueError/TypeError naming the argument."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise ArgumentTypeError(f"k must be a positive int, got {k!r} ({type(k).__name__})")
+    if k <= 0:
+        raise ArgumentValueError(f"k = {k}: pick at least 1 sample")
+    if labeled is not None and not isinstance(labeled, Mapping):
+        raise ArgumentTypeError(f"labeled must be a dict of pool id -> label, got {type(labeled).__name__}")
+    if strategy not in STRATEGIES:
+        raise ArgumentValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if n_classes is not None and (
+        isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral) or n_classes < 2
+    ):
+        raise ArgumentValueError(f"n_classes must be an int >= 2 (or None: inferred), got {n_classes!r}")
+    fields = {f.name for f in dataclasses.fields(StrategyConfig)} - {"name"}
+    unknown = set(options) - fields
+    if unknown:
+        raise ArgumentValueError(f"unknown strategy option(s) {sorted(unknown)}: use {', '.join(sorted(fields))}")
+
+
+def _check_in_pool(k: int, labeled_ids: list[Any], ids: Any) -> None:
+    known = set(ids)
+    unknown = [i for i in labeled_ids if i not in known]
+    if unknown:
+        raise ArgumentValueError(f"labeled ids not in the pool: {unknown[:5]}: pass ids of pool samples")
+    free = len(known) - len(set(labeled_ids))
+    if k > free:
+        raise ArgumentValueError(f"k = {k} but {free} pool samples are unlabeled: pick 1..{free}")
+
+
+def _model_classes(template: nn.Module, x_1: torch.Tensor, n_classes: int | None) -> int:
+    """The model's number of outputs per sample (one forward pass on `x_1`), checked against `n_classes`."""
+    with torch.no_grad():
+        out = template(x_1)
+    if out.ndim != 2:
+        raise ArgumentValueError(f"model must map a batch to logits (N, C), got an output of shape {tuple(out.shape)}")
+    if n_classes is not None and n_classes != out.shape[1]:
+        raise ArgumentValueError(f"n_classes = {n_classes} but the model outputs {out.shape[1]} logits per sample")
+    return int(out.shape[1])

@@ -3,3 +3,16 @@
 
 class UserError(Exception):
     """Bad input or environment the user can fix; the message names the problem and the fix."""
+
+
+class DegenerateModelError(UserError):
+    """The model's outputs on the pool cannot rank it (NaN/inf outputs, or every candidate scoring
+    the same): the query would be arbitrary, so none is made."""
+
+
+class ArgumentValueError(UserError, ValueError):
+    """A bad argument value at a Python boundary (`fm_ray.select`); the message names the argument."""
+
+
+class ArgumentTypeError(UserError, TypeError):
+    """An argument of the wrong type at a Python boundary; the message names the argument."""

@@ -16,11 +16,11 @@ from torch import nn
 from fm_ray.config import ModelConfig, PoolConfig, StrategyConfig, resolve_backend
 from fm_ray.data.normalize import Normalizer
 from fm_ray.data.source import ImageSource, as_source
-from fm_ray.errors import UserError
+from fm_ray.errors import DegenerateModelError, UserError
 from fm_ray.model.zoo import build_model
 from fm_ray.pool import ShardedPool
-from fm_ray.pool.shard import ShardSpec, set_round
-from fm_ray.strategies import STRATEGIES, QueryContext, Selection
+from fm_ray.pool.shard import ShardSpec, nonfinite_outputs, set_round
+from fm_ray.strategies import SCORE_RTOL, STRATEGIES, QueryContext, Selection, all_equal
 from fm_ray.strategies.memory import check_plan, plan_inputs, query_plan
 
 
@@ -77,8 +77,11 @@ class PoolSession:
         self.check_memory(model, k, labeled, cfg)
         weights = {n: t.detach().cpu() for n, t in model.state_dict().items()} if strategy.needs_model else None
         self.pool.map(set_round, weights, labeled)
+        if strategy.needs_model:
+            _check_outputs(sum(self.pool.map(nonfinite_outputs)), round)
         ctx = QueryContext(round, k, seed, labeled, len(self.ids), cfg, model)
         sel = strategy.select(self.pool, ctx)
+        _check_selection(sel, labeled, k, free, cfg.name, round)
         sel.ids = [self.ids[i] for i in sel.indices]
         return sel
 
@@ -122,3 +125,32 @@ def make_pool(cfg: PoolConfig, spec: ShardSpec, images: ImageSource | torch.Tens
     from fm_ray.pool.local import LocalPool
 
     return LocalPool(spec, images, cfg.shards)
+
+
+_FIX = "training diverged or the weights hold NaN/inf: lower the learning rate (--lr), check the inputs"
+
+
+def _check_outputs(n_nonfinite: int, round: int) -> None:
+    """A query ranks candidates by the model's outputs: with NaN/inf among them it ranks nothing."""
+    if n_nonfinite:
+        raise DegenerateModelError(
+            f"round {round}: the model's outputs on the pool are not finite ({n_nonfinite} NaN/inf values), "
+            f"so no query is made: {_FIX}"
+        )
+
+
+def _check_selection(sel: Selection, labeled: np.ndarray, k: int, free: int, name: str, round: int) -> None:
+    """Every query passes here: k distinct unlabeled picks, ranked by scores that differ."""
+    if free > k and sel.score_range is not None and all_equal(sel.score_range):
+        lo, hi = (v + 0.0 for v in sel.score_range)  # + 0.0: print -0 as 0
+        raise DegenerateModelError(
+            f"round {round}: every candidate scores the same under {name} (scores in [{lo:.6g}, {hi:.6g}], "
+            f"spread below {SCORE_RTOL:g} of their scale: a saturated model), so the picks would be arbitrary: "
+            f"{_FIX}, or query with --strategy random"
+        )
+    picks = np.asarray(sel.indices, dtype=np.int64)
+    if len(picks) != k or len(np.unique(picks)) != k or np.isin(picks, labeled).any():
+        raise RuntimeError(  # a bug, never the user's input: no strategy may return these
+            f"strategy {name} returned an invalid batch ({len(picks)} picks, {len(np.unique(picks))} distinct, "
+            f"{int(np.isin(picks, labeled).sum())} already labeled; {k} asked)"
+        )

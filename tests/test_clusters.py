@@ -723,3 +723,38 @@ def test_readme_submits_one_large_run_with_its_driver_on_a_gpu_node():
         args, _, _ = parse_fm_ray(re.search(r"(fm-ray run\b.*)", line).group(1))
         assert args.driver_gpus == 1 and 0 < args.driver_cpus <= node_cpus, line
         assert Path(args.out).is_absolute()  # not inside the job's temporary working dir
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHER))
+def test_metrics_port_is_pinned_and_firewalled(name):
+    """Ray's /metrics binds every interface and needs no token: its port is fixed on every node so
+    the documented firewall rule (clusters/README.md, Security) can admit only the cluster to it."""
+    for cmd in ray_start_commands(load(name)):
+        assert re.search(r"--metrics-export-port=8080\b", cmd), cmd
+    security = (CLUSTERS / "README.md").read_text().split("## Security", 1)[1]
+    assert "--metrics-export-port=8080" in security
+    assert "sudo ufw allow from <cluster subnet> to any port 8080 proto tcp && sudo ufw deny 8080/tcp" in security
+
+
+def documented_token_steps() -> list[str]:
+    """Every documented command line that makes the token (cluster files' headers, the README's steps)."""
+    steps = []
+    for path in [CLUSTERS / "README.md", *(CLUSTERS / n for n in sorted(LAUNCHER))]:
+        for line in path.read_text().splitlines():
+            cmd = line.lstrip("# ").split("  #")[0].strip()
+            if cmd.startswith("ray get-auth-token --generate"):
+                steps.append(cmd)
+    return steps
+
+
+def test_documented_token_step_leaves_the_token_private(tmp_path):
+    """`ray get-auth-token --generate` writes ~/.ray/auth_token with mode 0644; every documented
+    step that makes it also makes it private. Run for real in a temporary home (no network)."""
+    steps = documented_token_steps()
+    assert len(steps) == 1 + len(LAUNCHER), steps
+    assert len(set(steps)) == 1, steps
+    ray_bin = Path(sys.executable).with_name("ray")
+    env = dict(os.environ, HOME=str(tmp_path), PATH=f"{ray_bin.parent}{os.pathsep}{os.environ['PATH']}")
+    subprocess.run(["bash", "-c", steps[0]], env=env, check=True, capture_output=True, timeout=120)
+    token = tmp_path / ".ray" / "auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600

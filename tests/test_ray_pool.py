@@ -162,3 +162,51 @@ def test_partial_sums_are_added_among_the_shards(trained):
         assert torch.allclose(labeled_sum, sum(s for _, s, _ in parts), rtol=1e-12)
     finally:
         pool.close()
+
+
+def test_a_small_pool_on_more_ray_shards_than_blocks_picks_like_one_local_shard(trained, capfd):
+    """300 samples fill 2 blocks: 3 shards asked, 2 actors (was: an empty shard and torch.cat([]));
+    the actors are built from plain values, so Ray's warning about constructor arguments in the
+    object store (ray-project/ray#53727) never appears."""
+    x, labeled = trained["x_pool"][:300], trained["labeled"][trained["labeled"] < 300]
+    small = {**trained, "x_pool": x, "labeled": labeled}
+
+    def context(name):
+        ctx = trained["context"](name)
+        return type(ctx)(ctx.round, ctx.k, ctx.seed, labeled, 300, ctx.cfg, ctx.model)
+
+    def picks(pool):
+        out = {}
+        for name in CHECKED:
+            pool.map(set_round, small["weights"], labeled)
+            out[name] = STRATEGIES[name].select(pool, context(name)).indices
+        return out
+
+    local = picks(LocalPool(small["spec"], x, 1))
+    pool = RayPool(PoolConfig(backend="ray", shards=3), small["spec"], x)
+    try:
+        assert pool.n_shards == 2
+        assert picks(pool) == local
+    finally:
+        pool.close()
+    captured = capfd.readouterr()
+    assert "a pool of 300 samples fills 2 block(s) of 256: running 2 shard(s), not 3" in captured.out
+    assert "53727" not in captured.out + captured.err
+
+
+def test_a_shard_that_cannot_be_restarted_is_one_line_with_its_peak_memory(trained, monkeypatch):
+    from fm_ray.pool import ray_pool
+
+    monkeypatch.setattr(ray_pool, "RESOURCE_WAIT_S", 1.0)
+    pool = RayPool(PoolConfig(backend="ray", shards=2), trained["spec"], trained["x_pool"])
+    try:
+        pool.map(pid)
+        ray.kill(pool.actors[1], no_restart=True)  # gone for good, as a shard in an out-of-memory loop
+        with pytest.raises(
+            UserError, match=r"shard 1 \(pool positions 256\.\.559\) died and could not be restarted"
+        ) as e:
+            pool.map(pid)
+        rss = float(str(e.value).split("its peak RSS so far: ")[1].split(" MB")[0])
+        assert rss > 0 and "\n" not in str(e.value)
+    finally:
+        pool.close()

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 
 import pyarrow.dataset as ds
@@ -257,3 +258,20 @@ def test_sweep_console_shows_fm_ray_progress_lines_only(tmp_path, capfd):
     out = capfd.readouterr().out.splitlines()
     assert out and all(line.startswith("[fm-ray ") for line in out), out
     assert sum("round 1: acc" in line for line in out) == 1 and any("1/1 done" in line for line in out), out
+
+
+def test_a_degenerate_trial_errors_with_its_line_while_the_others_finish(tmp_path, capsys):
+    """--lr 1e6 makes the model diverge (NaN or saturated): the entropy trial stops at its first query with the one-line
+    DegenerateModelError; the random trial (no model in its query) finishes all its rounds."""
+    import pandas as pd
+
+    out = tmp_path / "s"
+    args = ["sweep", "--out", str(out), "--strategies", "random,entropy", "--seeds", "0", *SMALL, "--lr", "1e6"]
+    assert main(args) == 1
+    rounds = pd.read_parquet(out / "results" / "rounds")
+    assert set(rounds["strategy"]) == {"random"} and sorted(rounds["round"]) == [0, 1, 2]
+    errors = [p.read_text() for p in out.rglob("error.txt")]
+    line = re.compile(
+        r"DegenerateModelError: round 0: (the model's outputs on the pool are not finite|every candidate)"
+    )
+    assert errors and all(line.search(e) for e in errors), errors

@@ -4,6 +4,56 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
+
+from fm_ray.errors import UserError
+
+CONNECT_WAIT_S = float(os.environ.get("FM_RAY_CONNECT_WAIT_S", "30"))  # Ray itself retries forever
+
+
+def _host_port(address: str | None) -> tuple[str, int] | None:
+    """(host, port) of a cluster address to join; None for a local instance or `auto`."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return None
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--ray-address {address!r}: give host:port (e.g. 10.0.0.1:6379) or ray://host:10001")
+    return host.strip("[]"), int(port)
+
+
+def reachable_or_die(address: str | None, wait_s: float = CONNECT_WAIT_S) -> None:
+    """Wait up to `wait_s` for the cluster address to accept a TCP connection, else one UserError.
+
+    Ray's `ray.init(address=...)` retries a dead address forever; this touches only that host:port."""
+    target = _host_port(address)
+    if target is None:
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.create_connection(target, timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                reason = e.strerror or type(e).__name__
+                raise UserError(
+                    f"cannot reach the Ray cluster at {target[0]}:{target[1]} within {wait_s:.0f}s ({reason}): "
+                    "check --ray-address (the head's GCS port, 6379 by default; ray://host:10001 for Ray Client) "
+                    "and that the head is up"
+                ) from None
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def init_kwargs(address: str | None) -> dict[str, str]:
+    """A cluster on this machine's loopback is joined as 127.0.0.1 (Ray would otherwise take the
+    interface address it routes to the internet by)."""
+    target = _host_port(address)
+    if target is not None and target[0] in ("127.0.0.1", "localhost"):
+        return {"_node_ip_address": "127.0.0.1"}
+    return {}
 
 
 def ray_log_level() -> int:
@@ -20,10 +70,17 @@ def ensure_ray(address: str | None, log_to_driver: bool = True) -> bool:
 
     if ray.is_initialized():
         return False
+    reachable_or_die(address)
     # Workers on a cluster do not share this shell's environment: forward FM_RAY_* (data root, cache).
     # Inside `ray job submit` the job's own runtime env governs, and Ray refuses a second one.
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("FM_RAY_")}
     runtime_env = {"env_vars": env} if env else None
-    ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver, logging_level=ray_log_level())
+    ray.init(
+        address=address,
+        runtime_env=runtime_env,  # type: ignore[arg-type]
+        log_to_driver=log_to_driver,
+        logging_level=ray_log_level(),
+        **init_kwargs(address),  # type: ignore[arg-type]
+    )
     return True

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from fm_ray.core.greedy import Progress, ShardBest, StateCall, best_of, local_best, no_progress
+from fm_ray.core.greedy import Progress, ShardBest, StateCall, best_of, local_best, no_progress, score_range
 from fm_ray.core.random import hash_uniform
 
 _CHUNK_ELEMS = 1 << 22  # elements of one (rows x E) product block
@@ -82,12 +82,15 @@ class KMeansPPState:
         self.index_N = torch.as_tensor(index_N, dtype=torch.int64, device=device)
         self.chosen_N = torch.zeros(len(self.index_N), dtype=torch.bool, device=device)
         self.d2_N = torch.full((len(self.index_N),), math.inf, dtype=torch.float64, device=device)
+        self.first_range: tuple[float, float] | None = None  # squared norms the first center is chosen by
 
     def first(self) -> ShardBest:
         """Reset; answer the largest squared norm (the first center)."""
         self.chosen_N.zero_()
         self.d2_N = torch.full_like(self.d2_N, math.inf)
-        return self._answer(self.gg_N * self.hh_N)
+        norm_N = self.gg_N * self.hh_N
+        self.first_range = score_range(norm_N, ~self.chosen_N)
+        return self._answer(norm_N)
 
     def step(self, chosen: tuple[int, Tensor], seed: int, step_index: int) -> ShardBest:
         """Add the previous center ``(global index, cat(g, h, |g|^2, |h|^2))``; answer this shard's race winner.

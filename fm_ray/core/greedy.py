@@ -87,14 +87,30 @@ def best_of(answers: Sequence[ShardBest]) -> ShardBest:
 
 
 def local_best(score_N: Tensor, eligible_N: Tensor, index_N: Tensor) -> int:
-    """Local position of the best eligible score, ties to the lowest global index; -1 if none."""
+    """Local position of the best eligible score, ties to the lowest global index; -1 if none.
+
+    A NaN score ranks as -inf: NaN equals nothing, so without this no candidate would tie the
+    maximum and the argmin below would answer position 0, eligible or not (BADGE's duplicates)."""
     if not bool(eligible_N.any()):
         return -1
-    score_N = torch.where(eligible_N, score_N, torch.full_like(score_N, -math.inf))
+    score_N = torch.where(eligible_N & ~score_N.isnan(), score_N, torch.full_like(score_N, -math.inf))
     top = score_N[eligible_N].max()
     tied_N = eligible_N & (score_N == top)
     big = torch.iinfo(torch.int64).max
     return int(torch.where(tied_N, index_N, torch.full_like(index_N, big)).argmin())
+
+
+def score_range(score_N: Tensor, eligible_N: Tensor) -> tuple[float, float]:
+    """(min, max) of the eligible scores; NaN if any is NaN; (inf, -inf) if none is eligible.
+
+    What the strategies report of their first scoring step, for the "all equal" guard (see
+    ``fm_ray.strategies.all_equal``)."""
+    s_N = score_N[eligible_N].double()
+    if not len(s_N):
+        return math.inf, -math.inf
+    if bool(s_N.isnan().any()):
+        return math.nan, math.nan
+    return float(s_N.min()), float(s_N.max())
 
 
 def trace_solve(A_S_C_C: Tensor, N_S_C_C: Tensor) -> Tensor:
@@ -200,11 +216,13 @@ class GreedyState:
         # 0: candidate, 1: in the selected set, 2: removed by backward pruning
         self.status_N = torch.zeros(len(self.index_N), dtype=torch.int8, device=emb_N_C_D.device)
         self.labeled_emb_L_C_D: Tensor | None = None  # labeled rows kept for a Woodbury M_0^-1
+        self.first_range: tuple[float, float] | None = None  # scores of the first forward step
 
     def init(self, inverse_D_D: Tensor, fisher_D_D: Tensor, scale: float) -> bool:
         """Set the embedding scale and ``B = M_0^-1``; returns whether ``B`` is needed every step."""
         self.scale = scale
         self.status_N.zero_()
+        self.first_range = None
         if self.method == "reference":
             self.F_D_D, self.B_D_D = self._here(fisher_D_D), self._here(inverse_D_D)
             return True
@@ -221,7 +239,10 @@ class GreedyState:
         if update is not None:
             self._apply(update)
         score_N = self.scores(backward)
-        pos = local_best(score_N, self.status_N == (1 if backward else 0), self.index_N)
+        eligible_N = self.status_N == (1 if backward else 0)
+        if self.first_range is None and not backward:
+            self.first_range = score_range(score_N, eligible_N)
+        pos = local_best(score_N, eligible_N, self.index_N)
         if pos < 0:
             return ShardBest(-math.inf, -1)
         return ShardBest(

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from fm_ray.core.greedy import Progress, ShardBest, StateCall, best_of, local_best, no_progress
+from fm_ray.core.greedy import Progress, ShardBest, StateCall, best_of, local_best, no_progress, score_range
 
 _CHUNK_ELEMS = 1 << 22  # elements of one (rows x centers x E) difference block
 
@@ -54,10 +54,12 @@ class KCenterState:
             dtype=feats_N_E.dtype,
             device=feats_N_E.device,
         )
+        self.first_range: tuple[float, float] | None = None  # the first finite distances ranked
 
     def init(self, labeled_feats_L_E: Tensor) -> None:
         """Distance of every candidate to its nearest labeled point."""
         self.chosen_N.zero_()
+        self.first_range = None
         self.dist_N = min_sq_dist(self.feats_N_E, labeled_feats_L_E.to(self.feats_N_E))
 
     def step(self, chosen: tuple[int, Tensor] | None) -> ShardBest:
@@ -67,6 +69,8 @@ class KCenterState:
             self.chosen_N |= self.index_N == index
             new_N = min_sq_dist(self.feats_N_E, feat_E.to(self.feats_N_E)[None])
             self.dist_N = torch.minimum(self.dist_N, new_N)
+        if self.first_range is None and bool(self.dist_N.isfinite().any()):  # no labeled set: all inf at first
+            self.first_range = score_range(self.dist_N, ~self.chosen_N)
         pos = local_best(self.dist_N, ~self.chosen_N, self.index_N)
         if pos < 0:
             return ShardBest(-math.inf, -1)

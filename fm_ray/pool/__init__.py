@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol
 import numpy as np
 import torch
 
+from fm_ray._internal.log import log
+
 if TYPE_CHECKING:
     from fm_ray.pool.shard import PoolShard
 
@@ -67,11 +69,24 @@ def state_call(pool: ShardedPool, kind: type[S]) -> PoolStateCall[S]:
 
 
 def partition(n: int, shards: int, block: int) -> list[np.ndarray]:
-    """Contiguous pool positions per shard, cut on `block` boundaries.
+    """Contiguous pool positions per shard, cut on `block` boundaries; never an empty shard.
 
     Cutting on blocks keeps every sample in the same inference batch for any shard count, so its
-    floating-point results (and hence the picks) do not depend on the partition.
+    floating-point results (and hence the picks) do not depend on the partition. A pool of fewer
+    blocks than `shards` gets one shard per block (see `shard_parts`).
     """
     n_blocks = -(-n // block)
+    shards = max(1, min(shards, n_blocks))
     cuts = [min(n, (n_blocks * i // shards) * block) for i in range(shards + 1)]
     return [np.arange(cuts[i], cuts[i + 1]) for i in range(shards)]
+
+
+def shard_parts(n: int, shards: int, block: int) -> list[np.ndarray]:
+    """`partition`, saying so in one line when the pool is too small for `shards`."""
+    parts = partition(n, shards, block)
+    if len(parts) < shards:
+        log(
+            f"a pool of {n} samples fills {len(parts)} block(s) of {block}: running {len(parts)} shard(s), "
+            f"not {shards} (the picks are the same)"
+        )
+    return parts

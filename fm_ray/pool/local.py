@@ -8,7 +8,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 import torch
 
 from fm_ray.data.source import ImageSource, as_source
-from fm_ray.pool import add_into, partition
+from fm_ray.pool import add_into, shard_parts
 from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec
 
 P = ParamSpec("P")
@@ -18,7 +18,7 @@ R = TypeVar("R")
 class LocalPool:
     def __init__(self, spec: ShardSpec, images: ImageSource | torch.Tensor, shards: int = 1):
         source = as_source(images)
-        parts = partition(len(source), shards, BLOCK)
+        parts = shard_parts(len(source), shards, BLOCK)
         self.shards = [PoolShard(spec, source.subset(p), p) for p in parts]
         self.n_shards = len(self.shards)
 

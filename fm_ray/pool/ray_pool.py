@@ -1,6 +1,8 @@
 """The pool on Ray: one actor per shard wrapping the same `PoolShard` the local pool runs.
 
-Ray is the transport only. Large arguments (model weights, masks, a greedy step's factors) are
+Ray is the transport only. Actors are created from one plain value (their thread count) and
+sent their images by a `build` call, again after every restart, so no constructor argument lives
+in the object store (ray-project/ray#53727). Large arguments (model weights, masks, a greedy step's factors) are
 `ray.put` once per call and shared by every actor; tensors cross the wire on the CPU (the shard
 and the driver move them to their own devices on arrival).
 
@@ -29,12 +31,12 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from fm_ray._internal.ray_session import ray_log_level
+from fm_ray._internal.ray_session import init_kwargs, ray_log_level, reachable_or_die
 from fm_ray.config import PoolConfig
 from fm_ray.data.source import ImageSource, as_source
 from fm_ray.errors import UserError
-from fm_ray.pool import add_into, partition
-from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec, is_read_only, set_round
+from fm_ray.pool import add_into, shard_parts
+from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec, is_read_only, peak_rss_mb, set_round
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -47,6 +49,7 @@ class Answer:
     incarnation: str  # the answering actor's token
     ran: bool  # False: the caller expected another incarnation, nothing ran
     value: Any = None
+    peak_rss_mb: float = 0.0  # the actor process's peak resident memory so far
 
 
 def to_cpu(x: Any) -> Any:
@@ -64,33 +67,28 @@ def to_cpu(x: Any) -> Any:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ShardActor:
-    """A `PoolShard` in an actor. Its data comes with `start` and with every call, as nested object
-    refs ([spec, images, index_N], held by the pool), never as constructor arguments: Ray logs an
-    error-level line for a restartable actor with constructor arguments in the object store
-    (ray-project/ray#53727), and a restarted actor loads its shard again from the call's refs."""
+    """Constructed from one small plain value, so a restart needs nothing from the object store
+    (ray-project/ray#53727); the pool sends the shard's images with `build` (and again after a restart)."""
 
     def __init__(self, threads: int):
         torch.set_num_threads(threads)
         self.incarnation = uuid.uuid4().hex  # new in every process Ray starts for this actor
         self.shard: PoolShard | None = None
 
-    def _load(self, refs: list[Any]) -> None:
-        if self.shard is None:
-            spec, images, index_N = ray.get(refs)
-            self.shard = PoolShard(spec, images, index_N)
-
-    def start(self, refs: list[Any]) -> str:
-        self._load(refs)
-        return self.incarnation
-
     def token(self) -> str:
         return self.incarnation
 
-    def call(self, expected: str, refs: list[Any], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Answer:
+    def build(self, expected: str, spec: ShardSpec, images: ImageSource, index_N: np.ndarray) -> Answer:
+        if expected != self.incarnation:
+            return Answer(self.incarnation, ran=False)
+        self.shard = PoolShard(spec, images, index_N)
+        return Answer(self.incarnation, ran=True, peak_rss_mb=peak_rss_mb())
+
+    def call(self, expected: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Answer:
         if expected != self.incarnation:  # restarted since the pool last heard from us: state lost
             return Answer(self.incarnation, ran=False)
-        self._load(refs)
-        return Answer(self.incarnation, ran=True, value=to_cpu(fn(self.shard, *args, **kwargs)))
+        value = to_cpu(fn(self.shard, *args, **kwargs))
+        return Answer(self.incarnation, ran=True, value=value, peak_rss_mb=peak_rss_mb())
 
     def add(self, expected: str, a: Answer, b: Answer) -> Answer:
         """Two answers (Ray fetches them from the object store, shard to shard) added up: one step
@@ -108,8 +106,8 @@ class _Call:
     args: tuple
     kwargs: dict[str, Any]
 
-    def submit(self, actor: Any, expected: str, refs: list[Any]) -> Any:
-        return actor.call.remote(expected, refs, self.fn, *self.args, **self.kwargs)
+    def submit(self, actor: Any, expected: str) -> Any:
+        return actor.call.remote(expected, self.fn, *self.args, **self.kwargs)
 
 
 def _get(future: Any) -> Answer | None:
@@ -185,55 +183,58 @@ class RayPool:
     def __init__(self, cfg: PoolConfig, spec: ShardSpec, images: ImageSource | torch.Tensor):
         self._own_ray = not ray.is_initialized()
         if self._own_ray:  # address None: $RAY_ADDRESS if set, else a local instance for this run
+            reachable_or_die(cfg.ray_address)
+            kwargs = init_kwargs(cfg.ray_address)
             ray.init(
-                address=cfg.ray_address, include_dashboard=False, log_to_driver=False, logging_level=ray_log_level()
+                address=cfg.ray_address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=ray_log_level(),
+                **kwargs,  # type: ignore[arg-type]
             )
+        source = as_source(images)
+        parts = shard_parts(len(source), cfg.shards, BLOCK)  # a small pool: fewer shards, never an empty one
+        cfg = dataclasses.replace(cfg, shards=len(parts))
         cfg = dataclasses.replace(cfg, gpus_per_shard=_gpus_per_shard(cfg))
         device = "cuda" if cfg.gpus_per_shard else "cpu"
         spec = dataclasses.replace(spec, device=device)
         self._pg = self._reserve(cfg)
         threads = max(1, int(cfg.cpus_per_shard))
         self.actors = []
-        self._images = []  # each shard's images (in _refs too): held so a restarted actor reloads them
-        source = as_source(images)
-        spec_ref = ray.put(spec)
-        self._refs: list[list[Any]] = []  # per shard: [spec, images, index_N], what its actor loads
-        for i, part in enumerate(partition(len(source), cfg.shards, BLOCK)):
+        for i in range(len(parts)):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i) if self._pg else None
-            # in-RAM pixels, or for a Parquet pool a small descriptor the actor reads its rows with
-            self._images.append(ray.put(source.subset(part)))
-            self._refs.append([spec_ref, self._images[-1], ray.put(part)])
+            # one small plain value: a restart needs nothing from the object store (ray-project/ray#53727)
             actor = ShardActor.options(  # type: ignore[attr-defined]
                 num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard, scheduling_strategy=strategy
             ).remote(threads)
             self.actors.append(actor)
         self.n_shards = len(self.actors)
-        # the incarnation each actor last answered with (waits for the actors to start)
-        self._incarnation: list[str] = self._wait_started()
+        self._spec, self._source, self._parts = spec, source, parts
         self._log: list[_Call] = []  # this round's state-changing calls, for replay
         self.restarts = 0
         self.received_bytes = 0  # tensor bytes of every answer the driver has received
-
-    def _wait_started(self) -> list[str]:
-        """Each actor's incarnation, once all have started and loaded their shard. A shard that
-        cannot load (e.g. its Parquet rows cannot be read) says why now, as the one-line UserError
-        it was, not at the first call."""
+        self.peak_rss_mb = [0.0] * self.n_shards  # each shard's peak RSS as last reported
+        # the incarnation each actor last answered with (waits for the actors to start)
+        self._incarnation: list[str] = list(ray.get([a.token.remote() for a in self.actors]))
         try:
-            return list(ray.get([a.start.remote(r) for a, r in zip(self.actors, self._refs, strict=True)]))
-        except RayTaskError as e:
-            if isinstance(e.cause, UserError):
-                self.close()
-                raise e.cause from None
-            raise
-        except RayActorError as e:
-            if not e.actor_init_failed:
-                raise
+            self._build_all()
+        except BaseException:
             self.close()
-            prefix = f"{UserError.__module__}.{UserError.__qualname__}: "
-            lines = [line for line in str(e).splitlines() if line.startswith(prefix)]
-            if lines:
-                raise UserError(lines[-1][len(prefix) :]) from None
             raise
+
+    def _build(self, i: int, token: str) -> Any:
+        """Shard i's images by value (in-RAM pixels, or a Parquet pool's small descriptor the actor
+        reads its rows with), sent from the driver each time: nothing a restart needs is stored."""
+        return self.actors[i].build.remote(token, self._spec, self._source.subset(self._parts[i]), self._parts[i])
+
+    def _build_all(self) -> None:
+        futures = [self._build(i, token) for i, token in enumerate(self._incarnation)]
+        for i, fut in enumerate(futures):
+            answer = _get(fut)
+            if answer is None or not answer.ran:
+                self._rejoin(i, [])
+            else:
+                self.peak_rss_mb[i] = max(self.peak_rss_mb[i], answer.peak_rss_mb)
 
     def _reserve(self, cfg: PoolConfig) -> PlacementGroup | None:
         """One bundle per shard; inside a Tune trial the trial's placement group already holds them."""
@@ -250,10 +251,7 @@ class RayPool:
         call = _Call(fn, tuple(_share(a) for a in args), {k: _share(v) for k, v in kwargs.items()})
         if not is_read_only(fn):
             self._log.append(call)
-        futures = [
-            call.submit(a, token, refs)
-            for a, token, refs in zip(self.actors, self._incarnation, self._refs, strict=True)
-        ]
+        futures = [call.submit(a, token) for a, token in zip(self.actors, self._incarnation, strict=True)]
         return self._answers(call, futures)
 
     def _answers(self, call: _Call, futures: list[Any]) -> list[Any]:
@@ -264,8 +262,9 @@ class RayPool:
             answer = _get(fut)
             while answer is None or not answer.ran:  # died during the call, or restarted before it
                 self._rejoin(i, self._log if is_read_only(call.fn) else self._log[:-1])
-                answer = _get(call.submit(self.actors[i], self._incarnation[i], self._refs[i]))
+                answer = _get(call.submit(self.actors[i], self._incarnation[i]))
             self.received_bytes += _nbytes(answer.value)
+            self.peak_rss_mb[i] = max(self.peak_rss_mb[i], answer.peak_rss_mb)
             results.append(answer.value)
         return results
 
@@ -276,10 +275,7 @@ class RayPool:
         call = _Call(fn, tuple(_share(a) for a in args), {k: _share(v) for k, v in kwargs.items()})
         if not is_read_only(fn):
             self._log.append(call)
-        futures = [
-            call.submit(a, token, refs)
-            for a, token, refs in zip(self.actors, self._incarnation, self._refs, strict=True)
-        ]
+        futures = [call.submit(a, token) for a, token in zip(self.actors, self._incarnation, strict=True)]
         level = list(enumerate(futures))
         while len(level) > 1:
             pairs = [level[j : j + 2] for j in range(0, len(level), 2)]
@@ -303,27 +299,40 @@ class RayPool:
         return total
 
     def _rejoin(self, i: int, replay: list[_Call]) -> None:
-        """Wait for Ray to restart shard i, then replay `replay` on it, as often as it dies meanwhile."""
+        """Wait for Ray to restart shard i, then rebuild it and replay `replay` on it, as often as
+        it dies meanwhile; one UserError if it does not come back within RESOURCE_WAIT_S."""
         deadline = time.monotonic() + RESOURCE_WAIT_S
         while True:
             try:
                 token = ray.get(self.actors[i].token.remote())
-            except RayActorError:  # not restarted yet
+            except RayActorError:  # not restarted yet (ActorUnavailableError, ActorDiedError)
                 if time.monotonic() > deadline:
-                    raise
+                    raise self._lost(i) from None
                 time.sleep(0.2)
                 continue
             if token != self._incarnation[i]:
                 self.restarts += 1
                 self._incarnation[i] = token
             try:
+                answer = _get(self._build(i, token))
+                if answer is None or not answer.ran:
+                    raise _Restarted
                 for c in replay:
-                    answer = _get(c.submit(self.actors[i], token, self._refs[i]))
+                    answer = _get(c.submit(self.actors[i], token))
                     if answer is None or not answer.ran:
                         raise _Restarted
                 return
             except _Restarted:
                 continue
+
+    def _lost(self, i: int) -> UserError:
+        part = self._parts[i]
+        return UserError(
+            f"shard {i} (pool positions {part[0]}..{part[-1]}) died and could not be restarted within "
+            f"{RESOURCE_WAIT_S:.0f}s; likely cause: out of memory (its peak RSS so far: {self.peak_rss_mb[i]:.0f} MB): "
+            "give the shard more memory (a larger node, --cpus-per-shard) or fewer samples (more --shards, "
+            "--embed-dtype bfloat16), then rerun with --resume"
+        )
 
     def close(self) -> None:
         for a in self.actors:

@@ -125,6 +125,20 @@ def on_state(
 
 
 @read_only
+def nonfinite_outputs(shard: PoolShard) -> int:
+    """How many of this shard's model outputs (probabilities and penultimate features) are NaN or inf."""
+    probs, feats = shard.predictions()
+    return int((~probs.isfinite()).sum()) + int((~feats.isfinite()).sum())
+
+
+@read_only
+def first_score_range(shard: PoolShard) -> tuple[float, float] | None:
+    """(min, max) of the scores the shard's selection state ranked its candidates by at its first
+    step (None: it has not ranked any), for the "all equal" guard."""
+    return getattr(shard.state, "first_range", None)
+
+
+@read_only
 def state_bytes(shard: PoolShard) -> int:
     """Bytes of tensors held by the current selection state (per-shard memory report)."""
     if shard.state is None:

@@ -1,7 +1,8 @@
 """Labels that come from people: reading annotators' files, checking them, and the project's label store.
 
 Two import formats: a CSV with `id,label` columns, and a Label Studio JSON export (ids from each
-task's `data.id`, labels from `annotations[].result[].value.choices`). Every problem is one
+task's `data.id`, labels from `annotations[].result[].value.choices` of the results whose
+`from_name` is the project's control, `label`; other controls are ignored). Every problem is one
 `UserError` naming the file and the line (CSV) or task (JSON), and nothing is written unless the
 whole file is good. The store is `labels.csv` (`id,label,batch`), rewritten through a temporary file
 and a rename, so a crash leaves either the old or the new labels, never half.
@@ -21,6 +22,7 @@ from fm_ray._internal.files import write_atomically
 from fm_ray.errors import UserError
 
 STORE_FIELDS = ("id", "label", "batch")
+CONTROL = "label"  # the project's <Choices name="label" toName="image"> in Label Studio
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,7 @@ def _label_studio(text: str, path: Path) -> list[Label]:
             for ann in task.get("annotations") or []
             if isinstance(ann, dict) and not ann.get("was_cancelled")
             for res in ann.get("result") or []
-            if isinstance(res, dict)
-            for c in (res.get("value") or {}).get("choices") or []
+            for c in _choices(res, f"{where} (id {data['id']})")
         ]
         if not choices:
             continue  # not annotated yet: nothing to import for this task
@@ -90,6 +91,29 @@ def _label_studio(text: str, path: Path) -> list[Label]:
             )
         out.append(Label(str(data["id"]).strip(), str(choices[0]).strip(), where))
     return out
+
+
+def _choices(result: Any, where: str) -> list[str]:
+    """The classes one annotation result gives the project's control, as Label Studio exports it:
+    `{"from_name": "label", "type": "choices", "value": {"choices": [...]}}`. Results of other
+    controls (another `<Choices>`, a text area, regions: any `value` shape) do not count."""
+    if not isinstance(result, dict) or result.get("from_name", CONTROL) != CONTROL:
+        return []
+    if result.get("type", "choices") != "choices":
+        return []
+    value = result.get("value")
+    choices = value.get("choices") if isinstance(value, dict) else None
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise UserError(
+            f"{where}: the {CONTROL!r} result's value is {value!r}, not Label Studio's "
+            '{"choices": ["<class>"]}: export the project again as JSON'
+        )
+    if len(choices) > 1:
+        raise UserError(
+            f"{where}: one annotation gives {len(choices)} classes {choices}: "
+            f'use single choice (choice="single") in the {CONTROL!r} control'
+        )
+    return choices
 
 
 def check_labels(

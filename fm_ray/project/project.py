@@ -4,6 +4,8 @@ A project is one directory that holds everything:
 
     project.json                  pool source, class names, the run config, the hold-out fraction
     labels.csv                    id,label,batch: every label so far (rewritten atomically)
+    counter.json                  the next batch number (rewritten atomically; folders may be deleted)
+    project.lock                  held by every command that writes (init, next, import): one at a time
     batches/<b>/batch.csv         id, path, rank, predicted, p_<class>...: what to label next
     batches/<b>/tasks.json        the same batch as Label Studio tasks (data.id, data.image, predictions)
     batches/<b>/summary.json      labels trained on, hold-out accuracy, seconds per phase
@@ -14,11 +16,13 @@ A project is one directory that holds everything:
 the project's strategy through the same `PoolSession` as `fm_ray.select`. Batch 0 (no labels yet)
 is a seeded random sample: with the same pool, seed and settings a project makes the same picks as
 `fm-ray run`, batch b being the run's round b - 1 query. Samples already sent out are never sent
-again and count as labeled for the selection.
+again and count as labeled for the selection. An image removed from the pool's folder drops out:
+unlabeled it is simply gone, labeled its label is left out of training with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -26,11 +30,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 from fm_ray._internal.files import write_atomically
 from fm_ray._internal.log import log
@@ -48,9 +54,30 @@ class Project:
         self.path = Path(path)
         self.meta_path = self.path / "project.json"
         self.labels_path = self.path / "labels.csv"
+        self.counter_path = self.path / "counter.json"
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the project's lock while a command writes: a second command waits for the first
+        (saying so once), so two imports or two `next`s never interleave."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.path / "project.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log(f"project {self.path} is busy (another fm-ray project command holds project.lock): waiting for it")
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     # -- init ----------------------------------------------------------------------------------
     def init(self, cfg: RunConfig, classes: list[str], holdout: float) -> None:
+        with self.writing():
+            self._init(cfg, classes, holdout)
+
+    def _init(self, cfg: RunConfig, classes: list[str], holdout: float) -> None:
         if self.meta_path.exists():
             raise UserError(f"{self.path} already holds a project: use another DIR, or fm-ray project next {self.path}")
         if len(classes) < 2 or len(set(classes)) != len(classes):
@@ -99,8 +126,20 @@ class Project:
         return flabels.read_rows(self.labels_path)
 
     def batches(self) -> list[int]:
+        """The batch folders there are (an old one may have been deleted)."""
         d = self.path / "batches"
         return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+    def next_batch(self) -> int:
+        """The next batch number: the durable counter, never below a folder that exists (a crash
+        between a batch's rename and the counter's write, or a project made before the counter)."""
+        try:
+            counted = int(json.loads(self.counter_path.read_text())["next_batch"])
+        except FileNotFoundError:
+            counted = 0
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{self.counter_path} is damaged: delete it (the batch folders tell the count)") from None
+        return max([counted, *(b + 1 for b in self.batches())])
 
     def sent(self) -> list[str]:
         """Every id sent out for labeling, in batch order."""
@@ -118,7 +157,11 @@ class Project:
     # -- import --------------------------------------------------------------------------------
     def import_labels(self, file: str | Path) -> int:
         """Validate every label in `file` against the pool, the classes and earlier labels; append
-        the new ones atomically. Returns how many were new (0 on a re-import)."""
+        the new ones atomically, under the project's lock. Returns how many were new (0 on a re-import)."""
+        with self.writing():
+            return self._import_labels(file)
+
+    def _import_labels(self, file: str | Path) -> int:
         meta, rows = self.meta(), self.labels()
         parsed = flabels.read_label_file(file)
         ids = set(pool_ids(self.config()))
@@ -133,6 +176,11 @@ class Project:
 
     # -- next ----------------------------------------------------------------------------------
     def next(self, k: int, image_url: str | None = None) -> Path:
+        """Train on every label so far and write the next batch, under the project's lock."""
+        with self.writing():
+            return self._next(k, image_url)
+
+    def _next(self, k: int, image_url: str | None = None) -> Path:
         from fm_ray.data.normalize import Normalizer
         from fm_ray.data.settings import initial_labeled
         from fm_ray.model.train import fit_round, predict, resolve_device
@@ -142,10 +190,10 @@ class Project:
         meta, cfg = self.meta(), self.config()
         classes: list[str] = meta["classes"]
         pool = load_pool(cfg)
-        b = len(self.batches())
+        b = self.next_batch()
         position = {i: p for p, i in enumerate(pool.ids)}
-        labels = {r["id"]: r["label"] for r in self.labels()}
-        sent = set(self.sent()) | set(labels)
+        labels = _in_pool({r["id"]: r["label"] for r in self.labels()}, position)
+        sent = {i for i in self.sent() if i in position} | set(labels)  # removed images drop out
         free = len(pool.ids) - len(sent)
         if not 0 < k <= free:
             raise UserError(f"--k {k}: {free} pool samples are not yet sent out for labeling: pick 1..{free}")
@@ -182,6 +230,10 @@ class Project:
             )
             summary |= {"n_train": len(train_ids), "train_epochs": fit["epochs"], "train_seconds": fit["train_seconds"]}
             summary |= self._holdout_accuracy(model, pool, labels, classes, norm, device)
+            if summary["n_holdout"]:
+                log(f"batch {b}: hold-out accuracy {summary['holdout_accuracy']:.4f} on {summary['n_holdout']} labels")
+            elif float(meta["holdout"]) > 0:
+                log(f"batch {b}: hold-out accuracy: none yet (no label held out so far)")
             start = time.perf_counter()
             session = PoolSession(pool.images, pool.ids, len(classes), norm, cfg.model, cfg.pool, str(device))
             try:
@@ -219,20 +271,21 @@ class Project:
                 )
                 row: dict[str, Any] = {"id": sid, "path": path, "rank": rank, "predicted": ""}
                 row |= {f"p_{c}": "" for c in classes}
-                task: dict[str, Any] = {"data": {"id": sid, "image": _image_url(path, image_url, sid)}}
+                task: dict[str, Any] = {"data": {"id": sid, "image": _image_url(path, image_url, sid), "rank": rank}}
                 if probs is not None:
                     pc = probs[rank]
                     row |= {
                         "predicted": classes[int(pc.argmax())],
                         **{f"p_{c}": f"{float(v):.6f}" for c, v in zip(classes, pc, strict=True)},
                     }
+                    task["data"] |= {"predicted": row["predicted"], "probability": float(pc.max())}
                     task["predictions"] = [
                         {
                             "model_version": f"fm_ray-batch-{b}",
-                            "score": float(pc.max()),
+                            "score": pick_score(rank, len(picks)),
                             "result": [
                                 {
-                                    "from_name": "label",
+                                    "from_name": flabels.CONTROL,
                                     "to_name": "image",
                                     "type": "choices",
                                     "value": {"choices": [row["predicted"]]},
@@ -253,6 +306,7 @@ class Project:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _write_json(self.counter_path, {"next_batch": b + 1})
         log(f"batch {b}: {len(picks)} samples to label -> {final / 'batch.csv'} and tasks.json")
         return final
 
@@ -273,6 +327,24 @@ class Project:
             "holdout_labels": sum(self.held_out(r["id"]) for r in labels),
             "holdout_accuracy": last.get("holdout_accuracy"),
         }
+
+
+def pick_score(rank: int, k: int) -> float:
+    """Label Studio's prediction score of the rank-th pick of k: 1 - rank / k, so sorting by score
+    (descending) gives fm_ray's pick order; the model's probability is in data.probability."""
+    return 1 - rank / k
+
+
+def _in_pool(labels: dict[str, str], position: dict[str, int]) -> dict[str, str]:
+    """The labels of ids still in the pool; a warning names those whose image is gone."""
+    gone = [i for i in labels if i not in position]
+    if gone:
+        log(
+            f"warning: {len(gone)} labeled image(s) no longer in the pool are left out: {', '.join(gone[:5])}"
+            + (" ..." if len(gone) > 5 else "")
+            + " (put the file(s) back to use their labels)"
+        )
+    return {i: lab for i, lab in labels.items() if i in position}
 
 
 def _export_png(image_u8: torch.Tensor, tmp: Path, sid: str, final: Path) -> str:

@@ -5,6 +5,7 @@ A strategy is a function `(pool, ctx) -> Selection`; the loop never looks at whi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,32 @@ class Selection:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     info: dict[str, Any] = field(default_factory=dict)  # e.g. the mask profile
     ids: list[Any] = field(default_factory=list)  # the pool ids of `indices` (fm_ray.select fills them)
+    # (min, max) over every candidate of the score the first pick was ranked by; None: no scores (random)
+    score_range: tuple[float, float] | None = None
+
+
+SCORE_RTOL = 1e-6  # scores closer than this, relative to their scale, rank nothing (docs/method.md)
+
+
+def merge_ranges(ranges: list[tuple[float, float] | None]) -> tuple[float, float] | None:
+    """One (min, max) from the shards' answers (None and empty shards left out; NaN wins)."""
+    known = [r for r in ranges if r is not None and not r[0] > r[1]]  # (inf, -inf): no candidates
+    if not known:
+        return None
+    if any(math.isnan(lo) or math.isnan(hi) for lo, hi in known):
+        return math.nan, math.nan
+    return min(lo for lo, _ in known), max(hi for _, hi in known)
+
+
+def all_equal(score_range: tuple[float, float]) -> bool:
+    """True when the candidates' scores cannot tell them apart: NaN, all the same infinity, or
+    ``max - min <= SCORE_RTOL * max(|min|, |max|)`` (so also exactly equal, e.g. all 0)."""
+    lo, hi = score_range
+    if math.isnan(lo) or math.isnan(hi):
+        return True
+    if math.isinf(lo) or math.isinf(hi):
+        return lo == hi
+    return hi - lo <= SCORE_RTOL * max(abs(lo), abs(hi))
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from fm_ray._internal.log import progress
 from fm_ray.core.badge import KMeansPPState, badge_factors, badge_select
 from fm_ray.core.kcenter import KCenterState, kcenter_select
 from fm_ray.pool import ShardedPool, state_call
-from fm_ray.pool.shard import PoolShard, read_only
-from fm_ray.strategies import QueryContext, Selection, Strategy, register
+from fm_ray.pool.shard import PoolShard, first_score_range, read_only
+from fm_ray.strategies import QueryContext, Selection, Strategy, merge_ranges, register
 
 
 @read_only
@@ -43,7 +43,8 @@ def kcenter_strategy(pool: ShardedPool, ctx: QueryContext) -> Selection:
     embed_s = time.perf_counter() - start
     start = time.perf_counter()
     picks = kcenter_select(state_call(pool, KCenterState), ctx.k, feats_L_E, progress)
-    return Selection(picks, {"embed_seconds": embed_s, "select_seconds": time.perf_counter() - start})
+    timings = {"embed_seconds": embed_s, "select_seconds": time.perf_counter() - start}
+    return Selection(picks, timings, score_range=merge_ranges(pool.map(first_score_range)))
 
 
 def badge_strategy(pool: ShardedPool, ctx: QueryContext) -> Selection:
@@ -52,7 +53,8 @@ def badge_strategy(pool: ShardedPool, ctx: QueryContext) -> Selection:
     embed_s = time.perf_counter() - start
     start = time.perf_counter()
     picks = badge_select(state_call(pool, KMeansPPState), ctx.k, ctx.seed * 100_003 + ctx.round, progress)
-    return Selection(picks, {"embed_seconds": embed_s, "select_seconds": time.perf_counter() - start})
+    timings = {"embed_seconds": embed_s, "select_seconds": time.perf_counter() - start}
+    return Selection(picks, timings, score_range=merge_ranges(pool.map(first_score_range)))
 
 
 register("kcenter", Strategy(kcenter_strategy, doc="k-center greedy on penultimate features"))

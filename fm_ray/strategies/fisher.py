@@ -25,8 +25,8 @@ from fm_ray.core.memory import GreedySizes, Plan, fisher_workspace, greedy_plan
 from fm_ray.core.scores import top_k
 from fm_ray.errors import UserError
 from fm_ray.pool import ShardedPool, state_call
-from fm_ray.pool.shard import BLOCK, DTYPES, PoolShard, read_only
-from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, register
+from fm_ray.pool.shard import BLOCK, DTYPES, PoolShard, first_score_range, read_only
+from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, merge_ranges, register
 from fm_ray.strategies.memory import head_shape
 
 
@@ -225,12 +225,13 @@ def fishermask_select(pool: ShardedPool, ctx: QueryContext) -> Selection:
     mask_s = time.perf_counter() - start
     log(f"  Fisher mask: {info['mask_size']} weights ({ctx.cfg.sparsity:g} of all) in {mask_s:.1f}s")
     picks, timings = _greedy(pool, ctx, mask_idx)
-    return Selection(picks, {"mask_seconds": mask_s, **timings}, info)
+    ranged = merge_ranges(pool.map(first_score_range))
+    return Selection(picks, {"mask_seconds": mask_s, **timings}, info, score_range=ranged)
 
 
 def bait_select(pool: ShardedPool, ctx: QueryContext) -> Selection:
     picks, timings = _greedy(pool, ctx, None)
-    return Selection(picks, timings)
+    return Selection(picks, timings, score_range=merge_ranges(pool.map(first_score_range)))
 
 
 def _plan(x: PlanInputs, d: int, autograd: bool = True) -> Plan:

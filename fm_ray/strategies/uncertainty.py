@@ -8,10 +8,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from fm_ray.core.greedy import score_range
 from fm_ray.core.scores import SCORES, top_k
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import PoolShard, read_only
-from fm_ray.strategies import QueryContext, Selection, Strategy, register
+from fm_ray.strategies import QueryContext, Selection, Strategy, merge_ranges, register
 
 
 def random_select(pool: ShardedPool, ctx: QueryContext) -> Selection:
@@ -21,21 +22,28 @@ def random_select(pool: ShardedPool, ctx: QueryContext) -> Selection:
 
 
 @read_only
-def top_scores(shard: PoolShard, score: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This shard's k highest `score`s among unlabeled members, with their global indices."""
+def top_scores(shard: PoolShard, score: str, k: int) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+    """This shard's k highest `score`s among unlabeled members, with their global indices, and
+    (min, max) of all its candidates' scores."""
     probs, _ = shard.predictions()
     free = ~shard.labeled_N
-    return top_k(SCORES[score](probs[free]), shard.index_N[free], k)
+    scores_N = SCORES[score](probs[free])
+    top, index = top_k(scores_N, shard.index_N[free], k)
+    return top, index, score_range(scores_N, torch.ones(len(scores_N), dtype=torch.bool))
 
 
 def _uncertainty(score: str) -> Callable[[ShardedPool, QueryContext], Selection]:
     def select(pool: ShardedPool, ctx: QueryContext) -> Selection:
         start = time.perf_counter()
         answers = pool.map(top_scores, score, ctx.k)  # each shard: its own top k
-        scores_all = torch.cat([s for s, _ in answers])
-        index_all = torch.cat([i for _, i in answers])
+        scores_all = torch.cat([s for s, _, _ in answers])
+        index_all = torch.cat([i for _, i, _ in answers])
         _, picked = top_k(scores_all, index_all, ctx.k)
-        return Selection([int(i) for i in picked], {"select_seconds": time.perf_counter() - start})
+        return Selection(
+            [int(i) for i in picked],
+            {"select_seconds": time.perf_counter() - start},
+            score_range=merge_ranges([r for _, _, r in answers]),
+        )
 
     return select
 
