@@ -3,6 +3,7 @@ same stop the query with one line (`fm-ray run`: exit 2, earlier rounds kept; `f
 DegenerateModelError); no strategy returns a duplicate; any pool size on any shard count; the
 arguments of `fm_ray.select` are checked at the boundary; a dead `--ray-address` is one line."""
 
+import logging
 import math
 import os
 import socket
@@ -159,7 +160,8 @@ def test_partition_never_leaves_a_shard_empty(n, shards):
 
 
 @pytest.mark.parametrize("strategy", [*MODEL_BASED, "random"])
-def test_a_small_pool_on_several_shards_picks_what_one_shard_picks(trained, strategy, capsys):
+def test_a_small_pool_on_several_shards_picks_what_one_shard_picks(trained, strategy, caplog):
+    caplog.set_level(logging.INFO, logger="fm_ray")
     x, labeled = trained["x_pool"][:200], trained["labeled"][trained["labeled"] < 200]
 
     def picks(shards: int) -> list[int]:
@@ -171,7 +173,7 @@ def test_a_small_pool_on_several_shards_picks_what_one_shard_picks(trained, stra
 
     one = picks(1)
     assert picks(3) == one and len(set(one)) == 8
-    assert "a pool of 200 samples fills 1 block(s) of 256: running 1 shard(s), not 3" in capsys.readouterr().out
+    assert "a pool of 200 samples fills 1 block(s) of 256: running 1 shard(s), not 3" in caplog.text
 
 
 def test_select_on_a_small_pool_with_more_shards_than_blocks():

@@ -1,6 +1,8 @@
 """The Ray pool: same picks as the local pool for 1, 2 and 3 shard actors; a killed shard actor is
 restarted and replayed; unsatisfiable resources fail fast; a run end to end under Ray."""
 
+import logging
+
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -164,7 +166,8 @@ def test_partial_sums_are_added_among_the_shards(trained):
         pool.close()
 
 
-def test_a_small_pool_on_more_ray_shards_than_blocks_picks_like_one_local_shard(trained, capfd):
+def test_a_small_pool_on_more_ray_shards_than_blocks_picks_like_one_local_shard(trained, capfd, caplog):
+    caplog.set_level(logging.INFO, logger="fm_ray")
     """300 samples fill 2 blocks: 3 shards asked, 2 actors (was: an empty shard and torch.cat([]));
     the actors are built from plain values, so Ray's warning about constructor arguments in the
     object store (ray-project/ray#53727) never appears."""
@@ -190,7 +193,7 @@ def test_a_small_pool_on_more_ray_shards_than_blocks_picks_like_one_local_shard(
     finally:
         pool.close()
     captured = capfd.readouterr()
-    assert "a pool of 300 samples fills 2 block(s) of 256: running 2 shard(s), not 3" in captured.out
+    assert "a pool of 300 samples fills 2 block(s) of 256: running 2 shard(s), not 3" in caplog.text
     assert "53727" not in captured.out + captured.err
 
 
