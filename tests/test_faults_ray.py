@@ -78,18 +78,22 @@ def first_member(trained, shard: int) -> int:
 
 
 def intercept(pool: RayPool, target: Callable, nth: int, action: Callable[[Callable], Callable]) -> None:
-    """Before the `nth` pool call of `target` (a shard function or a state method), swap its
-    function for `action(fn)`."""
-    original, seen = pool.map, {"n": 0}
+    """Before the `nth` pool call of `target` (a shard function or a state method), through `map`
+    or `map_sum` (partial sums reduced among the shards), swap its function for `action(fn)`."""
+    seen = {"n": 0}
 
-    def map_(fn, *args):
-        if (args[1] if fn is on_state else fn) is target:
-            seen["n"] += 1
-            if seen["n"] == nth:
-                fn = action(fn)
-        return original(fn, *args)
+    def wrap(original: Callable) -> Callable:
+        def call(fn, *args):
+            if (args[1] if fn is on_state else fn) is target:
+                seen["n"] += 1
+                if seen["n"] == nth:
+                    fn = action(fn)
+            return original(fn, *args)
 
-    pool.map = map_  # type: ignore[method-assign]
+        return call
+
+    pool.map = wrap(pool.map)  # type: ignore[method-assign]
+    pool.map_sum = wrap(pool.map_sum)  # type: ignore[method-assign]
 
 
 def kill_and_wait(pool: RayPool, shards: list[int]) -> None:

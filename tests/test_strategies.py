@@ -132,11 +132,3 @@ def test_unknown_embed_dtype_is_a_user_error():
 
     with pytest.raises(UserError, match="--embed-dtype must be float32, bfloat16 or float16, got 'int8'"):
         validate(RunConfig(strategy=StrategyConfig(name="fishermask", embed_dtype="int8")))
-
-
-@pytest.mark.parametrize("strategy", SHARDED)
-def test_an_empty_shard_picks_nothing_and_changes_nothing(trained, strategy):
-    """560 samples are 3 blocks: a 4th shard holds none (a small pool with --shards 4) and must not fail."""
-    pool = LocalPool(trained["spec"], trained["x_pool"], 4)
-    assert sorted(len(s.index_N) for s in pool.shards)[0] == 0
-    assert pick(trained, 4, strategy) == pick(trained, 1, strategy)

@@ -52,7 +52,8 @@ def run_experiment(
         labeled0 = initial_labeled(s.size, cfg.init, cfg.seed)
         plan = session.check_memory(None, cfg.batch, labeled0, cfg.strategy, str(s.device))
         if plan:
-            log(f"memory plan of the first query ({cfg.strategy.name}):\n{plan}")
+            for line in [f"memory plan of the first query ({cfg.strategy.name}):", *str(plan).splitlines()]:
+                log(line)  # one log line each, so every console line carries fm_ray's prefix
         run = _open(s, rundir, resume, overwrite)
         for r in range(len(run.rows), s.n_rounds + 1):
             model, fit = _train(s, rundir, run.labeled, r)
