@@ -211,12 +211,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     tracker = None
     if args.mlflow:
-        from fm_ray.run.rundir import run_id
+        from fm_ray.run.rundir import RunDir, run_id
         from fm_ray.sweep.tracking import RunTracker
 
-        tracker = RunTracker(
-            args.mlflow, args.out, run_id(cfg), to_dict(cfg), args.mlflow_experiment, fresh=args.overwrite
-        )
+        rid = (RunDir(args.out).stored_run_id() if args.resume else None) or run_id(cfg)  # a resume keeps its id
+        tracker = RunTracker(args.mlflow, args.out, rid, to_dict(cfg), args.mlflow_experiment, fresh=args.overwrite)
     on_round = tracker.on_round if tracker is not None else None
     if cfg.pool.driver_cpus is not None or cfg.pool.driver_gpus is not None:
         from fm_ray.run.remote import run_remote

@@ -2,8 +2,6 @@
 the same config, and precedence is explicit flags > spec file > sweep preset > regime preset."""
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -169,8 +167,3 @@ def test_grid_axes_name_run_flags_and_parse_like_them():
     }
     with pytest.raises(UserError, match="--seeds"):
         sweep_from_args(build_parser().parse_args(["sweep", "--out", "o", "--seeds", "1.5"]))
-
-
-def test_grid_and_sweep_do_not_import_the_cli():
-    code = "import sys, fm_ray.sweep.grid, fm_ray.sweep.tune; assert 'fm_ray.cli' not in sys.modules, 'cycle'"
-    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,5 +1,6 @@
 """`fm-ray report` and the results loaders: hand-checked numbers on tiny tables, figures from real runs."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -84,20 +85,73 @@ def test_loaders_read_a_sweep_and_a_run_dir(runs):
     assert len(pd.read_parquet(runs / "sweep" / "results" / "rounds")) == 4  # plain pandas reads it too
 
 
+def png_size(path) -> tuple[int, int]:
+    """The pixel size of a PNG, after decoding all of it (a truncated file fails here)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.load()
+        return im.size
+
+
+# Each figure has one 5.5 x 4 inch panel per (dataset, setting), saved at 120 dpi.
+ONE_PANEL = (round(5.5 * 120), 4 * 120)
+
+
+def by_hand(rounds: list[dict], strategy: str) -> dict:
+    """One method's summary numbers straight from its round rows (one seed, so the stds are 0)."""
+    rows = sorted((r for r in rounds if r["strategy"] == strategy), key=lambda r: r["round"])
+    n = np.array([r["n_labeled"] for r in rows], float)
+    acc = np.array([r["accuracy"] for r in rows])
+    area = sum((n[i + 1] - n[i]) * (acc[i + 1] + acc[i]) / 2 for i in range(len(n) - 1))
+    queried = [r for r in rows if r["n_queried"] > 0]
+    return {
+        "seeds": 1,
+        "rounds": len(rows),
+        "final_n_labeled": n[-1],
+        "final_accuracy": acc[-1],
+        "final_accuracy_std": 0.0,
+        "aulc": area / (n[-1] - n[0]),
+        "aulc_std": 0.0,
+        "train_s": np.mean([r["train_seconds"] for r in rows]),
+        "query_s": np.mean([r["query_seconds"] for r in queried]),
+    }
+
+
 def test_report_writes_figures_and_tables(runs, tmp_path):
+    import pyarrow.parquet as pq
+
     assert main(["report", str(runs / "sweep"), "--out", str(tmp_path)]) == 0
-    for name in ("learning_curves.png", "class_histogram.png", "mask_profile.png", "summary.md", "summary.csv"):
-        assert (tmp_path / name).stat().st_size > 0
+    for name in ("learning_curves.png", "class_histogram.png", "mask_profile.png"):
+        assert png_size(tmp_path / name) == ONE_PANEL, name
     table = pd.read_csv(tmp_path / "summary.csv").set_index("method")
-    rounds = load_rounds(runs / "sweep")
+    rounds = [r for name in ("random", "fishermask") for r in pq.read_table(runs / name / "rounds.parquet").to_pylist()]
     assert sorted(table.index) == ["fishermask", "random"]
-    for method, g in rounds.groupby("strategy"):
-        g = g.sort_values("round")
-        assert table.loc[method, "final_accuracy"] == pytest.approx(g["accuracy"].iloc[-1])
-        assert table.loc[method, "aulc"] == pytest.approx(aulc(g["n_labeled"].to_numpy(), g["accuracy"].to_numpy()))
-    assert pd.isna(table.loc["random", "mask_s"]) and table.loc["fishermask", "mask_s"] > 0
-    # a single run dir reports too
-    assert main(["report", str(runs / "random")]) == 0 and (runs / "random" / "report" / "summary.md").exists()
+    md = (tmp_path / "summary.md").read_text()
+    for method in ("random", "fishermask"):
+        expected = by_hand(rounds, method)
+        assert table.loc[method, list(expected)].to_dict() == pytest.approx(expected), method
+        e = expected
+        cells = [f"{e['final_accuracy']:.4f} ± 0.0000", f"{e['aulc']:.4f} ± 0.0000", f"{e['train_s']:.2f}"]
+        row = f"| fashion_mnist | custom | {method} | 1 | 2 | {e['final_n_labeled']:.0f} | {cells[0]} | {cells[1]} |"
+        assert row in md and cells[2] in md, method
+    # two methods, one seed: per round the better one ranks 1, the other 2 (a tie 1.5 each)
+    acc = {(r["strategy"], r["round"]): r["accuracy"] for r in rounds}
+    ranks = {
+        m: np.mean([1 + (acc[(o, k)] > acc[(m, k)]) + 0.5 * (acc[(o, k)] == acc[(m, k)]) for k in (0, 1)])
+        for m, o in (("random", "fishermask"), ("fishermask", "random"))
+    }
+    assert table["mean_rank"].to_dict() == pytest.approx(ranks)
+    fisher = [r for r in rounds if r["strategy"] == "fishermask" and r["n_queried"] > 0]
+    assert table.loc["fishermask", "mask_s"] == pytest.approx(np.mean([r["mask_seconds"] for r in fisher]))
+    assert pd.isna(table.loc["random", "mask_s"])
+    # a single run dir reports too: its own numbers
+    assert main(["report", str(runs / "random")]) == 0
+    single = pd.read_csv(runs / "random" / "report" / "summary.csv").set_index("method")
+    assert list(single.index) == ["random"]
+    assert single.loc["random", list(by_hand(rounds, "random"))].to_dict() == pytest.approx(by_hand(rounds, "random"))
+    assert png_size(runs / "random" / "report" / "learning_curves.png") == ONE_PANEL
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 

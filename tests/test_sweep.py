@@ -8,6 +8,7 @@ import re
 import signal
 
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from fm_ray.cli import build_parser, main
 from fm_ray.config import from_dict
 from fm_ray.errors import UserError
 from fm_ray.run.recipe import run_experiment
-from fm_ray.run.rundir import TIMING_COLUMNS
+from fm_ray.run.rundir import TIMING_COLUMNS, run_id
 from fm_ray.sweep.grid import SWEEP_PRESETS, SweepOptions, sweep_from_args
 from fm_ray.sweep.report import load_queries, load_rounds
 from fm_ray.sweep.tune import run_sweep, trial_resources
@@ -65,9 +66,18 @@ def test_sweep_writes_one_partitioned_dataset(sweep_dir):
     assert set(rounds["dataset"]) == {"fashion_mnist"} and set(rounds["setting"]) == {"custom"}
     assert sorted(rounds.groupby("run_id")["round"].apply(list).tolist()) == [[0, 1, 2]] * 4
     files = sorted((sweep_dir / "results" / "rounds" / "dataset=fashion_mnist" / "setting=custom").glob("*.parquet"))
-    assert len(files) == 4 and len(list((sweep_dir / "results" / "configs").glob("*.json"))) == 4
+    assert [f.stem for f in files] == sorted(rounds["run_id"].unique())  # one file per trial, named by its id
     assert ds.dataset(sweep_dir / "results" / "rounds", partitioning="hive").count_rows() == 12
-    assert (sweep_dir / "tune").is_dir() and (sweep_dir / "sweep.json").exists()
+    # each trial's stored config is the one whose id names it; sweep.json holds the same four
+    configs = {f.stem: json.loads(f.read_text()) for f in (sweep_dir / "results" / "configs").glob("*.json")}
+    assert sorted(configs) == [f.stem for f in files]
+    assert all(c["run_id"] == rid == run_id(from_dict(c["config"])) for rid, c in configs.items())
+    stored = json.loads((sweep_dir / "sweep.json").read_text())
+    assert sorted(run_id(from_dict(c)) for c in stored["configs"]) == sorted(configs)
+    assert {(c["strategy"]["name"], c["seed"]) for c in stored["configs"]} == {
+        (s, n) for s in ("random", "entropy") for n in (0, 1)
+    }
+    assert (sweep_dir / "tune").is_dir()
 
 
 def test_trial_rows_equal_a_direct_run(sweep_dir, tmp_path):
@@ -85,18 +95,34 @@ def test_trial_rows_equal_a_direct_run(sweep_dir, tmp_path):
 
 
 def test_report_from_sweep(sweep_dir, tmp_path):
-    assert main(["report", str(sweep_dir), "--out", str(tmp_path / "rep")]) == 0
-    for name in ("learning_curves.png", "class_histogram.png", "summary.md", "summary.csv"):
-        assert (tmp_path / "rep" / name).stat().st_size > 0
+    import numpy as np
     import pandas as pd
+    from PIL import Image
 
+    assert main(["report", str(sweep_dir), "--out", str(tmp_path / "rep")]) == 0
+    for name in ("learning_curves.png", "class_histogram.png"):
+        with Image.open(tmp_path / "rep" / name) as im:
+            im.load()  # decodes the whole file
+            assert (im.format, im.size) == ("PNG", (660, 480)), name  # one 5.5 x 4 in panel at 120 dpi
     table = pd.read_csv(tmp_path / "rep" / "summary.csv").set_index("method")
-    rounds = load_rounds(sweep_dir)
+    # by hand from the trials' own rounds files: per method, mean and population std over the seeds
+    files = (sweep_dir / "results" / "rounds").rglob("*.parquet")
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
     assert sorted(table.index) == ["entropy", "random"] and (table["seeds"] == 2).all()
-    last = rounds[rounds["round"] == 2].groupby("strategy")["accuracy"].mean()
-    assert table["final_accuracy"].to_dict() == pytest.approx(last.to_dict())
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    for method in ("entropy", "random"):
+        finals, areas = [], []
+        for seed in (0, 1):
+            run = sorted((r for r in rows if r["strategy"] == method and r["seed"] == seed), key=lambda r: r["round"])
+            n, acc = [r["n_labeled"] for r in run], [r["accuracy"] for r in run]
+            finals.append(acc[-1])
+            areas.append(sum((n[i + 1] - n[i]) * (acc[i + 1] + acc[i]) / 2 for i in range(len(n) - 1)) / (n[-1] - n[0]))
+        expected = {"final_accuracy": np.mean(finals), "final_accuracy_std": np.std(finals),
+                    "aulc": np.mean(areas), "aulc_std": np.std(areas), "rounds": 3, "final_n_labeled": 40}  # fmt: skip
+        assert table.loc[method, list(expected)].to_dict() == pytest.approx(expected), method
+        cells = f"{np.mean(finals):.4f} ± {np.std(finals):.4f} | {np.mean(areas):.4f} ± {np.std(areas):.4f}"
+        assert f"| fashion_mnist | custom | {method} | 2 | 3 | 40 | {cells} |" in md
     assert table["mean_rank"].sum() == pytest.approx(3.0)  # two methods: ranks 1 and 2 (ties 1.5 each)
-    assert "| fashion_mnist | custom | entropy | 2 | 3 | 40 |" in (tmp_path / "rep" / "summary.md").read_text()
 
 
 def interrupt_after(n: int, marker):

@@ -29,7 +29,7 @@ from fm_ray.model.train import evaluate, fit_round, resolve_device
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import peak_memory_mb, peak_rss_mb, state_bytes
 from fm_ray.run._faults import fault_point
-from fm_ray.run.rundir import RunDir, run_id
+from fm_ray.run.rundir import RunDir
 from fm_ray.run.validate import check, planned_rounds
 from fm_ray.session import PoolSession
 from fm_ray.strategies import Selection
@@ -140,7 +140,7 @@ def _open(s: _Setup, rundir: RunDir, resume: bool, overwrite: bool) -> _Progress
     cfg = s.cfg
     rows, queries = rundir.open(cfg, resume, overwrite)
     write_skipped_images(rundir.path, s.data)
-    rid = run_id(cfg)
+    rid, _ = rundir.stored()  # a resumed run keeps the id it was created with
     labeled = np.union1d(initial_labeled(s.size, cfg.init, cfg.seed), [q["pool_index"] for q in queries])
     labeled = labeled.astype(np.int64)
     log(

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from fm_ray._internal.files import write_atomically
 from fm_ray._internal.log import log
 from fm_ray._internal.paths import safe_name
-from fm_ray.config import RunConfig, to_dict
+from fm_ray.config import RunConfig, from_dict, to_dict
 from fm_ray.errors import UserError
 
 _PROFILE = pa.struct([("name", pa.string()), ("numel", pa.int64()), ("kept", pa.int64()), ("fraction", pa.float64())])
@@ -70,23 +70,60 @@ SWEEP_QUERY_SCHEMA = QUERY_SCHEMA.append(pa.field("dataset", pa.string())).appen
 TIMING_COLUMNS = tuple(n for n in ROUND_SCHEMA.names if n.endswith(("_seconds", "_mb"))) + ("selection_state_bytes",)
 
 
-# StrategyConfig's approximation fields at their exact defaults (they came later than the others)
-EXACT = {"candidates": None, "candidate_rule": "uniform", "top_classes": None, "project": None}
+# ---------------------------------------------------------------------------------------------
+# Identity: what a run computes. The one place that says which config fields leave it out, and why.
+
+# RunConfig fields (dotted, as in config.json) that do not make a run what it is: the same
+# computation named another way, or placed elsewhere. Every other field is digested: the data
+# (dataset, setting, class counts, --skip-bad-images), the model, training, the strategy,
+# init/batch/rounds/budget and the seed. `data.dataset` stays even where it is a path
+# (imagefolder:, parquet:): it is the only name fm_ray has for that data before reading it.
+IDENTITY_FREE: dict[str, str] = {
+    "preset": "a name for setting/init/batch/budget, which are digested themselves",
+    "data.data_dir": "where the built-in datasets are read from, not which: Fashion-MNIST's files are md5-checked",
+    "train.device": "where training runs; a request (auto resolves per machine), not what is computed",
+    "pool.backend": "where the pool runs: the picks are the same in-process or on Ray actors",
+    "pool.shards": "how the pool is split: the picks are the same on 1 or N shards by design",
+    "pool.cpus_per_shard": "resources of a shard, not what it computes",
+    "pool.gpus_per_shard": "resources of a shard, not what it computes",
+    "pool.ray_address": "which Ray cluster runs the shards",
+    "pool.driver_cpus": "where the recipe itself runs (fm_ray/run/remote.py): the same rows",
+    "pool.driver_gpus": "where the recipe itself runs (fm_ray/run/remote.py): the same rows",
+    "dry_run": "prints the memory plan and computes nothing",
+}
+# StrategyConfig's approximation fields at their exact defaults are left out too, so the runs made
+# before these fields existed keep their ids (set to anything else, they are digested)
+EXACT = {
+    "strategy.candidates": None,
+    "strategy.candidate_rule": "uniform",
+    "strategy.top_classes": None,
+    "strategy.project": None,
+}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def identity(cfg: RunConfig) -> dict[str, Any]:
+    """The fields that make a run what it is: every RunConfig field but those in IDENTITY_FREE."""
+    flat = _flat(to_dict(cfg))
+    return {k: v for k, v in flat.items() if k not in IDENTITY_FREE and not (k in EXACT and EXACT[k] == v)}
 
 
 def run_id(cfg: RunConfig) -> str:
-    """Stable id of what a run computes (independent of backend, shard count and device).
+    """Stable id of what a run computes: a digest of `identity(cfg)` (see IDENTITY_FREE).
 
-    It names files and Tune trial dirs, so its readable part keeps only safe characters.
+    It names files and Tune trial dirs, so its readable part keeps only safe characters. A run
+    directory keeps the id it was created with (config.json): resumes and results use that one.
     """
-    d = to_dict(cfg)
-    d.pop("pool")
-    d.pop("dry_run")
-    d["train"].pop("device")
-    for name, default in EXACT.items():  # approximations left at exact: the ids runs had before them
-        if d["strategy"][name] == default:
-            d["strategy"].pop(name)
-    digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:10]
     readable = f"{cfg.data.dataset.split(':')[0]}-{cfg.data.setting}-{cfg.strategy.name}-s{cfg.seed}"
     return f"{safe_name(readable)}-{digest}"
 
@@ -185,17 +222,34 @@ class RunDir:
             raise UserError(f"--out {self.path}: cannot write there ({e.strerror}): give a writable folder") from None
         return [], []
 
-    def _load(self, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
+    def stored(self) -> tuple[str, RunConfig]:
+        """The run id and config in config.json: the id the run was created with, kept for good
+        (a run created before the identity rule changed keeps its old id)."""
         try:
             stored = json.loads(self.config_path.read_text())
-        except (OSError, ValueError):
-            stored = None
-        if not isinstance(stored, dict):
+            rid, cfg = stored["run_id"], from_dict(stored["config"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            rid = cfg = None
+        if not isinstance(rid, str) or safe_name(rid) != rid or cfg is None:  # the id names files
             raise UserError(f"{self.config_path} is missing or damaged: use --overwrite to start the run afresh")
-        if stored.get("run_id") != run_id(cfg):
+        return rid, cfg
+
+    def stored_run_id(self) -> str | None:
+        """The id in config.json, or None where there is no readable one."""
+        try:
+            return self.stored()[0]
+        except UserError:
+            return None
+
+    def _load(self, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
+        rid, stored = self.stored()
+        # the same run when it computes the same: fields in IDENTITY_FREE may change between sessions
+        ours, theirs = identity(cfg), identity(stored)
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        if differ:
             raise UserError(
-                f"{self.path} holds a different run ({stored.get('run_id')}): pass the same options to resume, "
-                "or --overwrite / another --out"
+                f"{self.path} holds a different run ({rid}; {', '.join(differ)} differ): pass the same options "
+                "to resume, or --overwrite / another --out"
             )
         rows = _read(self.rounds_path, ("run_id", "round", "n_queried"))
         queries = _read(self.queries_path, ("round", "pool_index"))

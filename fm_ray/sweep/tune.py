@@ -91,8 +91,9 @@ def partition_dir(cfg: RunConfig) -> str:
 
 
 def publish(root: str, rundir: Path, cfg: RunConfig) -> None:
-    """Copy a run directory's rows and queries into the sweep's partitioned results dataset."""
-    rid, part = run_id(cfg), partition_dir(cfg)
+    """Copy a run directory's rows and queries into the sweep's partitioned results dataset, named by
+    the id the run directory holds (a run created before the identity rule changed keeps its old one)."""
+    rid, part = RunDir(rundir).stored_run_id() or run_id(cfg), partition_dir(cfg)
     rows = pq.read_table(rundir / "rounds.parquet").to_pylist()
     queries = pq.read_table(rundir / "queries.parquet").to_pylist()
     queries = [{**q, "dataset": cfg.data.dataset, "setting": cfg.data.setting} for q in queries]
