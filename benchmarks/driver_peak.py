@@ -36,7 +36,7 @@ def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 start = rss()
 sel = fm_ray.select(model, pool, k, labeled=labeled, strategy="fishermask", device="cpu", sparsity=sparsity)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]) * 1024  # not ru_maxrss: it starts at the forking parent's peak
 d = sel.info["mask_size"]
 floor = 2 * d * d * 8
 print(json.dumps({"d": d, "floor_bytes": floor, "start_rss": start, "peak_rss": peak, "above_start": peak - start,

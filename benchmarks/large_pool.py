@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fm_ray.pool.shard import peak_rss_mb
 
 ROWS_PER_FILE = 8192
 
@@ -106,7 +107,7 @@ def child_run(a: argparse.Namespace) -> dict[str, Any]:
         loop.run_experiment(cfg, Path(a.pool).parent / "run", on_round=after_round)
     finally:
         ray.shutdown()
-    out["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["driver_peak_rss_mb"] = round(peak_rss_mb(), 1)
     return out
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 
 import numpy as np
@@ -28,6 +27,7 @@ from fm_ray.data.registry import open_source
 from fm_ray.data.source import TensorImages
 from fm_ray.errors import UserError
 from fm_ray.model.train import fit_round
+from fm_ray.pool.shard import peak_rss_mb
 from fm_ray.session import PoolSession
 
 PAPER = {"S": 5750, "K": 250, "labeled": 250, "sparsity": 0.002}
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         "select_s": round(t.get("select_seconds", float("nan")), 3),
         "total_s": round(total, 3),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "picks": len(sel.indices),
     }
     print(json.dumps(row), flush=True)

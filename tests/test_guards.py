@@ -59,7 +59,12 @@ def test_badge_on_nan_outputs_never_repeats_a_pick():
 
 # -- what "all equal" means -------------------------------------------------------------------
 def test_all_equal_is_relative_to_the_scale():
-    assert all_equal((0.0, 0.0)) and all_equal((2.0, 2.0 + 1e-7)) and all_equal((math.nan, math.nan))
+    assert (
+        all_equal((0.0, 0.0))
+        and all_equal((2.0, 2.0 + 1e-10))
+        and not all_equal((2.0, 2.0 + 1e-7))
+        and all_equal((math.nan, math.nan))
+    )
     assert all_equal((-math.inf, -math.inf))
     assert not all_equal((1e-30, 2e-30)) and not all_equal((0.0, 1e-9)) and not all_equal((-math.inf, 0.0))
     assert merge_ranges([None, (math.inf, -math.inf), (1.0, 2.0), (0.5, 1.5)]) == (0.5, 2.0)

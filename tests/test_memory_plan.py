@@ -41,7 +41,7 @@ def rss():
 fm_ray.select(model, pool[:64], 2, labeled={0: 0}, strategy="fishermask", device="cpu", sparsity=0.001)
 start = rss()
 fm_ray.select(model, pool, k, labeled=labeled, strategy="fishermask", device="cpu", **opts)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]) * 1024  # not ru_maxrss: it starts at the forking parent's peak
 print(json.dumps({"plan": plan, "grew": peak - start, "start": start, "peak": peak}))
 """
 

@@ -99,7 +99,7 @@ def test_ray_shards_read_only_their_own_rows_and_pick_like_in_ram(trained, packe
     pool = RayPool(PoolConfig(backend="ray", shards=2), trained["spec"], images)
     try:
         # each actor got a descriptor of its own rows (not pixels) and read them itself
-        shipped = [ray.get(ref) for ref in pool._images]
+        shipped = [pool._source.subset(part) for part in pool._parts]  # what build() sends each actor
         assert [len(s) for s in shipped] == [256, 304]  # 560 rows = 3 blocks of 256: cut after one
         assert np.array_equal(np.concatenate([s.rows for s in shipped]), np.arange(560))
         assert all(isinstance(s, ParquetImages) for s in shipped)

@@ -200,8 +200,8 @@ def test_a_small_pool_on_more_ray_shards_than_blocks_picks_like_one_local_shard(
 def test_a_shard_that_cannot_be_restarted_is_one_line_with_its_peak_memory(trained, monkeypatch):
     from fm_ray.pool import ray_pool
 
-    monkeypatch.setattr(ray_pool, "RESOURCE_WAIT_S", 1.0)
     pool = RayPool(PoolConfig(backend="ray", shards=2), trained["spec"], trained["x_pool"])
+    monkeypatch.setattr(ray_pool, "RESOURCE_WAIT_S", 1.0)  # the wait for a restart, not for the reservation
     try:
         pool.map(pid)
         ray.kill(pool.actors[1], no_restart=True)  # gone for good, as a shard in an out-of-memory loop

@@ -74,6 +74,8 @@ class Project:
 
     # -- init ----------------------------------------------------------------------------------
     def init(self, cfg: RunConfig, classes: list[str], holdout: float) -> None:
+        # before the lock, whose file would already be a write into the data folder
+        check_outside(self.path, cfg.data.dataset, cfg.data.data_dir, "the project folder")
         with self.writing():
             self._init(cfg, classes, holdout)
 
@@ -87,7 +89,6 @@ class Project:
         from fm_ray.run.validate import check
 
         check(cfg)
-        check_outside(self.path, cfg.data.dataset, cfg.data.data_dir, "the project folder")
         pool = load_pool(cfg)
         if pool.n_classes is not None and pool.n_classes != len(classes):
             raise UserError(f"the pool has {pool.n_classes} classes but --classes names {len(classes)}: name each")

@@ -39,7 +39,7 @@ class Selection:
     score_range: tuple[float, float] | None = None
 
 
-SCORE_RTOL = 1e-6  # scores closer than this, relative to their scale, rank nothing (docs/method.md)
+SCORE_RTOL = 1e-9  # scores closer than this, relative to their scale, rank nothing (docs/method.md)
 
 
 def merge_ranges(ranges: list[tuple[float, float] | None]) -> tuple[float, float] | None:
