@@ -23,8 +23,15 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The quick tier (every unit, property and integration test; about 10 minutes on 2 cores), then the
+# slow end-to-end tier (SIGKILL fault runs, Tune sweeps, MLflow sweeps; CI runs it too).
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m "slow and not labelstudio"
+
+test-all: test test-slow
 
 # Label Studio pins its own Django stack: it gets its own environment; the test talks to it over HTTP.
 LS_VENV ?= .lsvenv
@@ -36,4 +43,4 @@ $(LS_VENV)/.installed:
 test-labelstudio: $(VENV)/.installed $(LS_VENV)/.installed
 	FM_RAY_LABEL_STUDIO=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/python -m pytest -q -m labelstudio tests/test_labelstudio.py
 
-.PHONY: install demo lint test test-labelstudio
+.PHONY: install demo lint test test-slow test-all test-labelstudio
