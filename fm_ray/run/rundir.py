@@ -101,11 +101,12 @@ EXACT = {
 }
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict -> one level, keys dotted as in config.json (`strategy.lam`)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -113,7 +114,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def identity(cfg: RunConfig) -> dict[str, Any]:
     """The fields that make a run what it is: every RunConfig field but those in IDENTITY_FREE."""
-    flat = _flat(to_dict(cfg))
+    flat = flat_config(to_dict(cfg))
     return {k: v for k, v in flat.items() if k not in IDENTITY_FREE and not (k in EXACT and EXACT[k] == v)}
 
 

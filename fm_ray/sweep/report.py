@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from fm_ray.errors import UserError
-from fm_ray.run.rundir import PARTITIONS, ROUND_SCHEMA, SWEEP_QUERY_SCHEMA
+from fm_ray.run.rundir import PARTITIONS, ROUND_SCHEMA, SWEEP_QUERY_SCHEMA, flat_config
 
 PANEL = ["dataset", "setting"]
 PHASES = {"train": "train_seconds", "query": "query_seconds", "mask": "mask_seconds", "embed": "embed_seconds",
@@ -79,14 +79,9 @@ def load_configs(path: str | Path) -> dict[str, dict[str, Any]]:
 # Tables.
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list | tuple) else v
-    return out
+def _flatten(d: dict[str, Any]) -> dict[str, Any]:
+    """`flat_config`, lists as JSON text (one table cell each)."""
+    return {k: json.dumps(v) if isinstance(v, list | tuple) else v for k, v in flat_config(d).items()}
 
 
 def method_labels(configs: dict[str, dict[str, Any]]) -> dict[str, str]:
