@@ -2,10 +2,12 @@
 restarted and replayed; unsatisfiable resources fail fast; a run end to end under Ray."""
 
 import logging
+import time
 
 import pyarrow.parquet as pq
 import pytest
 import ray
+from ray.exceptions import RayActorError
 
 from fm_ray.config import PoolConfig
 from fm_ray.core.greedy import GreedyState
@@ -197,6 +199,18 @@ def test_a_small_pool_on_more_ray_shards_than_blocks_picks_like_one_local_shard(
     assert "53727" not in captured.out + captured.err
 
 
+def wait_until_dead(actor) -> None:
+    """Block until the actor refuses calls (a state, not a sleep); the ceiling only stops a hang."""
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            ray.get(actor.token.remote())
+        except RayActorError:
+            return
+        assert time.monotonic() < deadline, "ray.kill did not end the actor"
+        time.sleep(0.2)
+
+
 def test_a_shard_that_cannot_be_restarted_is_one_line_with_its_peak_memory(trained, monkeypatch):
     from fm_ray.pool import ray_pool
 
@@ -205,6 +219,7 @@ def test_a_shard_that_cannot_be_restarted_is_one_line_with_its_peak_memory(train
     try:
         pool.map(pid)
         ray.kill(pool.actors[1], no_restart=True)  # gone for good, as a shard in an out-of-memory loop
+        wait_until_dead(pool.actors[1])  # ray.kill is asynchronous: a call sent now could still be answered
         with pytest.raises(
             UserError, match=r"shard 1 \(pool positions 256\.\.559\) died and could not be restarted"
         ) as e:
