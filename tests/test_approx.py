@@ -69,7 +69,8 @@ def test_shard_state_applies_top_classes_and_projection_like_brute_force(trained
     pool_sum, lab_sum, n = build_greedy_state(shard, mask, "fast", 64, "float64", "float32", False, approx)
     x = shard.inputs(torch.arange(560), torch.float64)
     full = fisher.fisher_embeddings(shard.model_in(torch.float64), x, mask, chunk_size=64)
-    probs = torch.softmax(shard.model_in(torch.float64)(x), 1)
+    with torch.no_grad():
+        probs = torch.softmax(shard.model_in(torch.float64)(x), 1)
     rows = []
     for i in range(560):
         order = sorted(range(10), key=lambda c: (-float(probs[i, c]), c))[:3]
