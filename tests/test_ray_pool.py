@@ -51,6 +51,21 @@ def test_ray_shards_pick_like_local(trained, local_picks, shards):
         pool.close()
 
 
+def wait_until_gone(actor, token) -> None:
+    """Block until incarnation `token` of the actor no longer answers: it refuses calls, or a
+    restarted one answers. ray.kill is asynchronous, so a call sent right after it may still be
+    answered by the old process. A wait on a state, not a time; the ceiling only stops a hang."""
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if ray.get(actor.token.remote()) != token:
+                return
+        except RayActorError:
+            return
+        assert time.monotonic() < deadline, "ray.kill did not end the actor"
+        time.sleep(0.05)
+
+
 def test_killed_shard_is_restarted_and_round_completes(trained, local_picks):
     pool = RayPool(PoolConfig(backend="ray", shards=2), trained["spec"], trained["x_pool"])
     steps = {"n": 0}
@@ -61,6 +76,7 @@ def test_killed_shard_is_restarted_and_round_completes(trained, local_picks):
             steps["n"] += 1
             if steps["n"] == 3:  # mid-selection: shard 1 dies holding its greedy state
                 ray.kill(pool.actors[1], no_restart=False)
+                wait_until_gone(pool.actors[1], pool._incarnation[1])
         return original(fn, *args)
 
     pool.map = map_and_kill
@@ -199,18 +215,6 @@ def test_a_small_pool_on_more_ray_shards_than_blocks_picks_like_one_local_shard(
     assert "53727" not in captured.out + captured.err
 
 
-def wait_until_dead(actor) -> None:
-    """Block until the actor refuses calls (a state, not a sleep); the ceiling only stops a hang."""
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            ray.get(actor.token.remote())
-        except RayActorError:
-            return
-        assert time.monotonic() < deadline, "ray.kill did not end the actor"
-        time.sleep(0.2)
-
-
 def test_a_shard_that_cannot_be_restarted_is_one_line_with_its_peak_memory(trained, monkeypatch):
     from fm_ray.pool import ray_pool
 
@@ -219,7 +223,7 @@ def test_a_shard_that_cannot_be_restarted_is_one_line_with_its_peak_memory(train
     try:
         pool.map(pid)
         ray.kill(pool.actors[1], no_restart=True)  # gone for good, as a shard in an out-of-memory loop
-        wait_until_dead(pool.actors[1])  # ray.kill is asynchronous: a call sent now could still be answered
+        wait_until_gone(pool.actors[1], pool._incarnation[1])
         with pytest.raises(
             UserError, match=r"shard 1 \(pool positions 256\.\.559\) died and could not be restarted"
         ) as e:
