@@ -16,29 +16,21 @@ RUN += ["--device", "cpu"]
 CLASSES = "tshirt,trouser,pullover"
 
 
-def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "label"])
-        w.writerows(rows)
-    return path
-
-
 def batch_ids(project_dir, b):
     with open(project_dir / "batches" / str(b) / "batch.csv") as f:
         return [r["id"] for r in csv.DictReader(f)]
 
 
-def annotate(project_dir, b, truth, tmp_path):
+def annotate(project_dir, b, truth, labels_csv):
     """The instant annotator: answers every id of batch b with its true class, as a CSV file."""
     names = CLASSES.split(",")
     rows = [(i, names[truth[i]]) for i in batch_ids(project_dir, b)]
-    return write_csv(tmp_path / f"labels-{b}.csv", rows)
+    return labels_csv(f"labels-{b}.csv", rows)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fishermask", "badge"])
-def test_project_with_instant_annotator_picks_what_run_picks(strategy, fmnist, tmp_path):
+def test_project_with_instant_annotator_picks_what_run_picks(strategy, fmnist, tmp_path, labels_csv):
     extra = ["--strategy", strategy, "--sparsity", "0.01"]
     out = tmp_path / "run"
     assert main(["run", *RUN, *extra, "--init", "20", "--batch", "10", "--rounds", "2", "--out", str(out)]) == 0
@@ -49,7 +41,7 @@ def test_project_with_instant_annotator_picks_what_run_picks(strategy, fmnist, t
     truth = {str(i): int(fmnist.train_y[i]) for i in range(len(fmnist.train_y))}  # classes 0..2 keep their index
     for b, k in enumerate([20, 10, 10]):
         assert main(["project", "next", str(proj), "--k", str(k)]) == 0
-        assert main(["project", "import", str(proj), str(annotate(proj, b, truth, tmp_path))]) == 0
+        assert main(["project", "import", str(proj), str(annotate(proj, b, truth, labels_csv))]) == 0
         if b > 0:  # batch b is the run's query of round b - 1, written with round = b
             assert sorted(batch_ids(proj, b)) == sorted(str(q["dataset_index"]) for q in queries if q["round"] == b)
     rounds = pq.read_table(out / "rounds.parquet").to_pylist()
@@ -76,12 +68,12 @@ def folder_project(fmnist, tmp_path):
     return proj, truth, names.split(",")
 
 
-def test_folder_project_round_trip_and_validation(folder_project, tmp_path, capsys):
+def test_folder_project_round_trip_and_validation(folder_project, tmp_path, capsys, labels_csv):
     proj, truth, names = folder_project
     assert main(["project", "next", str(proj), "--k", "15"]) == 0
     first = batch_ids(proj, 0)
     assert len(first) == 15 and all(i in truth for i in first)
-    good = write_csv(tmp_path / "good.csv", [(i, names[truth[i]]) for i in first])
+    good = labels_csv("good.csv", [(i, names[truth[i]]) for i in first])
     store = (proj / "labels.csv").read_bytes()
 
     bad_cases = [
@@ -91,7 +83,7 @@ def test_folder_project_round_trip_and_validation(folder_project, tmp_path, caps
     ]
     for rows, message in bad_cases:
         capsys.readouterr()
-        assert main(["project", "import", str(proj), str(write_csv(tmp_path / "bad.csv", rows))]) == 2
+        assert main(["project", "import", str(proj), str(labels_csv("bad.csv", rows))]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and "bad.csv" in err, err
         assert (proj / "labels.csv").read_bytes() == store  # nothing written
@@ -102,7 +94,7 @@ def test_folder_project_round_trip_and_validation(folder_project, tmp_path, caps
     assert main(["project", "import", str(proj), str(good)]) == 0
     assert main(["project", "import", str(proj), str(good)]) == 0  # re-import: nothing changes
     assert len(Project(proj).labels()) == 15
-    wrong = write_csv(tmp_path / "conflict.csv", [(first[0], names[(truth[first[0]] + 1) % 10])])
+    wrong = labels_csv("conflict.csv", [(first[0], names[(truth[first[0]] + 1) % 10])])
     assert main(["project", "import", str(proj), str(wrong)]) == 2
     assert "already" in capsys.readouterr().err
 

@@ -40,14 +40,6 @@ def project(fmnist, tmp_path):
     return proj, root, truth
 
 
-def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "label"])
-        w.writerows(rows)
-    return path
-
-
 def label_ids(proj):
     with open(proj / "labels.csv") as f:
         return [r["id"] for r in csv.DictReader(f)]
@@ -60,7 +52,7 @@ def cli(*args):
     )
 
 
-def test_concurrent_imports_lose_no_label(project, tmp_path):
+def test_concurrent_imports_lose_no_label(project, labels_csv):
     proj, _, truth = project
     ids = sorted(truth)
     expected: list[str] = []
@@ -69,7 +61,7 @@ def test_concurrent_imports_lose_no_label(project, tmp_path):
         for j in range(3):
             chunk = ids[trial * 12 + j * 4 : trial * 12 + j * 4 + 4]
             expected += chunk
-            files.append(write_csv(tmp_path / f"t{trial}-{j}.csv", [(i, truth[i]) for i in chunk]))
+            files.append(labels_csv(f"t{trial}-{j}.csv", [(i, truth[i]) for i in chunk]))
         procs = [cli("project", "import", str(proj), str(f)) for f in files]
         for p in procs:
             _, err = p.communicate(timeout=300)
@@ -77,9 +69,9 @@ def test_concurrent_imports_lose_no_label(project, tmp_path):
         assert sorted(label_ids(proj)) == sorted(expected)
 
 
-def test_a_second_command_waits_for_the_lock_and_says_so(project, tmp_path):
+def test_a_second_command_waits_for_the_lock_and_says_so(project, labels_csv):
     proj, _, truth = project
-    f = write_csv(tmp_path / "l.csv", [("000.png", truth["000.png"])])
+    f = labels_csv("l.csv", [("000.png", truth["000.png"])])
     lock = FileLock(proj / "project.lock")
     lock.acquire()
     try:
@@ -106,16 +98,13 @@ def test_batch_numbers_survive_a_deleted_batch_folder(project):
     assert Project(proj).next_batch() == 3
 
 
-def test_removed_images_drop_out_and_the_hold_out_is_reported(project, tmp_path, capsys):
+def test_removed_images_drop_out_and_the_hold_out_is_reported(project, capsys, labels_csv):
     proj, root, truth = project
     assert main(["project", "next", str(proj), "--k", "20"]) == 0
     with open(proj / "batches" / "0" / "batch.csv") as f:
         sent = [r["id"] for r in csv.DictReader(f)]
     labeled, unlabeled = sent[:15], sent[15:]
-    assert (
-        main(["project", "import", str(proj), str(write_csv(tmp_path / "l.csv", [(i, truth[i]) for i in labeled]))])
-        == 0
-    )
+    assert main(["project", "import", str(proj), str(labels_csv("l.csv", [(i, truth[i]) for i in labeled]))]) == 0
     (root / labeled[0]).unlink()  # a labeled image removed from the folder (was: KeyError)
     (root / unlabeled[0]).unlink()  # and one sent out but not labeled yet
     capsys.readouterr()
@@ -130,13 +119,13 @@ def test_removed_images_drop_out_and_the_hold_out_is_reported(project, tmp_path,
     assert not picked & set(sent) and labeled[0] not in picked and unlabeled[0] not in picked
 
 
-def test_tasks_carry_the_rank_and_a_score_monotone_in_pick_order(project, tmp_path):
+def test_tasks_carry_the_rank_and_a_score_monotone_in_pick_order(project, labels_csv):
     proj, _, truth = project
     assert main(["project", "next", str(proj), "--k", "12"]) == 0
     tasks0 = json.loads((proj / "batches" / "0" / "tasks.json").read_text())
     assert [t["data"]["rank"] for t in tasks0] == list(range(12))
-    write_csv(tmp_path / "l.csv", [(t["data"]["id"], truth[t["data"]["id"]]) for t in tasks0])
-    assert main(["project", "import", str(proj), str(tmp_path / "l.csv")]) == 0
+    answers = labels_csv("l.csv", [(t["data"]["id"], truth[t["data"]["id"]]) for t in tasks0])
+    assert main(["project", "import", str(proj), str(answers)]) == 0
     assert main(["project", "next", str(proj), "--k", "6"]) == 0
     tasks = json.loads((proj / "batches" / "1" / "tasks.json").read_text())
     with open(proj / "batches" / "1" / "batch.csv") as f:
