@@ -1,14 +1,19 @@
-"""Shared test set-up: real data from ../shared/datasets (or $FM_RAY_DATA), a repo-local cache, no downloads."""
+"""Shared test set-up: real data from $FM_RAY_DATA (default: where `fm-ray run` looks, the user cache's
+data folder), a repo-local cache, no downloads."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 import pytest
 
+from fm_ray.data.builtin import data_root
+
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("FM_RAY_DATA", str((ROOT.parent / "shared" / "datasets").resolve()))
+# fm_ray's own rule, taken before the cache moves into the repository (the data stays where it was)
+os.environ.setdefault("FM_RAY_DATA", str(data_root(None)))
 os.environ.setdefault("FM_RAY_CACHE", str(ROOT / ".cache" / "fm_ray"))
 os.environ["FM_RAY_OFFLINE"] = "1"  # a missing dataset must fail fast, never hang on a download
 
@@ -63,3 +68,19 @@ def _fm_ray_logging_as_it_was():
     LOGGER.handlers[:] = handlers
     LOGGER.setLevel(level)
     LOGGER.propagate = propagate
+
+
+@pytest.fixture
+def labels_csv(tmp_path):
+    """Write an annotator's answers as `fm-ray project import` reads them: a file `name` in
+    tmp_path with an `id,label` header and one row per (id, label); returns its path."""
+
+    def write(name: str, rows) -> Path:
+        path = tmp_path / name
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "label"])
+            w.writerows(rows)
+        return path
+
+    return write
