@@ -23,7 +23,7 @@ from fm_ray.data.settings import initial_labeled, sample_pool
 from fm_ray.errors import UserError
 from fm_ray.pool.local import LocalPool
 from fm_ray.pool.ray_pool import RayPool
-from fm_ray.pool.shard import set_round
+from fm_ray.pool.shard import nonfinite_outputs, set_round
 from fm_ray.run.recipe import run_experiment
 from fm_ray.run.rundir import TIMING_COLUMNS
 from fm_ray.strategies import STRATEGIES
@@ -233,14 +233,19 @@ def test_unreadable_row_range_names_the_rows(small_pool, tmp_path, capsys):
 
 @pytest.mark.parametrize("sealed", [True, False], ids=["unreadable", "digest"])
 def test_bad_rows_on_a_ray_shard_fail_fast_with_the_message(small_pool, trained, sealed):
-    """The shard that reads a file checks it: a damaged file is named by the actor, not read as pixels."""
+    """The shard that reads a file checks it, on its first pass: a damaged file is named by the
+    actor, not read as pixels."""
     damage_first_row_group_images(small_pool)
     if sealed:
         reseal(small_pool)
     images = open_pool(str(small_pool)).images("train").subset(np.arange(560))
     message = "cannot be read" if sealed else r"train/part-00000.parquet is not the file that was packed"
-    with pytest.raises(UserError, match=message):
-        RayPool(PoolConfig(backend="ray", shards=2), trained["spec"], images)
+    pool = RayPool(PoolConfig(backend="ray", shards=2), trained["spec"], images)
+    try:
+        with pytest.raises(UserError, match=message):
+            pool.map(nonfinite_outputs)
+    finally:
+        pool.close()
 
 
 def test_unlabeled_pool_cannot_run(small_pool, tmp_path, capsys):

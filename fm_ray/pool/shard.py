@@ -1,5 +1,9 @@
-"""One shard of the pool: its images, their global pool positions, and the per-sample state a
-strategy builds. The local pool calls it in-process; the Ray pool wraps the same class in an actor.
+"""One shard of the pool: where its images are, their global pool positions, and the per-sample
+state a strategy builds. The local pool calls it in-process; the Ray pool wraps the same class in an actor.
+
+A shard never holds its pixels: every pass over its members (`stream`) reads them block by block
+from its `ImageSource` (a packed pool's Parquet row groups, or a tensor already in RAM) and drops
+them, so its memory does not grow with the size of its images.
 
 Strategies act on a shard through module-level functions ``fn(shard, *args)`` (``pool.map(fn, ...)``);
 the ones every strategy shares live here. Everything pool-sized a shard builds (predictions aside,
@@ -13,7 +17,7 @@ import dataclasses
 import os
 import resource
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Concatenate, ParamSpec, TypeVar
 
 import numpy as np
@@ -24,7 +28,7 @@ from fm_ray.core.badge import KMeansPPState
 from fm_ray.core.greedy import GreedyState
 from fm_ray.core.kcenter import KCenterState
 from fm_ray.data.normalize import Normalizer
-from fm_ray.data.source import ImageSource, read_all
+from fm_ray.data.source import ImageSource, as_source
 from fm_ray.model.train import predict
 from fm_ray.model.zoo import build_model
 
@@ -55,9 +59,9 @@ class ShardSpec:
 class PoolShard:
     def __init__(self, spec: ShardSpec, images: ImageSource | torch.Tensor, index_N: np.ndarray):
         """`images`: this shard's images, position i = pool position `index_N[i]`; a Parquet source
-        is read here, in the shard's own process, so its pixels never pass through the driver."""
+        is read in the shard's own process, pass by pass, so its pixels never pass through the driver."""
         self.spec = spec
-        self.x_u8 = read_all(images)
+        self.images = as_source(images)
         self.index_N = torch.as_tensor(index_N, dtype=torch.long)
         self.device = torch.device(spec.device)
         if spec.module is not None:
@@ -78,11 +82,24 @@ class PoolShard:
     def predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(probs_N_C, feats_N_E) of every member under this round's weights, cached, on the CPU."""
         if self._preds is None:
-            self._preds = predict(self.model, self.x_u8, self.spec.norm, self.device, batch=BLOCK)
+            parts = [predict(self.model, x_u8, self.spec.norm, self.device, batch=BLOCK) for _, x_u8 in self.stream()]
+            if parts:
+                self._preds = torch.cat([p for p, _ in parts]), torch.cat([f for _, f in parts])
+            else:  # an empty shard: the model's output widths from one dummy input
+                C, H, W = self.images.shape
+                p, f = predict(self.model, torch.zeros(1, C, H, W, dtype=torch.uint8), self.spec.norm, self.device)
+                self._preds = p[:0], f[:0]
         return self._preds
 
+    def stream(self, blocks: list[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(member positions, uint8 pixels) block by block, read from the source as they are used
+        and dropped after (default: every member, in `blocks()`); the only way a shard reads pixels."""
+        for pos in self.blocks() if blocks is None else blocks:
+            yield pos, self.images.read(pos.numpy())
+
     def inputs(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.spec.norm(self.x_u8[rows]).to(self.device, dtype)
+        """The members at `rows` (one block), normalized, on the shard's device in `dtype`."""
+        return self.spec.norm(self.images.read(rows.numpy())).to(self.device, dtype)
 
     def model_in(self, dtype: torch.dtype) -> torch.nn.Module:
         """The model in the Fisher compute dtype (float64 on request: a copy)."""
