@@ -2,7 +2,6 @@
 in-RAM dataset for 1, 2 (Ray) and 3 shards; the driver reads only labeled and test pixels; bad pools
 fail with one line; the large-pool benchmark runs at tiny n."""
 
-import hashlib
 import json
 import shutil
 
@@ -17,7 +16,16 @@ import torch
 from fm_ray.cli import main
 from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
 from fm_ray.data.pack import pack
-from fm_ray.data.parquet import ParquetImages, open_pool
+from fm_ray.data.parquet import (
+    FILE_META,
+    READ_BYTES,
+    ROW_GROUP,
+    ParquetImages,
+    columns_digest,
+    image_digest,
+    open_pool,
+    raw_images,
+)
 from fm_ray.data.registry import open_source
 from fm_ray.data.settings import initial_labeled, sample_pool
 from fm_ray.errors import UserError
@@ -128,7 +136,9 @@ def test_run_on_parquet_equals_run_on_fashion_mnist_and_driver_reads_no_pool_pix
     monkeypatch.setattr(
         ParquetImages, "read", lambda self, pos: reads.append((self.split, self.rows[pos])) or original(self, pos)
     )
+    READ_BYTES.clear()
     run_experiment(small_cfg(f"parquet:{packed}"), tmp_path / "pq")
+    driver_bytes = dict(READ_BYTES)
     monkeypatch.setattr(ParquetImages, "read", original)
     run_experiment(small_cfg("fashion_mnist", backend="local", shards=1), tmp_path / "fm")
 
@@ -147,11 +157,29 @@ def test_run_on_parquet_equals_run_on_fashion_mnist_and_driver_reads_no_pool_pix
     assert len(train_read) == 20 + 30 + 40  # one read of the labeled set per round (rounds 0, 1, 2)
     assert set(train_read.tolist()) <= set(labeled_rows.tolist())
     assert [r.tolist() for s, r in reads if s == "test"] == [pool.test_index.tolist()]
+    # and the bytes: the image column chunks of exactly the row groups that hold those rows, per read
+    assert driver_bytes["image"] == sum(group_bytes(packed, split, rows) for split, rows in reads)
+    assert driver_bytes["image"] < group_bytes(packed, "train", pool.train_index) / 4
+
+
+def group_bytes(packed, split: str, rows: np.ndarray) -> int:
+    """Compressed bytes of the image column chunks of the row groups that hold `rows` of a split."""
+    sizes = []
+    for f in sorted((packed / split).glob("part-*.parquet")):
+        meta = pq.ParquetFile(f).metadata
+        sizes += [
+            (meta.row_group(g).num_rows, meta.row_group(g).column(1).total_compressed_size)
+            for g in range(meta.num_row_groups)
+        ]
+    starts = np.cumsum([0] + [n for n, _ in sizes])
+    groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
+    return sum(sizes[g][1] for g in groups)
 
 
 def rewrite(path, fn):
+    """Write a part file again through `fn`, its footer and row groups as the packer wrote them."""
     table = pq.read_table(path)
-    pq.write_table(fn(table).replace_schema_metadata(table.schema.metadata), path)
+    pq.write_table(fn(table).replace_schema_metadata(table.schema.metadata), path, row_group_size=ROW_GROUP)
 
 
 def edit_manifest(pool, fn) -> None:
@@ -161,12 +189,26 @@ def edit_manifest(pool, fn) -> None:
 
 
 def reseal(pool) -> None:
-    """Record the files' current digests in pool.json: a pool whose manifest matches its files but
-    whose contents are bad, as a faulty packer would write it (to reach the checks behind the digest)."""
+    """Record the files' current digests in their footers and pool.json: a pool whose manifest
+    matches its files but whose contents are bad, as a faulty packer would write it (to reach the
+    checks behind the digests)."""
 
     def fix(m):
         for entry in m["splits"].values():
-            entry["file_sha256"] = [hashlib.sha256((pool / f).read_bytes()).hexdigest() for f in entry["files"]]
+            entry["columns_sha256"], entry["group_sha256"] = [], []
+            for name in entry["files"]:
+                table = pq.read_table(pool / name)
+                meta = json.loads(table.schema.metadata[FILE_META])
+                images = table.column("image").combine_chunks()
+                meta["columns_sha256"] = columns_digest(table.column("id"), table.column("label"))
+                meta["group_sha256"] = [
+                    image_digest(raw_images(images.slice(a, ROW_GROUP), tuple(m["image_shape"])))
+                    for a in range(0, len(table), ROW_GROUP)
+                ]
+                new = table.replace_schema_metadata({FILE_META: json.dumps(meta).encode()})
+                pq.write_table(new, pool / name, row_group_size=ROW_GROUP)
+                entry["columns_sha256"].append(meta["columns_sha256"])
+                entry["group_sha256"].append(meta["group_sha256"])
 
     edit_manifest(pool, fix)
 
@@ -224,22 +266,38 @@ def damage_first_row_group_images(pool) -> None:
 
 def test_unreadable_row_range_names_the_rows(small_pool, tmp_path, capsys):
     damage_first_row_group_images(small_pool)
-    reseal(small_pool)  # past the digest check: a read that fails still names rows and file
     with pytest.raises(UserError, match=r"rows 0-1023 of train \(train/part-00000.parquet\) cannot be read"):
         open_pool(str(small_pool)).images("train").read(np.array([3]))
     assert main(run_argv(small_pool, tmp_path / "r")) == 2
     assert "cannot be read" in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("sealed", [True, False], ids=["unreadable", "digest"])
-def test_bad_rows_on_a_ray_shard_fail_fast_with_the_message(small_pool, trained, sealed):
-    """The shard that reads a file checks it, on its first pass: a damaged file is named by the
-    actor, not read as pixels."""
-    damage_first_row_group_images(small_pool)
-    if sealed:
-        reseal(small_pool)
+def other_pixels_same_footer(pool) -> None:
+    """train/part-00000 written again with row 5's pixels inverted: rows, schema, row groups and
+    footer (digests included) as packed, so only the pixels themselves tell."""
+
+    def invert_row_5(t):
+        images = t.column("image").to_pylist()
+        images[5] = bytes(255 - b for b in images[5])
+        return t.set_column(1, "image", pa.array(images, pa.binary()))
+
+    rewrite(pool / "train" / "part-00000.parquet", invert_row_5)
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "other_pixels"])
+def test_bad_rows_on_a_ray_shard_fail_fast_with_the_message(small_pool, trained, damage):
+    """The shard that reads a file checks what it reads, on its first pass: a damaged or changed
+    file is named by the actor, never read as pixels; opening the pool (footers) passes."""
+    if damage == "unreadable":
+        damage_first_row_group_images(small_pool)
+    else:
+        other_pixels_same_footer(small_pool)
     images = open_pool(str(small_pool)).images("train").subset(np.arange(560))
-    message = "cannot be read" if sealed else r"train/part-00000.parquet is not the file that was packed"
+    message = (
+        "cannot be read"
+        if damage == "unreadable"
+        else r"train/part-00000.parquet is not the file that was packed \(the images of rows 0-1023 of train differ"
+    )
     pool = RayPool(PoolConfig(backend="ray", shards=2), trained["spec"], images)
     try:
         with pytest.raises(UserError, match=message):
@@ -270,7 +328,7 @@ def test_swapped_part_files(small_pool, tmp_path, capsys):
 def test_file_rewritten_with_other_labels(small_pool, tmp_path, capsys):
     path = small_pool / "test" / "part-00000.parquet"
     rewrite(path, lambda t: t.set_column(2, "label", pc.subtract(pa.scalar(9, pa.int64()), t.column("label"))))
-    open_pool(str(small_pool))  # rows, schema and shape still match the manifest
+    open_pool(str(small_pool))  # rows, schema, shape and footer still match the manifest: only the labels differ
     assert main(run_argv(small_pool, tmp_path / "r")) == 2
     assert "test/part-00000.parquet is not the file that was packed" in one_line_error(capsys)
 
@@ -289,7 +347,7 @@ def test_image_shape_edited_in_the_manifest(small_pool, tmp_path, capsys, shape)
 def test_file_dropped_from_the_manifest_or_the_folder(small_pool, tmp_path, capsys):
     def drop_last(m):
         entry = m["splits"]["train"]
-        for key in ("files", "file_rows", "file_sha256"):
+        for key in ("files", "file_rows", "columns_sha256", "group_sha256"):
             entry[key] = entry[key][:-1]
         entry["rows"] = sum(entry["file_rows"])
 
@@ -302,10 +360,36 @@ def test_file_dropped_from_the_manifest_or_the_folder(small_pool, tmp_path, caps
     assert "train/part-00001.parquet is listed in pool.json but missing" in one_line_error(capsys)
 
 
-def test_labels_outside_the_classes(small_pool, tmp_path, capsys):
+def test_classes_edited_in_the_manifest(small_pool, tmp_path, capsys):
     edit_manifest(small_pool, lambda m: m.update(classes=m["classes"][:5]))
     assert main(run_argv(small_pool, tmp_path / "r")) == 2
-    assert "holds the label 9, outside the 5 classes of pool.json" in one_line_error(capsys)
+    assert "pool.json's classes (['T-shirt/top'" in one_line_error(capsys)
+
+
+def test_labels_outside_the_classes(small_pool, tmp_path, capsys):
+    rewrite(small_pool / "test" / "part-00000.parquet", lambda t: t.set_column(2, "label", pa.array([12] * len(t))))
+    reseal(small_pool)  # a faulty packer: footers and manifest agree with the bad labels
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    assert "holds the label 12, outside the 10 classes of pool.json" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(std=[-m["std"][0]]), "or std [-0.35"),
+        (lambda m: m.update(mean=[0.5]), "are not the ones its images were packed with"),
+        (lambda m: m.update(std=[m["std"][0] * 1.01]), "are not the ones its images were packed with"),
+        (lambda m: m.update(mean=[float("nan")]), "is out of range"),
+        (lambda m: m.update(augment=True), "pool.json's augment (True) are not what"),
+    ],
+    ids=["negative-std", "other-mean", "other-std", "nan-mean", "augment"],
+)
+def test_normalization_and_augment_edited_in_the_manifest(small_pool, tmp_path, capsys, edit, message):
+    """Nothing in pool.json is trusted alone: each field is checked against what the footers record."""
+    edit_manifest(small_pool, edit)
+    assert main(run_argv(small_pool, tmp_path / "r")) == 2
+    err = one_line_error(capsys)
+    assert message in err, err
 
 
 def test_a_file_with_other_columns(small_pool, tmp_path, capsys):
@@ -324,11 +408,12 @@ def test_a_file_with_other_columns(small_pool, tmp_path, capsys):
         (lambda m: m.pop("splits"), "damaged (splits is missing)"),
         (lambda m: m.pop("mean"), "damaged (mean is missing or not 1 number per channel)"),
         (lambda m: m["splits"].pop("train"), "damaged (splits has no train entry)"),
-        (lambda m: m["splits"]["train"].pop("file_sha256"), "lacks files, file_rows and file_sha256"),
+        (lambda m: m["splits"]["train"].pop("group_sha256"), "lacks files, file_rows, columns_sha256 and group"),
         (lambda m: m["splits"]["train"]["files"].__setitem__(0, "../../etc/passwd"), "not a file of train/"),
-        (lambda m: m.update(version=1), "format v1, packed by an older fm_ray without file digests: pack it again"),
+        (lambda m: m.update(version=1), "format v1, packed by an older fm_ray: pack it again"),
+        (lambda m: m.update(version=2), "format v2, packed by an older fm_ray: pack it again"),
     ],
-    ids=["not-json", "list", "no-splits", "no-mean", "no-train", "no-digests", "outside", "v1"],
+    ids=["not-json", "list", "no-splits", "no-mean", "no-train", "no-digests", "outside", "v1", "v2"],
 )
 def test_damaged_manifest_is_one_line(small_pool, tmp_path, capsys, text, message):
     if callable(text):
@@ -338,28 +423,47 @@ def test_damaged_manifest_is_one_line(small_pool, tmp_path, capsys, text, messag
     assert main(run_argv(small_pool, tmp_path / "r")) == 2
     err = one_line_error(capsys)
     assert message in err, err
-    if "v1" in message:
+    if "older fm_ray" in message:
         assert "`fm-ray pack fashion_mnist NEW_FOLDER`" in err
 
 
-def test_each_file_is_hashed_once_per_process(small_pool, monkeypatch):
-    import fm_ray.data.parquet as parquet
-
-    hashed = []
-    original = parquet.sha256_of
-    monkeypatch.setattr(
-        parquet, "sha256_of", lambda fs, path: hashed.append(path.rsplit("/", 2)[-2:]) or original(fs, path)
-    )
+def test_opening_reads_footers_and_the_driver_reads_ids_and_labels_only(small_pool):
+    READ_BYTES.clear()
     pool = open_pool(str(small_pool))
-    assert hashed == []  # opening reads footers only
+    assert set(READ_BYTES) == {"footer"}  # opening: every file's footer, nothing else
     pool.columns("train")
-    again = open_pool(str(small_pool))
-    for rows in ([0, 59_999], [20_000, 1], [5]):
-        again.images("train").read(np.array(rows))
-        again.images("test").read(np.array(rows[:1]) % 10_000)
-    assert sorted(hashed) == sorted(
-        [["train", f"part-0000{i}.parquet"] for i in range(3)] + [["test", "part-00000.parquet"]]
+    pool.columns("test")
+    assert "image" not in READ_BYTES and READ_BYTES["columns"] > 0
+    files = [f for f in small_pool.glob("*/part-*.parquet")]
+    image_bytes = sum(
+        pq.ParquetFile(f).metadata.row_group(g).column(1).total_compressed_size
+        for f in files
+        for g in range(pq.ParquetFile(f).metadata.num_row_groups)
     )
+    assert READ_BYTES["columns"] < image_bytes / 20  # ids and labels are a sliver of a pool's bytes
+
+
+def test_a_file_changed_while_a_process_reads_the_pool_is_refused(small_pool):
+    """Every read is checked, not the first one in a process: part files renamed in a cycle (same
+    rows, footers that match their own contents) between two reads are caught on the next read."""
+    images = open_pool(str(small_pool)).images("train")
+    rows = np.array([5, 20_005, 40_005])  # one row in each file
+    first = images.read(rows)
+    images.close()
+    names = [small_pool / "train" / f"part-0000{i}.parquet" for i in range(3)]
+
+    def cycle():  # each file takes the next one's name (three cycles: back where they were)
+        names[0].rename(small_pool / "x")
+        names[1].rename(names[0])
+        names[2].rename(names[1])
+        (small_pool / "x").rename(names[2])
+
+    cycle()
+    with pytest.raises(UserError, match=r"train/part-00000.parquet is not the file that was packed"):
+        images.read(rows)
+    cycle()
+    cycle()
+    assert torch.equal(images.read(rows), first)
 
 
 def test_relative_pool_path_is_made_absolute_for_trials(tmp_path, monkeypatch):

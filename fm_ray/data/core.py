@@ -132,6 +132,18 @@ def mean_std(sums: Sequence[int], sumsqs: Sequence[int], n: int) -> tuple[tuple[
     return mean, std
 
 
+def sums_mean_std(records: Sequence[dict], channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """`mean_std` of the pixels of several packed files, from the exact integer sums each one's
+    footer records (`pixel_sum`, `pixel_sumsq`, `pixels_per_channel`)."""
+    s, q, n = [0] * channels, [0] * channels, 0
+    for m in records:
+        if m["pixel_sum"]:
+            s = [a + b for a, b in zip(s, m["pixel_sum"], strict=True)]
+            q = [a + b for a, b in zip(q, m["pixel_sumsq"], strict=True)]
+            n += m["pixels_per_channel"]
+    return mean_std(s, q, n)
+
+
 def channel_stats(x_N_C_H_W: np.ndarray | torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return mean_std(*pixel_sums(x_N_C_H_W))
 

@@ -32,7 +32,7 @@ import torch
 from fm_ray._internal.files import write_bytes_atomically
 from fm_ray._internal.log import log, progress
 from fm_ray.data.core import Split as DataSplit
-from fm_ray.data.core import hw, mean_std, pixel_sums, skipped_csv
+from fm_ray.data.core import hw, pixel_sums, skipped_csv, sums_mean_std
 from fm_ray.data.decode import collect, decode_file_or_reason, grey_only
 from fm_ray.data.files import FileSplit, list_files
 from fm_ray.data.fingerprint import Item, array_listing, file_listing, slice_digest
@@ -47,9 +47,10 @@ from fm_ray.data.parquet import (
     SKIPPED_CSV,
     SPLITS,
     VERSION,
+    columns_digest,
     filesystem,
+    image_digest,
     part_name,
-    sha256_of,
 )
 from fm_ray.data.registry import check_outside, open_source, parse_spec
 from fm_ray.data.source import read_all
@@ -131,34 +132,35 @@ def pack_source(src: PackSource, out: str, rows_per_file: int = ROWS_PER_FILE, s
     write_bytes_atomically(fs, f"{base}/{SPEC}", json.dumps(spec, indent=1).encode())
     # a resumed pack keeps only the files packed from the very items planned for them now: the
     # source may have changed since the pack began, and a mix of old and new rows is never kept
-    digests = _keep_unchanged(fs, base, plan)
+    kept = _keep_unchanged(fs, base, plan)
     recorded = _read_bytes(fs, f"{base}/{LISTING}")
     if recorded != (now := _listing_bytes(listing)):  # the listing as this pack began, or as it resumes now
         if recorded is not None:
-            _log_changes(recorded, src.name, listing, len(digests), sum(map(len, plan.values())))
+            _log_changes(recorded, src.name, listing, len(kept), sum(map(len, plan.values())))
         write_bytes_atomically(fs, f"{base}/{LISTING}", now)
-    shape = _packed_shape(fs, base, digests)
+    shape = _packed_shape(fs, base, kept)
     written = 0
     for split_name, split in src.splits.items():
         names = [name for name, _ in plan[split_name]]
-        todo = [i for i, name in enumerate(names) if name not in digests]
+        todo = [i for i, name in enumerate(names) if name not in kept]
         if len(todo) < len(names):
             log(f"{split_name}: {len(names) - len(todo)} of {len(names)} files already packed, resuming")
         for i in progress(todo, f"packing {src.name} {split_name}", total=len(todo), unit="file"):
             chunk = split.read(i * rows_per_file, min(split.n, (i + 1) * rows_per_file))
-            meta = _chunk_meta(chunk, plan[split_name][i][1])
+            meta = _chunk_meta(chunk, plan[split_name][i][1], src)
             if meta["shape"] and shape and tuple(meta["shape"]) != shape:
                 raise UserError(
                     f"images differ in size: {meta['first_id']} is {hw(meta['shape'])}, earlier ones are "
                     f"{hw(shape)}: pass --resize N (or HxW) to pack them at one size"
                 )
             shape = shape or (tuple(meta["shape"]) if meta["shape"] else None)
-            digests[names[i]] = _write_chunk(fs, f"{base}/{names[i]}", chunk, meta)
+            _write_chunk(fs, f"{base}/{names[i]}", chunk, meta)
+            kept.add(names[i])
             written += 1
             if stop_after is not None and written >= stop_after:
                 raise PackInterrupted(f"stopped after {written} files")
     files = {s: [name for name, _ in p] for s, p in plan.items()}
-    return _finish(src, fs, base, out, spec, files, digests, listed)
+    return _finish(src, fs, base, out, spec, files, listed)
 
 
 def _already_packed(fs: pafs.FileSystem, base: str, out: str, spec: dict, listed: str, name: str) -> dict | None:
@@ -203,19 +205,18 @@ def _plan(split: str, classes: list[str] | None, items: list[Item], rows_per_fil
     ]
 
 
-def _keep_unchanged(fs: pafs.FileSystem, base: str, plan: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
-    """Part files already there that hold the items planned for them: name -> sha256 of the file.
-    Every other file in the split folders (stale parts, parts past the source's new end, temporaries
-    of a killed writer) is deleted."""
+def _keep_unchanged(fs: pafs.FileSystem, base: str, plan: dict[str, list[tuple[str, str]]]) -> set[str]:
+    """Part files already there that hold the items planned for them. Every other file in the split
+    folders (stale parts, parts past the source's new end, temporaries of a killed writer) is deleted."""
     planned = {name: digest for p in plan.values() for name, digest in p}
-    kept = {}
+    kept = set()
     for split in SPLITS:
         for info in fs.get_file_info(pafs.FileSelector(f"{base}/{split}", allow_not_found=True)):
             if info.type != pafs.FileType.File:
                 continue
             name = f"{split}/{info.base_name}"
             if name in planned and _source_digest(fs, info.path) == planned[name]:
-                kept[name] = sha256_of(fs, info.path)
+                kept.add(name)
             else:
                 fs.delete_file(info.path)
     return kept
@@ -271,7 +272,9 @@ def _packed_shape(fs: pafs.FileSystem, base: str, names: Iterable[str]) -> tuple
     return None
 
 
-def _chunk_meta(chunk: Chunk, source_sha256: str) -> dict[str, Any]:
+def _chunk_meta(chunk: Chunk, source_sha256: str, src: PackSource) -> dict[str, Any]:
+    """What a part file records of itself in its footer (fm_ray.data.parquet's module doc); the
+    digests are added as it is written."""
     n = len(chunk.ids)
     # exact integer pixel sums per channel, so the pool's mean/std do not depend on how the rows
     # were cut into files or when a pack was resumed
@@ -284,26 +287,34 @@ def _chunk_meta(chunk: Chunk, source_sha256: str) -> dict[str, Any]:
         "pixel_sumsq": sumsqs,
         "pixels_per_channel": pixels,
         "source_sha256": source_sha256,  # the source items this file was packed from (fingerprint.slice_digest)
+        "classes": src.classes,
+        "augment": src.augment,
+        "norm": None if src.mean_std is None else [list(src.mean_std[0]), list(src.mean_std[1])],
     }
 
 
-def _write_chunk(fs: pafs.FileSystem, path: str, chunk: Chunk, meta: dict[str, Any]) -> str:
-    """Write one part file; returns the sha256 of its bytes."""
+def _write_chunk(fs: pafs.FileSystem, path: str, chunk: Chunk, meta: dict[str, Any]) -> None:
+    """Write one part file, its footer recording `meta` and the digests of what it holds: one per
+    row group of `ROW_GROUP` images, one of its ids and labels."""
     n = len(chunk.ids)
     flat = np.ascontiguousarray(chunk.images).reshape(n, -1) if n else np.zeros((0, 0), np.uint8)
     size = flat.shape[1]
     images = pa.Array.from_buffers(
         pa.binary(), n, [None, pa.py_buffer(np.arange(n + 1, dtype=np.int32) * size), pa.py_buffer(flat.tobytes())]
     )
+    ids = pa.array(chunk.ids, pa.string())
     labels = pa.array(chunk.labels if chunk.labels is not None else [None] * n, type=pa.int64())
-    table = pa.table([pa.array(chunk.ids, pa.string()), images, labels], schema=SCHEMA).replace_schema_metadata(
+    meta = {
+        **meta,
+        "columns_sha256": columns_digest(ids, labels),
+        "group_sha256": [image_digest(flat[a : a + ROW_GROUP]) for a in range(0, n, ROW_GROUP)],
+    }
+    table = pa.table([ids, images, labels], schema=SCHEMA).replace_schema_metadata(
         {FILE_META: json.dumps(meta, sort_keys=True).encode()}
     )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=ROW_GROUP, compression="zstd", write_statistics=["id", "label"])
-    data = sink.getvalue().to_pybytes()
-    write_bytes_atomically(fs, path, data)
-    return hashlib.sha256(data).hexdigest()
+    write_bytes_atomically(fs, path, sink.getvalue().to_pybytes())
 
 
 def _file_meta(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
@@ -311,7 +322,7 @@ def _file_meta(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
 
 
 def _finish(
-    src: PackSource, fs: pafs.FileSystem, base: str, out: str, spec: dict, files: dict, digests: dict, listed: str
+    src: PackSource, fs: pafs.FileSystem, base: str, out: str, spec: dict, files: dict, listed: str
 ) -> dict[str, Any]:
     metas = {s: [_file_meta(fs, f"{base}/{name}") for name in names] for s, names in files.items()}
     rows = {
@@ -327,7 +338,7 @@ def _finish(
     if src.mean_std is not None:
         mean, std = tuple(src.mean_std[0]), tuple(src.mean_std[1])
     else:
-        mean, std = _mean_std(metas["train"], shape[0])
+        mean, std = sums_mean_std(metas["train"], shape[0])
     skipped = [s for ms in metas.values() for m in ms for s in m["skipped"]]
     if skipped:
         write_bytes_atomically(fs, f"{base}/{SKIPPED_CSV}", skipped_csv([tuple(s) for s in skipped]))
@@ -343,7 +354,13 @@ def _finish(
         "std": list(std),
         "augment": src.augment,
         "splits": {
-            s: {"rows": sum(rows[s]), "files": names, "file_rows": rows[s], "file_sha256": [digests[n] for n in names]}
+            s: {
+                "rows": sum(rows[s]),
+                "files": names,
+                "file_rows": rows[s],
+                "columns_sha256": [m["columns_sha256"] for m in metas[s]],
+                "group_sha256": [m["group_sha256"] for m in metas[s]],
+            }
             for s, names in files.items()
         },
         "listing": {"file": LISTING, "sha256": listed, "items": {s: src.splits[s].n for s in files}},
@@ -353,17 +370,6 @@ def _finish(
     write_bytes_atomically(fs, f"{base}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     log(f"packed {src.name}: " + ", ".join(f"{s} {sum(rows[s])} rows" for s in files) + f" -> {out}")
     return manifest
-
-
-def _mean_std(metas: list[dict[str, Any]], channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Channel mean and std of the train pixels from the files' exact integer sums (`core.mean_std`)."""
-    s, q, n = [0] * channels, [0] * channels, 0
-    for m in metas:
-        if m["pixel_sum"]:
-            s = [a + b for a, b in zip(s, m["pixel_sum"], strict=True)]
-            q = [a + b for a, b in zip(q, m["pixel_sumsq"], strict=True)]
-            n += m["pixels_per_channel"]
-    return mean_std(s, q, n)
 
 
 def _read_json(fs: pafs.FileSystem, path: str, out: str) -> dict[str, Any] | None:

@@ -16,16 +16,26 @@ pool.json's `listing` names that file, counts its items per split and carries `s
 over the digests of the items each part file holds (not of listing.parquet's bytes), which a re-run
 of the pack compares with the source as it is now.
 
-Nothing in the manifest is trusted alone (format v2). `open_pool` checks it against the files: each
-split folder holds exactly the listed files, each file its listed rows, the schema and the image
-shape its own footer records. Each part file's sha256 (in pool.json) is checked the first time a
-process reads the file (the driver for ids and labels, a shard for its pixels), once per process.
+Nothing in the manifest is trusted alone, and nothing is read whole only to hash it (format v3):
+- each part file's footer carries what it was packed with (shape, classes, augmentation, the
+  source's normalization or the exact pixel sums it is computed from, and the digests below), and
+  `open_pool` checks pool.json's every field against the footers, reading footers only;
+- `group_sha256`: one sha256 per row group of the raw image bytes it holds. Every read of a row
+  group (a shard's pass, the driver's labeled rows) is checked against it as it is decoded, so a
+  file changed, swapped or corrupted after packing, even while a run reads it, is refused by the
+  process that reads it;
+- `columns_sha256`: one sha256 per file of its ids and labels, checked by the driver, which reads
+  those two columns and never the pixels of the unlabeled pool.
+`READ_BYTES` counts what this process read from pool files (column chunks, footers), by kind.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -37,10 +47,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from fm_ray.data.core import sums_mean_std
 from fm_ray.errors import UserError
 
 FORMAT = "fm_ray-pool"
-VERSION = 2  # 2: per-file rows and sha256 and the source listing; v1 pools are packed again
+VERSION = 3  # 3: per-row-group image digests, per-file id/label digests, every field in the footers
+# 2: per-file sha256 (a whole-file read to check it); 1: no digests. Both are packed again.
 MANIFEST = "pool.json"
 LISTING = "listing.parquet"
 SKIPPED_CSV = "skipped_images.csv"
@@ -50,7 +62,8 @@ SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.in
 LISTING_SCHEMA = pa.schema(
     [("split", pa.string()), ("id", pa.string()), ("label", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())]
 )
-FILE_META = b"fm_ray"  # per-file Parquet schema metadata: shape, skipped images, exact pixel sums, source digest
+FILE_META = b"fm_ray"  # per-file Parquet schema metadata: what the file was packed with (see the module doc)
+READ_BYTES: Counter[str] = Counter()  # bytes this process read from pool files: image, columns, footer
 
 
 def filesystem(where: str) -> tuple[pafs.FileSystem, str]:
@@ -76,7 +89,8 @@ class SplitFiles:
     """One split's files and where each row group starts (row numbers within the split)."""
 
     files: tuple[str, ...]  # relative to the pool root
-    sha256: tuple[str, ...]  # of each file's bytes, from pool.json
+    columns_sha256: tuple[str, ...]  # of each file's ids and labels (`columns_digest`), from pool.json
+    group_sha256: tuple[str, ...]  # (G,) of each row group's raw image bytes (`image_digest`), from pool.json
     group_file: np.ndarray  # (G,) file index of each row group
     group_index: np.ndarray  # (G,) row-group index within its file
     group_start: np.ndarray  # (G + 1,) first row of each group; the last entry is the split's row count
@@ -86,24 +100,56 @@ class SplitFiles:
         return int(self.group_start[-1])
 
 
+# -- digests: what was packed, checked as it is read ------------------------------------------------
+def image_digest(data: Any) -> str:
+    """sha256 of a row group's images: their raw C*H*W bytes, row after row (any buffer)."""
+    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+
+
+def columns_digest(ids: pa.Array | pa.ChunkedArray, labels: pa.Array | pa.ChunkedArray) -> str:
+    """sha256 of a file's ids and labels: each id's UTF-8 bytes and length, each label as int64
+    (null: -1), so neither a changed id nor a changed label keeps the digest."""
+    ids = pa.chunked_array([ids]) if isinstance(ids, pa.Array) else ids
+    ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
+    h = hashlib.sha256()
+    lengths = pc.binary_length(ids).fill_null(-1).to_numpy(zero_copy_only=False).astype("<i8")
+    h.update(lengths.tobytes())
+    if len(ids):
+        offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32)[ids.offset : ids.offset + len(ids) + 1]
+        h.update(memoryview(ids.buffers()[2])[offsets[0] : offsets[-1]])
+    h.update(pc.fill_null(labels, -1).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def _changed(root: str, name: str, what: str) -> UserError:
+    return UserError(
+        f"pool {root}: {name} is not the file that was packed ({what} differ from pool.json's): "
+        "restore it or re-pack the pool"
+    )
+
+
 class ParquetImages:
     """Rows of one split of a packed pool as an `ImageSource`: position i is split row `rows[i]`.
 
     Small and picklable (root, split, row numbers, row-group table); it opens files only in `read`,
-    and reads only the row groups that hold the asked rows. `reads` records every read position, so
-    a test can check what a process (the driver) held.
+    reads only the row groups that hold the asked rows, checks each against its digest as it is
+    decoded, and keeps at most one decoded row group (and one open file) between reads, so a pass
+    over sorted rows decodes each row group once. `reads` records every read position, so a test
+    can check what a process (the driver) read.
     """
 
     def __init__(self, root: str, split: str, files: SplitFiles, shape: tuple[int, int, int], rows: np.ndarray):
         self.root, self.split, self.files, self.shape = root, split, files, shape
         self.rows = np.asarray(rows, dtype=np.int64)
         self.reads: list[np.ndarray] = []
+        self._open: tuple[int, pq.ParquetFile] | None = None  # (file index, the file), one at a time
+        self._group: tuple[int, np.ndarray] | None = None  # (row group, its images), one at a time
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "reads": []}
+        return {**self.__dict__, "reads": [], "_open": None, "_group": None}
 
     def subset(self, positions: np.ndarray) -> ParquetImages:
         return ParquetImages(self.root, self.split, self.files, self.shape, self.rows[np.asarray(positions)])
@@ -113,40 +159,76 @@ class ParquetImages:
         self.reads.append(positions.copy())
         want = self.rows[positions]
         out = np.empty((len(want), *self.shape), dtype=np.uint8)
-        if not len(want):
-            return torch.from_numpy(out)
-        fs, base = filesystem(self.root)
         group_of = np.searchsorted(self.files.group_start, want, side="right") - 1
-        order = np.argsort(group_of, kind="stable")
-        opened: dict[int, pq.ParquetFile] = {}
-        for g in np.unique(group_of):
-            sel = order[np.searchsorted(group_of[order], g) : np.searchsorted(group_of[order], g, side="right")]
-            f, start = int(self.files.group_file[g]), int(self.files.group_start[g])
-            name = self.files.files[f]
-            if f not in opened:
-                verify(fs, base, self.root, name, self.files.sha256[f])
-            try:
-                if f not in opened:
-                    opened = {f: pq.ParquetFile(fs.open_input_file(f"{base}/{name}"))}  # one file open at a time
-                col = opened[f].read_row_group(int(self.files.group_index[g]), columns=["image"]).column(0)
-                out[sel] = raw_images(pc.take(col, pa.array(want[sel] - start)).combine_chunks(), self.shape)
-            except (OSError, pa.ArrowException, ValueError) as e:
-                end = int(self.files.group_start[g + 1])
-                raise UserError(
-                    f"pool {self.root}: rows {start}-{end - 1} of {self.split} ({name}) cannot be read "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:120]}): restore the file or re-pack the pool"
-                ) from None
+        for g in dict.fromkeys(group_of.tolist()):  # in order of first use: a sorted pass reads each once
+            sel = group_of == g
+            out[sel] = self._decoded(g)[want[sel] - self.files.group_start[g]]
         return torch.from_numpy(out)
+
+    def close(self) -> None:
+        """Drop the open file and the decoded row group (a pass is over)."""
+        self._open, self._group = None, None
+
+    def _decoded(self, g: int) -> np.ndarray:
+        """Row group `g`'s images, read and checked against its digest (or the one held)."""
+        if self._group is not None and self._group[0] == g:
+            return self._group[1]
+        self._group = None  # at most one decoded row group: the old one goes first
+        f, start = int(self.files.group_file[g]), int(self.files.group_start[g])
+        name = self.files.files[f]
+        try:
+            if self._open is None or self._open[0] != f:
+                self._open = None
+                fs, base = filesystem(self.root)
+                self._open = (f, pq.ParquetFile(fs.open_input_file(f"{base}/{name}")))
+            file = self._open[1]
+            index = int(self.files.group_index[g])
+            READ_BYTES["image"] += file.metadata.row_group(index).column(1).total_compressed_size
+            col = file.read_row_group(index, columns=["image"]).column(0).combine_chunks()
+            images = raw_images(col, self.shape)
+        except (OSError, pa.ArrowException, ValueError) as e:
+            end = int(self.files.group_start[g + 1])
+            raise UserError(
+                f"pool {self.root}: rows {start}-{end - 1} of {self.split} ({name}) cannot be read "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:120]}): restore the file or re-pack the pool"
+            ) from None
+        if image_digest(images) != self.files.group_sha256[g]:
+            self._open = None  # the next read opens the file by its name again
+            end = int(self.files.group_start[g + 1])
+            raise _changed(self.root, name, f"the images of rows {start}-{end - 1} of {self.split}")
+        self._group = (g, images)
+        return images
 
 
 def raw_images(arr: pa.Array, shape: tuple[int, int, int]) -> np.ndarray:
     """A binary column of raw C*H*W-byte images -> uint8 (N, C, H, W), without a Python object per row."""
     size = int(np.prod(shape))
+    if not len(arr):
+        return np.empty((0, *shape), dtype=np.uint8)
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
     if arr.null_count or not (np.diff(offsets) == size).all():
         raise ValueError(f"an image is not {size} bytes ({'x'.join(map(str, shape))})")
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
     return data.reshape(len(arr), *shape)
+
+
+class ColumnIds(Sequence[str]):
+    """A split's ids as their Arrow column: a pool of millions holds no Python string per row."""
+
+    def __init__(self, ids: pa.ChunkedArray):
+        self.ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return self.ids[i].to_pylist()
+        return self.ids[int(i)].as_py()
+
+    def __iter__(self) -> Any:
+        for chunk in range(0, len(self.ids), 65536):
+            yield from self.ids[chunk : chunk + 65536].to_pylist()
 
 
 @dataclass(frozen=True)
@@ -166,7 +248,8 @@ class PackedPool:
         return ParquetImages(self.root, split, files, self.shape, np.arange(files.rows))
 
     def columns(self, split: str) -> pa.Table:
-        """`id` and `label` of every row of a split (the image column is never read here)."""
+        """`id` and `label` of every row of a split, checked against pool.json's digests (the image
+        column is never read here)."""
         return self._columns[split]
 
     @cached_property
@@ -175,15 +258,23 @@ class PackedPool:
         out = {}
         for split, files in self.splits.items():
             parts = []
-            for name, digest in zip(files.files, files.sha256, strict=True):
-                verify(fs, base, self.root, name, digest)
+            for name, digest in zip(files.files, files.columns_sha256, strict=True):
                 try:
-                    parts.append(pq.read_table(f"{base}/{name}", columns=["id", "label"], filesystem=fs))
+                    file = pq.ParquetFile(fs.open_input_file(f"{base}/{name}"))
+                    meta = file.metadata
+                    READ_BYTES["columns"] += sum(
+                        meta.row_group(g).column(c).total_compressed_size
+                        for g in range(meta.num_row_groups)
+                        for c in (0, 2)
+                    )
+                    parts.append(file.read(columns=["id", "label"]))
                 except (OSError, pa.ArrowException) as e:
                     raise UserError(
                         f"pool {self.root}: {name} cannot be read ({str(e).splitlines()[0][:120]}): "
                         "restore the file or re-pack the pool"
                     ) from None
+                if columns_digest(parts[-1].column("id"), parts[-1].column("label")) != digest:
+                    raise _changed(self.root, name, "its ids or labels")
                 _check_labels(self.root, name, parts[-1].column("label"), self.manifest["classes"])
             out[split] = pa.concat_tables(parts) if parts else SCHEMA.empty_table().select(["id", "label"])
         _check_unique_ids(self.root, out)
@@ -213,38 +304,6 @@ def _check_labels(root: str, name: str, labels: pa.ChunkedArray, classes: list[s
         )
 
 
-# -- digests: each part file checked once per process, the first time it is read ------------------
-_VERIFIED: set[tuple[str, str, str]] = set()  # (filesystem type, path, sha256) checked in this process
-
-
-def sha256_of(fs: pafs.FileSystem, path: str) -> str:
-    """sha256 of a file's bytes, streamed (a part file is never held whole for it)."""
-    h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify(fs: pafs.FileSystem, base: str, root: str, name: str, sha256: str) -> None:
-    """The pool file `name` is the one pool.json recorded, or one UserError naming it."""
-    key = (fs.type_name, f"{base}/{name}", sha256)
-    if key in _VERIFIED:
-        return
-    try:
-        found = sha256_of(fs, f"{base}/{name}")
-    except OSError as e:
-        raise UserError(
-            f"pool {root}: {name} cannot be read ({str(e).splitlines()[0][:120]}): restore the file or re-pack the pool"
-        ) from None
-    if found != sha256:
-        raise UserError(
-            f"pool {root}: {name} is not the file that was packed (its sha256 differs from pool.json's): "
-            "restore it or re-pack the pool"
-        )
-    _VERIFIED.add(key)
-
-
 # -- opening: the manifest against the files --------------------------------------------------------
 def open_pool(where: str) -> PackedPool:
     """Open a packed pool (path or URI); checks the manifest against the split folders and every
@@ -262,12 +321,13 @@ def open_pool(where: str) -> PackedPool:
             f"run or finish `fm-ray pack SOURCE {where}`"
         ) from None
     manifest = _read_manifest(where, text)
-    splits = {}
+    splits, footers = {}, {}
     for split in SPLITS:
         entry = manifest["splits"].get(split, {"files": []})
         _check_folder(fs, base, where, split, entry["files"])
         if split in manifest["splits"]:
-            splits[split] = _split_files(fs, base, where, manifest, entry)
+            splits[split], footers[split] = _split_files(fs, base, where, manifest, entry)
+    _check_normalization(where, manifest, footers["train"])
     return PackedPool(where, manifest, splits)
 
 
@@ -285,7 +345,7 @@ def _read_manifest(where: str, text: bytes) -> dict[str, Any]:
         source = pack.get("source", "SOURCE") if isinstance(pack, dict) else "SOURCE"
         if isinstance(version, int) and version < VERSION:
             raise UserError(
-                f"pool {where} is format v{version}, packed by an older fm_ray without file digests: "
+                f"pool {where} is format v{version}, packed by an older fm_ray: "
                 f"pack it again into a new folder, `fm-ray pack {source} NEW_FOLDER`, and use that"
             )
         raise UserError(f"pool {where} is format v{version}, this fm_ray reads v{VERSION}: upgrade fm_ray")
@@ -325,19 +385,26 @@ def _split_entry_problem(split: str, entry: Any) -> str | None:
     """What is malformed in one split's manifest entry, or None."""
     if not isinstance(entry, dict):
         return f"splits.{split} is not an object"
-    files, rows, digests = entry.get("files"), entry.get("file_rows"), entry.get("file_sha256")
-    if not (isinstance(files, list) and isinstance(rows, list) and isinstance(digests, list)) or not (
-        len(files) == len(rows) == len(digests)
+    lists = [entry.get(key) for key in ("files", "file_rows", "columns_sha256", "group_sha256")]
+    files, rows, columns, groups = (x if isinstance(x, list) else None for x in lists)
+    if (
+        files is None
+        or rows is None
+        or columns is None
+        or groups is None
+        or len({len(files), len(rows), len(columns), len(groups)}) != 1
     ):
-        return f"splits.{split} lacks files, file_rows and file_sha256 of one length"
+        return f"splits.{split} lacks files, file_rows, columns_sha256 and group_sha256 of one length"
     for name in files:
         folder, _, file = name.partition("/") if isinstance(name, str) else ("", "", "")
         if folder != split or not file or "/" in file or file.startswith("."):
             return f"splits.{split} lists {name!r}, not a file of {split}/"
     if not all(isinstance(r, int) and r >= 0 for r in rows) or entry.get("rows") != sum(rows):
         return f"splits.{split} rows do not add up"
-    if not all(isinstance(d, str) for d in digests):
-        return f"splits.{split}.file_sha256 is not a list of digests"
+    if not all(isinstance(d, str) for d in columns) or not all(
+        isinstance(g, list) and all(isinstance(d, str) for d in g) for g in groups
+    ):
+        return f"splits.{split} digests are not lists of digests"
     return None
 
 
@@ -360,30 +427,41 @@ def _check_folder(fs: pafs.FileSystem, base: str, where: str, split: str, listed
         )
 
 
-def _split_files(fs: pafs.FileSystem, base: str, where: str, manifest: dict[str, Any], entry: dict) -> SplitFiles:
-    """The row-group table of one split, each file's footer checked against the manifest."""
+def _split_files(
+    fs: pafs.FileSystem, base: str, where: str, manifest: dict[str, Any], entry: dict
+) -> tuple[SplitFiles, list[dict[str, Any]]]:
+    """The row-group table of one split, each file's footer checked against the manifest; and the
+    footers' fm_ray metadata."""
     groups: list[tuple[int, int, int]] = []
+    metas = []
     start = 0
     for f, (name, rows) in enumerate(zip(entry["files"], entry["file_rows"], strict=True)):
         try:
             meta = pq.read_metadata(fs.open_input_file(f"{base}/{name}"))
         except (OSError, pa.ArrowException):
             raise UserError(f"pool {where}: {name} is missing or unreadable: restore it or re-pack the pool") from None
-        _check_footer(where, name, meta, rows, manifest["image_shape"])
+        READ_BYTES["footer"] += meta.serialized_size
+        metas.append(_check_footer(where, name, meta, rows, manifest, entry, f))
         for g in range(meta.num_row_groups):
             groups.append((f, g, start))
             start += meta.row_group(g).num_rows
     table = np.array(groups, dtype=np.int64).reshape(-1, 3)
-    return SplitFiles(
+    split_files = SplitFiles(
         tuple(entry["files"]),
-        tuple(entry["file_sha256"]),
+        tuple(entry["columns_sha256"]),
+        tuple(d for g in entry["group_sha256"] for d in g),
         table[:, 0],
         table[:, 1],
         np.append(table[:, 2], start).astype(np.int64),
     )
+    return split_files, metas
 
 
-def _check_footer(where: str, name: str, meta: pq.FileMetaData, rows: int, image_shape: list[int]) -> None:
+def _check_footer(
+    where: str, name: str, meta: pq.FileMetaData, rows: int, manifest: dict[str, Any], entry: dict, f: int
+) -> dict[str, Any]:
+    """The file is the one pool.json lists: rows, columns, and what it was packed with (shape,
+    classes, augmentation, digests) as its own footer records them. Returns that record."""
     changed = "it was changed after packing; restore it or re-pack the pool"
     if meta.num_rows != rows:
         raise UserError(f"pool {where}: {name} holds {meta.num_rows} rows, the manifest says {rows}: {changed}")
@@ -393,13 +471,43 @@ def _check_footer(where: str, name: str, meta: pq.FileMetaData, rows: int, image
             f"pool {where}: {name} has the columns ({_columns_text(schema)}), not ({_columns_text(SCHEMA)}): {changed}"
         )
     try:
-        shape = json.loads((schema.metadata or {})[FILE_META])["shape"]
+        record = json.loads((schema.metadata or {})[FILE_META])
+        shape = record["shape"]
     except (KeyError, TypeError, ValueError):
         raise UserError(f"pool {where}: {name} carries no fm_ray metadata: {changed}") from None
+    image_shape = manifest["image_shape"]
     if shape is not None and list(shape) != list(image_shape):
         raise UserError(
             f"pool {where}: {MANIFEST} says the images are {_shape_text(image_shape)}, {name} holds "
             f"{_shape_text(shape)} images: restore {MANIFEST} or re-pack the pool"
+        )
+    for key in ("classes", "augment"):
+        if record.get(key) != manifest[key]:
+            raise UserError(
+                f"pool {where}: {MANIFEST}'s {key} ({manifest[key]}) are not what {name} was packed with "
+                f"({record.get(key)}): restore {MANIFEST} or re-pack the pool"
+            )
+    digests = (record.get("columns_sha256"), record.get("group_sha256"))
+    if digests != (entry["columns_sha256"][f], entry["group_sha256"][f]) or len(digests[1]) != meta.num_row_groups:
+        raise _changed(where, name, "its digests")
+    return record
+
+
+def _check_normalization(where: str, manifest: dict[str, Any], train: list[dict[str, Any]]) -> None:
+    """pool.json's mean and std are in range and are what the files were packed with: the source's
+    own (recorded in every footer), else the ones the footers' exact pixel sums give."""
+    mean, std = manifest["mean"], manifest["std"]
+    fix = f"restore {MANIFEST} or re-pack the pool"
+    if not all(math.isfinite(m) and 0 <= m <= 1 for m in mean) or not all(math.isfinite(v) and v > 0 for v in std):
+        raise UserError(f"pool {where}: {MANIFEST}'s mean {mean} or std {std} is out of range: {fix}")
+    given = {json.dumps(m.get("norm")) for m in train}
+    if given != {"null"}:
+        expected = json.loads(given.pop()) if len(given) == 1 else None
+    else:
+        expected = list(map(list, sums_mean_std(train, len(mean))))
+    if expected != [list(mean), list(std)]:
+        raise UserError(
+            f"pool {where}: {MANIFEST}'s mean {mean} and std {std} are not the ones its images were packed with: {fix}"
         )
 
 

@@ -28,7 +28,7 @@ Opener = Callable[[str, str | None, bool], Dataset]  # (argument after the colon
 
 
 def _parquet(where: str, data_dir: str | None, skip_bad: bool) -> Dataset:
-    from fm_ray.data.parquet import open_pool
+    from fm_ray.data.parquet import ColumnIds, open_pool
 
     pool = open_pool(where)
     m = pool.manifest
@@ -46,7 +46,7 @@ def _parquet(where: str, data_dir: str | None, skip_bad: bool) -> Dataset:
             )
         else:
             labels = torch.from_numpy(label.to_numpy().astype(np.int64))
-        splits[name] = Split(cols.column("id").to_pylist(), labels, pool.images(name))
+        splits[name] = Split(ColumnIds(cols.column("id")), labels, pool.images(name))
     norm = Normalizer(tuple(m["mean"]), tuple(m["std"]))
     return Dataset(
         f"parquet:{where}", splits["train"], splits.get("test"), classes, norm, bool(m["augment"]), root=None

@@ -1,9 +1,9 @@
 """Where a pool's pixels come from: an `ImageSource` reads uint8 images by position.
 
 Two implementations of the same thing: `TensorImages` (a dataset already in RAM) and
-`fm_ray.packed.ParquetImages` (rows of a packed Parquet pool, read on demand). The driver reads
-only what it trains and evaluates on; each shard gets `subset(its positions)`, a small picklable
-object for Parquet, and loads its own images when it is built (`PoolShard.__init__`).
+`fm_ray.data.parquet.ParquetImages` (rows of a packed Parquet pool, read on demand). The driver
+reads only what it trains and evaluates on; each shard gets `subset(its positions)`, a small
+picklable object for Parquet, and reads its images block by block on every pass (`PoolShard.stream`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ class ImageSource(Protocol):
         """The images at `positions` as a new source whose position i is `positions[i]` here."""
         ...
 
+    def close(self) -> None:
+        """Drop what the last reads kept for the next one (an open file, a decoded row group)."""
+        ...
+
 
 class TensorImages:
     """Images already in memory: uint8 (N, C, H, W)."""
@@ -46,6 +50,9 @@ class TensorImages:
 
     def subset(self, positions: np.ndarray) -> TensorImages:
         return TensorImages(self.read(positions))
+
+    def close(self) -> None:
+        pass  # nothing kept between reads
 
 
 def as_source(images: ImageSource | torch.Tensor) -> ImageSource:

@@ -94,8 +94,11 @@ class PoolShard:
     def stream(self, blocks: list[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(member positions, uint8 pixels) block by block, read from the source as they are used
         and dropped after (default: every member, in `blocks()`); the only way a shard reads pixels."""
-        for pos in self.blocks() if blocks is None else blocks:
-            yield pos, self.images.read(pos.numpy())
+        try:
+            for pos in self.blocks() if blocks is None else blocks:
+                yield pos, self.images.read(pos.numpy())
+        finally:
+            self.images.close()  # no file or row group held between passes
 
     def inputs(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The members at `rows` (one block), normalized, on the shard's device in `dtype`."""

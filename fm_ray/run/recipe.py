@@ -118,6 +118,7 @@ def _setup(cfg: RunConfig) -> _Setup:
     y_pool = torch.from_numpy(pool.labels)
     assert data.test is not None  # sample_pool refused a source without a test split
     x_test = data.test.images.read(pool.test_index)
+    data.test.images.close()
     _, height, side = data.train.images.shape
     if height != side:
         raise UserError(f"{data.name} has {height}x{side} images; the models need square ones: re-pack with --resize N")
@@ -162,6 +163,7 @@ def _train(s: _Setup, rundir: RunDir, labeled: np.ndarray, r: int) -> tuple[nn.M
     fault_point("train", r)
     log(f"round {r}/{s.n_rounds}: training on {len(labeled)} labels")
     x, y = s.pool_images.read(labeled), s.y_pool[torch.from_numpy(labeled)]
+    s.pool_images.close()  # read again next round, and checked again: a pool changed meanwhile is refused
     desc = f"round {r}/{s.n_rounds}"  # the epoch progress lines' prefix
     return fit_round(
         cfg.model, cfg.train, cfg.seed, r, x, y, s.norm, s.data.augment, s.n_classes, s.device, warm, desc=desc
