@@ -10,7 +10,7 @@ images written as RGB files) into temporary folders, then prints one JSON line p
   listing_s          building the source listing alone (sha256 of every image file, or of its raw pixels)
   pack_s             the whole pack: opening the source (loading or listing it), decoding, writing
   open_s             open_pool: the manifest checked against the folders and every file's footer
-  columns_s          ids and labels of every split, each file's digest of them checked (what the driver reads)
+  columns_s          ids and labels of every split, each file's digests of them checked
   images_checked_s   every train image read row group by row group as a shard's pass reads it, each
                      row group checked against its digest
   images_raw_s       the same row groups read and decoded with pyarrow alone, nothing checked

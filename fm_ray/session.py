@@ -19,7 +19,7 @@ from fm_ray.data.source import ImageSource, as_source
 from fm_ray.errors import DegenerateModelError, UserError
 from fm_ray.model.zoo import build_model
 from fm_ray.pool import ShardedPool
-from fm_ray.pool.shard import ShardSpec, nonfinite_outputs, set_round
+from fm_ray.pool.shard import ShardSpec, member_pixels, nonfinite_outputs, set_round
 from fm_ray.strategies import SCORE_RTOL, STRATEGIES, QueryContext, Selection, all_equal
 from fm_ray.strategies.memory import check_plan, plan_inputs, query_plan
 
@@ -84,6 +84,16 @@ class PoolSession:
         _check_selection(sel, labeled, k, free, cfg.name, round)
         sel.ids = [self.ids[i] for i in sel.indices]
         return sel
+
+    def pixels(self, positions: np.ndarray) -> torch.Tensor:
+        """uint8 images of pool positions (in their order), read by the shards that hold them."""
+        positions = np.asarray(positions, dtype=np.int64)
+        C, H, W = self.shape
+        out = torch.empty((len(positions), C, H, W), dtype=torch.uint8)
+        order = np.argsort(positions, kind="stable")
+        for held, x_u8 in self.pool.map(member_pixels, positions):
+            out[torch.from_numpy(order[np.searchsorted(positions[order], held)])] = x_u8
+        return out
 
     def check_memory(
         self, model: nn.Module | None, k: int, labeled: np.ndarray, cfg: StrategyConfig, driver: str | None = None

@@ -102,14 +102,15 @@ def test_manifest_records_rows_digests_and_the_source_listing(folder, tmp_path):
     manifest = pack(f"imagefolder:{root}", str(tmp_path / "p"), rows_per_file=8)
     for entry in manifest["splits"].values():
         files = [tmp_path / "p" / f for f in entry["files"]]
-        for f, columns, groups in zip(files, entry["columns_sha256"], entry["group_sha256"], strict=True):
+        digests = zip(files, entry["ids_sha256"], entry["labels_sha256"], entry["group_sha256"], strict=True)
+        for f, ids, labels, groups in digests:
             rows = pq.read_table(f).to_pylist()  # one row group per file here (8 rows): its images, row by row
             assert groups == [hashlib.sha256(b"".join(r["image"] for r in rows)).hexdigest()]
-            literal = hashlib.sha256()
-            literal.update(np.array([len(r["id"].encode()) for r in rows], "<i8").tobytes())
+            literal = hashlib.sha256(np.array([len(r["id"].encode()) for r in rows], "<i8").tobytes())
             literal.update("".join(r["id"] for r in rows).encode())
-            literal.update(np.array([-1 if r["label"] is None else r["label"] for r in rows], "<i8").tobytes())
-            assert columns == literal.hexdigest()
+            assert ids == literal.hexdigest()
+            values = [-1 if r["label"] is None else r["label"] for r in rows]
+            assert labels == hashlib.sha256(np.array(values, "<i8").tobytes()).hexdigest()
         assert entry["file_rows"] == [pq.ParquetFile(f).metadata.num_rows for f in files]
     listing = pq.read_table(tmp_path / "p" / manifest["listing"]["file"]).to_pylist()
     want = [

@@ -21,13 +21,14 @@ from fm_ray.data.parquet import (
     READ_BYTES,
     ROW_GROUP,
     ParquetImages,
-    columns_digest,
+    ids_digest,
     image_digest,
+    labels_digest,
     open_pool,
     raw_images,
 )
 from fm_ray.data.registry import open_source
-from fm_ray.data.settings import initial_labeled, sample_pool
+from fm_ray.data.settings import sample_pool
 from fm_ray.errors import UserError
 from fm_ray.pool.local import LocalPool
 from fm_ray.pool.ray_pool import RayPool
@@ -148,18 +149,12 @@ def test_run_on_parquet_equals_run_on_fashion_mnist_and_driver_reads_no_pool_pix
 
     assert rows("pq", "queries.parquet") == rows("fm", "queries.parquet")
     assert rows("pq", "rounds.parquet") == rows("fm", "rounds.parquet")
-    # what the driver read: the test split once, and from train only the labeled samples' rows
+    # what the driver read: the test split once, and no train row (the shards send it the labeled ones)
     data = open_source(DataConfig(dataset=f"parquet:{packed}"))
     pool = sample_pool(small_cfg("fashion_mnist").data, data, 4)
-    queried = pq.read_table(tmp_path / "pq" / "queries.parquet").column("dataset_index").to_numpy()
-    labeled_rows = np.union1d(pool.train_index[initial_labeled(len(pool.train_index), 20, 4)], queried)
-    train_read = np.concatenate([r for s, r in reads if s == "train"])
-    assert len(train_read) == 20 + 30 + 40  # one read of the labeled set per round (rounds 0, 1, 2)
-    assert set(train_read.tolist()) <= set(labeled_rows.tolist())
-    assert [r.tolist() for s, r in reads if s == "test"] == [pool.test_index.tolist()]
-    # and the bytes: the image column chunks of exactly the row groups that hold those rows, per read
-    assert driver_bytes["image"] == sum(group_bytes(packed, split, rows) for split, rows in reads)
-    assert driver_bytes["image"] < group_bytes(packed, "train", pool.train_index) / 4
+    assert [r.tolist() for s, r in reads] == [pool.test_index.tolist()]
+    # and the bytes: the image column chunks of exactly the test row groups that hold those rows
+    assert driver_bytes["image"] == group_bytes(packed, "test", pool.test_index)
 
 
 def group_bytes(packed, split: str, rows: np.ndarray) -> int:
@@ -195,20 +190,22 @@ def reseal(pool) -> None:
 
     def fix(m):
         for entry in m["splits"].values():
-            entry["columns_sha256"], entry["group_sha256"] = [], []
+            for key in ("ids_sha256", "labels_sha256", "group_sha256"):
+                entry[key] = []
             for name in entry["files"]:
                 table = pq.read_table(pool / name)
                 meta = json.loads(table.schema.metadata[FILE_META])
                 images = table.column("image").combine_chunks()
-                meta["columns_sha256"] = columns_digest(table.column("id"), table.column("label"))
+                meta["ids_sha256"] = ids_digest(table.column("id"))
+                meta["labels_sha256"] = labels_digest(table.column("label"))
                 meta["group_sha256"] = [
                     image_digest(raw_images(images.slice(a, ROW_GROUP), tuple(m["image_shape"])))
                     for a in range(0, len(table), ROW_GROUP)
                 ]
                 new = table.replace_schema_metadata({FILE_META: json.dumps(meta).encode()})
                 pq.write_table(new, pool / name, row_group_size=ROW_GROUP)
-                entry["columns_sha256"].append(meta["columns_sha256"])
-                entry["group_sha256"].append(meta["group_sha256"])
+                for key in ("ids_sha256", "labels_sha256", "group_sha256"):
+                    entry[key].append(meta[key])
 
     edit_manifest(pool, fix)
 
@@ -244,8 +241,9 @@ def test_duplicate_ids(small_pool, tmp_path, capsys):
     test_file = small_pool / "test" / "part-00000.parquet"
     rewrite(test_file, lambda t: t.set_column(0, "id", pa.array([f"train/{i}" for i in range(len(t))])))
     reseal(small_pool)
-    assert main(run_argv(small_pool, tmp_path / "r")) == 2
-    assert "has the id 'train/0' more than once" in one_line_error(capsys)
+    data = open_source(DataConfig(dataset=f"parquet:{small_pool}"))  # a run reads no ids: nothing to check
+    with pytest.raises(UserError, match="has the id 'train/0' more than once"):
+        data.train.ids[0]  # whatever reads the ids (projects, fm_ray.select) checks them
 
 
 def test_file_changed_after_packing(small_pool, tmp_path, capsys):
@@ -347,7 +345,7 @@ def test_image_shape_edited_in_the_manifest(small_pool, tmp_path, capsys, shape)
 def test_file_dropped_from_the_manifest_or_the_folder(small_pool, tmp_path, capsys):
     def drop_last(m):
         entry = m["splits"]["train"]
-        for key in ("files", "file_rows", "columns_sha256", "group_sha256"):
+        for key in ("files", "file_rows", "ids_sha256", "labels_sha256", "group_sha256"):
             entry[key] = entry[key][:-1]
         entry["rows"] = sum(entry["file_rows"])
 
@@ -408,7 +406,10 @@ def test_a_file_with_other_columns(small_pool, tmp_path, capsys):
         (lambda m: m.pop("splits"), "damaged (splits is missing)"),
         (lambda m: m.pop("mean"), "damaged (mean is missing or not 1 number per channel)"),
         (lambda m: m["splits"].pop("train"), "damaged (splits has no train entry)"),
-        (lambda m: m["splits"]["train"].pop("group_sha256"), "lacks files, file_rows, columns_sha256 and group"),
+        (
+            lambda m: m["splits"]["train"].pop("group_sha256"),
+            "lacks files, file_rows, ids_sha256, labels_sha256 and group",
+        ),
         (lambda m: m["splits"]["train"]["files"].__setitem__(0, "../../etc/passwd"), "not a file of train/"),
         (lambda m: m.update(version=1), "format v1, packed by an older fm_ray: pack it again"),
         (lambda m: m.update(version=2), "format v2, packed by an older fm_ray: pack it again"),
@@ -427,20 +428,22 @@ def test_damaged_manifest_is_one_line(small_pool, tmp_path, capsys, text, messag
         assert "`fm-ray pack fashion_mnist NEW_FOLDER`" in err
 
 
-def test_opening_reads_footers_and_the_driver_reads_ids_and_labels_only(small_pool):
+def test_opening_reads_footers_and_the_driver_reads_labels_only(small_pool):
     READ_BYTES.clear()
     pool = open_pool(str(small_pool))
     assert set(READ_BYTES) == {"footer"}  # opening: every file's footer, nothing else
+    pool.labels("train")
+    pool.labels("test")
+    assert set(READ_BYTES) == {"footer", "label"}  # a run's driver: labels only, no ids, no pixels
     pool.columns("train")
-    pool.columns("test")
-    assert "image" not in READ_BYTES and READ_BYTES["columns"] > 0
+    assert "image" not in READ_BYTES and READ_BYTES["id"] > 0
     files = [f for f in small_pool.glob("*/part-*.parquet")]
     image_bytes = sum(
         pq.ParquetFile(f).metadata.row_group(g).column(1).total_compressed_size
         for f in files
         for g in range(pq.ParquetFile(f).metadata.num_row_groups)
     )
-    assert READ_BYTES["columns"] < image_bytes / 20  # ids and labels are a sliver of a pool's bytes
+    assert READ_BYTES["id"] + READ_BYTES["label"] < image_bytes / 20  # ids and labels: a sliver of a pool's bytes
 
 
 def test_a_file_changed_while_a_process_reads_the_pool_is_refused(small_pool):

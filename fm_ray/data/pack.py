@@ -47,9 +47,10 @@ from fm_ray.data.parquet import (
     SKIPPED_CSV,
     SPLITS,
     VERSION,
-    columns_digest,
     filesystem,
+    ids_digest,
     image_digest,
+    labels_digest,
     part_name,
 )
 from fm_ray.data.registry import check_outside, open_source, parse_spec
@@ -306,7 +307,8 @@ def _write_chunk(fs: pafs.FileSystem, path: str, chunk: Chunk, meta: dict[str, A
     labels = pa.array(chunk.labels if chunk.labels is not None else [None] * n, type=pa.int64())
     meta = {
         **meta,
-        "columns_sha256": columns_digest(ids, labels),
+        "ids_sha256": ids_digest(ids),
+        "labels_sha256": labels_digest(labels),
         "group_sha256": [image_digest(flat[a : a + ROW_GROUP]) for a in range(0, n, ROW_GROUP)],
     }
     table = pa.table([ids, images, labels], schema=SCHEMA).replace_schema_metadata(
@@ -358,7 +360,8 @@ def _finish(
                 "rows": sum(rows[s]),
                 "files": names,
                 "file_rows": rows[s],
-                "columns_sha256": [m["columns_sha256"] for m in metas[s]],
+                "ids_sha256": [m["ids_sha256"] for m in metas[s]],
+                "labels_sha256": [m["labels_sha256"] for m in metas[s]],
                 "group_sha256": [m["group_sha256"] for m in metas[s]],
             }
             for s, names in files.items()

@@ -24,8 +24,9 @@ Nothing in the manifest is trusted alone, and nothing is read whole only to hash
   group (a shard's pass, the driver's labeled rows) is checked against it as it is decoded, so a
   file changed, swapped or corrupted after packing, even while a run reads it, is refused by the
   process that reads it;
-- `columns_sha256`: one sha256 per file of its ids and labels, checked by the driver, which reads
-  those two columns and never the pixels of the unlabeled pool.
+- `ids_sha256`, `labels_sha256`: one sha256 per file of its ids, and of its labels, checked as
+  they are read. A run's driver reads the labels only (and the test split): never a pixel of the
+  unlabeled pool, nor its ids.
 `READ_BYTES` counts what this process read from pool files (column chunks, footers), by kind.
 """
 
@@ -35,7 +36,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -63,7 +64,7 @@ LISTING_SCHEMA = pa.schema(
     [("split", pa.string()), ("id", pa.string()), ("label", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())]
 )
 FILE_META = b"fm_ray"  # per-file Parquet schema metadata: what the file was packed with (see the module doc)
-READ_BYTES: Counter[str] = Counter()  # bytes this process read from pool files: image, columns, footer
+READ_BYTES: Counter[str] = Counter()  # bytes this process read from pool files: image, id, label, footer
 
 
 def filesystem(where: str) -> tuple[pafs.FileSystem, str]:
@@ -89,7 +90,8 @@ class SplitFiles:
     """One split's files and where each row group starts (row numbers within the split)."""
 
     files: tuple[str, ...]  # relative to the pool root
-    columns_sha256: tuple[str, ...]  # of each file's ids and labels (`columns_digest`), from pool.json
+    ids_sha256: tuple[str, ...]  # of each file's ids (`ids_digest`), from pool.json
+    labels_sha256: tuple[str, ...]  # of each file's labels (`labels_digest`), from pool.json
     group_sha256: tuple[str, ...]  # (G,) of each row group's raw image bytes (`image_digest`), from pool.json
     group_file: np.ndarray  # (G,) file index of each row group
     group_index: np.ndarray  # (G,) row-group index within its file
@@ -106,19 +108,20 @@ def image_digest(data: Any) -> str:
     return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
 
 
-def columns_digest(ids: pa.Array | pa.ChunkedArray, labels: pa.Array | pa.ChunkedArray) -> str:
-    """sha256 of a file's ids and labels: each id's UTF-8 bytes and length, each label as int64
-    (null: -1), so neither a changed id nor a changed label keeps the digest."""
+def ids_digest(ids: pa.Array | pa.ChunkedArray) -> str:
+    """sha256 of a file's ids: each id's length and UTF-8 bytes."""
     ids = pa.chunked_array([ids]) if isinstance(ids, pa.Array) else ids
     ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
-    h = hashlib.sha256()
-    lengths = pc.binary_length(ids).fill_null(-1).to_numpy(zero_copy_only=False).astype("<i8")
-    h.update(lengths.tobytes())
+    h = hashlib.sha256(pc.binary_length(ids).fill_null(-1).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
     if len(ids):
         offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32)[ids.offset : ids.offset + len(ids) + 1]
         h.update(memoryview(ids.buffers()[2])[offsets[0] : offsets[-1]])
-    h.update(pc.fill_null(labels, -1).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
     return h.hexdigest()
+
+
+def labels_digest(labels: pa.Array | pa.ChunkedArray) -> str:
+    """sha256 of a file's labels, each as int64 (null: -1)."""
+    return hashlib.sha256(pc.fill_null(labels, -1).to_numpy(zero_copy_only=False).astype("<i8").tobytes()).hexdigest()
 
 
 def _changed(root: str, name: str, what: str) -> UserError:
@@ -212,25 +215,6 @@ def raw_images(arr: pa.Array, shape: tuple[int, int, int]) -> np.ndarray:
     return data.reshape(len(arr), *shape)
 
 
-class ColumnIds(Sequence[str]):
-    """A split's ids as their Arrow column: a pool of millions holds no Python string per row."""
-
-    def __init__(self, ids: pa.ChunkedArray):
-        self.ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return self.ids[i].to_pylist()
-        return self.ids[int(i)].as_py()
-
-    def __iter__(self) -> Any:
-        for chunk in range(0, len(self.ids), 65536):
-            yield from self.ids[chunk : chunk + 65536].to_pylist()
-
-
 @dataclass(frozen=True)
 class PackedPool:
     """An opened pool: manifest, ids and labels in memory (no pixels); `images(split)` reads on demand."""
@@ -248,41 +232,82 @@ class PackedPool:
         return ParquetImages(self.root, split, files, self.shape, np.arange(files.rows))
 
     def columns(self, split: str) -> pa.Table:
-        """`id` and `label` of every row of a split, checked against pool.json's digests (the image
-        column is never read here)."""
-        return self._columns[split]
+        """`id` and `label` of every row of a split, each checked against pool.json's digests and
+        the ids for uniqueness over all splits (the image column is never read here)."""
+        return pa.table({"id": self._ids[split], "label": self.labels(split)})
+
+    def labels(self, split: str) -> pa.ChunkedArray:
+        """The `label` column of a split, checked (all a run's driver reads of the train split)."""
+        return self._labels[split]
 
     @cached_property
-    def _columns(self) -> dict[str, pa.Table]:
-        fs, base = filesystem(self.root)
+    def _labels(self) -> dict[str, pa.ChunkedArray]:
         out = {}
         for split, files in self.splits.items():
-            parts = []
-            for name, digest in zip(files.files, files.columns_sha256, strict=True):
-                try:
-                    file = pq.ParquetFile(fs.open_input_file(f"{base}/{name}"))
-                    meta = file.metadata
-                    READ_BYTES["columns"] += sum(
-                        meta.row_group(g).column(c).total_compressed_size
-                        for g in range(meta.num_row_groups)
-                        for c in (0, 2)
-                    )
-                    parts.append(file.read(columns=["id", "label"]))
-                except (OSError, pa.ArrowException) as e:
-                    raise UserError(
-                        f"pool {self.root}: {name} cannot be read ({str(e).splitlines()[0][:120]}): "
-                        "restore the file or re-pack the pool"
-                    ) from None
-                if columns_digest(parts[-1].column("id"), parts[-1].column("label")) != digest:
-                    raise _changed(self.root, name, "its ids or labels")
-                _check_labels(self.root, name, parts[-1].column("label"), self.manifest["classes"])
-            out[split] = pa.concat_tables(parts) if parts else SCHEMA.empty_table().select(["id", "label"])
+            column = self._read_column(files, "label", files.labels_sha256, labels_digest)
+            for name, chunk in zip(files.files, column.chunks, strict=True):
+                _check_labels(self.root, name, chunk, self.manifest["classes"])
+            out[split] = column
+        return out
+
+    @cached_property
+    def _ids(self) -> dict[str, pa.ChunkedArray]:
+        out = {split: self._read_column(f, "id", f.ids_sha256, ids_digest) for split, f in self.splits.items()}
         _check_unique_ids(self.root, out)
         return out
 
+    def _read_column(
+        self, files: SplitFiles, column: str, digests: tuple[str, ...], digest: Callable[[pa.ChunkedArray], str]
+    ) -> pa.ChunkedArray:
+        """One column of every file of a split (one chunk a file), each checked against its digest."""
+        fs, base = filesystem(self.root)
+        index = SCHEMA.get_field_index(column)
+        chunks = []
+        for name, expected in zip(files.files, digests, strict=True):
+            try:
+                file = pq.ParquetFile(fs.open_input_file(f"{base}/{name}"))
+                meta = file.metadata
+                sizes = (meta.row_group(g).column(index).total_compressed_size for g in range(meta.num_row_groups))
+                READ_BYTES[column] += sum(sizes)
+                values = file.read(columns=[column]).column(0)
+            except (OSError, pa.ArrowException) as e:
+                raise UserError(
+                    f"pool {self.root}: {name} cannot be read ({str(e).splitlines()[0][:120]}): "
+                    "restore the file or re-pack the pool"
+                ) from None
+            if digest(values) != expected:
+                raise _changed(self.root, name, f"its {column}s")
+            chunks.append(values.combine_chunks() if values.num_chunks else pa.array([], SCHEMA.field(column).type))
+        return pa.chunked_array(chunks, type=SCHEMA.field(column).type)
 
-def _check_unique_ids(root: str, tables: dict[str, pa.Table]) -> None:
-    ids = pa.chunked_array([t.column("id") for t in tables.values()], type=pa.string())
+
+class LazyIds(Sequence[str]):
+    """A split's ids, read (and checked) on first use: a run's driver never reads them, and a pool
+    of millions holds them as one Arrow column, not a Python string per row."""
+
+    def __init__(self, pool: PackedPool, split: str):
+        self.pool, self.split = pool, split
+
+    def __len__(self) -> int:
+        return self.pool.splits[self.split].rows
+
+    @cached_property
+    def _column(self) -> pa.Array:
+        column = self.pool._ids[self.split]
+        return column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return self._column[i].to_pylist()
+        return self._column[int(i)].as_py()
+
+    def __iter__(self) -> Any:
+        for start in range(0, len(self), 65536):
+            yield from self._column[start : start + 65536].to_pylist()
+
+
+def _check_unique_ids(root: str, columns: dict[str, pa.ChunkedArray]) -> None:
+    ids = pa.chunked_array([c for column in columns.values() for c in column.chunks], type=pa.string())
     if pc.count_distinct(ids).as_py() == len(ids):
         return
     counts = pc.value_counts(ids)
@@ -290,7 +315,7 @@ def _check_unique_ids(root: str, tables: dict[str, pa.Table]) -> None:
     raise UserError(f"pool {root} has the id {dup!r} more than once: ids must be unique; fix the source and re-pack")
 
 
-def _check_labels(root: str, name: str, labels: pa.ChunkedArray, classes: list[str] | None) -> None:
+def _check_labels(root: str, name: str, labels: pa.Array, classes: list[str] | None) -> None:
     if classes is None:
         if labels.null_count < len(labels):
             raise UserError(f"pool {root}: {name} holds labels but pool.json lists no classes: re-pack the pool")
@@ -385,23 +410,24 @@ def _split_entry_problem(split: str, entry: Any) -> str | None:
     """What is malformed in one split's manifest entry, or None."""
     if not isinstance(entry, dict):
         return f"splits.{split} is not an object"
-    lists = [entry.get(key) for key in ("files", "file_rows", "columns_sha256", "group_sha256")]
-    files, rows, columns, groups = (x if isinstance(x, list) else None for x in lists)
+    lists = [entry.get(key) for key in ("files", "file_rows", "ids_sha256", "labels_sha256", "group_sha256")]
+    files, rows, ids, labels, groups = (x if isinstance(x, list) else None for x in lists)
     if (
         files is None
         or rows is None
-        or columns is None
+        or ids is None
+        or labels is None
         or groups is None
-        or len({len(files), len(rows), len(columns), len(groups)}) != 1
+        or len({len(files), len(rows), len(ids), len(labels), len(groups)}) != 1
     ):
-        return f"splits.{split} lacks files, file_rows, columns_sha256 and group_sha256 of one length"
+        return f"splits.{split} lacks files, file_rows, ids_sha256, labels_sha256 and group_sha256 of one length"
     for name in files:
         folder, _, file = name.partition("/") if isinstance(name, str) else ("", "", "")
         if folder != split or not file or "/" in file or file.startswith("."):
             return f"splits.{split} lists {name!r}, not a file of {split}/"
     if not all(isinstance(r, int) and r >= 0 for r in rows) or entry.get("rows") != sum(rows):
         return f"splits.{split} rows do not add up"
-    if not all(isinstance(d, str) for d in columns) or not all(
+    if not all(isinstance(d, str) for d in ids + labels) or not all(
         isinstance(g, list) and all(isinstance(d, str) for d in g) for g in groups
     ):
         return f"splits.{split} digests are not lists of digests"
@@ -448,7 +474,8 @@ def _split_files(
     table = np.array(groups, dtype=np.int64).reshape(-1, 3)
     split_files = SplitFiles(
         tuple(entry["files"]),
-        tuple(entry["columns_sha256"]),
+        tuple(entry["ids_sha256"]),
+        tuple(entry["labels_sha256"]),
         tuple(d for g in entry["group_sha256"] for d in g),
         table[:, 0],
         table[:, 1],
@@ -487,8 +514,10 @@ def _check_footer(
                 f"pool {where}: {MANIFEST}'s {key} ({manifest[key]}) are not what {name} was packed with "
                 f"({record.get(key)}): restore {MANIFEST} or re-pack the pool"
             )
-    digests = (record.get("columns_sha256"), record.get("group_sha256"))
-    if digests != (entry["columns_sha256"][f], entry["group_sha256"][f]) or len(digests[1]) != meta.num_row_groups:
+    keys = ("ids_sha256", "labels_sha256", "group_sha256")
+    if [record.get(k) for k in keys] != [entry[k][f] for k in keys] or len(entry["group_sha256"][f]) != (
+        meta.num_row_groups
+    ):
         raise _changed(where, name, "its digests")
     return record
 

@@ -28,15 +28,14 @@ Opener = Callable[[str, str | None, bool], Dataset]  # (argument after the colon
 
 
 def _parquet(where: str, data_dir: str | None, skip_bad: bool) -> Dataset:
-    from fm_ray.data.parquet import ColumnIds, open_pool
+    from fm_ray.data.parquet import LazyIds, open_pool
 
     pool = open_pool(where)
     m = pool.manifest
     classes = tuple(m["classes"]) if m.get("classes") else None
     splits: dict[str, Split] = {}
     for name in pool.splits:
-        cols = pool.columns(name)
-        label = cols.column("label")
+        label = pool.labels(name)
         if label.null_count == len(label):
             labels = None
         elif label.null_count:
@@ -46,7 +45,7 @@ def _parquet(where: str, data_dir: str | None, skip_bad: bool) -> Dataset:
             )
         else:
             labels = torch.from_numpy(label.to_numpy().astype(np.int64))
-        splits[name] = Split(ColumnIds(cols.column("id")), labels, pool.images(name))
+        splits[name] = Split(LazyIds(pool, name), labels, pool.images(name))
     norm = Normalizer(tuple(m["mean"]), tuple(m["std"]))
     return Dataset(
         f"parquet:{where}", splits["train"], splits.get("test"), classes, norm, bool(m["augment"]), root=None

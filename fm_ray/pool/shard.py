@@ -145,6 +145,17 @@ def on_state(
 
 
 @read_only
+def member_pixels(shard: PoolShard, positions: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """The uint8 images of those of the pool `positions` this shard holds, with their positions:
+    the driver's labeled set is read here, by the shards, so the driver opens no pool pixel file."""
+    index = shard.index_N.numpy()
+    mine = np.asarray(positions, dtype=np.int64)[np.isin(positions, index)]
+    x_u8 = shard.images.read(np.searchsorted(index, mine))  # index_N is sorted (pool.partition)
+    shard.images.close()
+    return mine, x_u8
+
+
+@read_only
 def nonfinite_outputs(shard: PoolShard) -> int:
     """How many of this shard's model outputs (probabilities and penultimate features) are NaN or inf."""
     probs, feats = shard.predictions()

@@ -55,8 +55,9 @@ def run_experiment(
             for line in [f"memory plan of the first query ({cfg.strategy.name}):", *str(plan).splitlines()]:
                 log(line)  # one log line each, so every console line carries fm_ray's prefix
         run = _open(s, rundir, resume, overwrite)
+        labeled_x = _LabeledPixels(session)
         for r in range(len(run.rows), s.n_rounds + 1):
-            model, fit = _train(s, rundir, run.labeled, r)
+            model, fit = _train(s, rundir, labeled_x, run.labeled, r)
             ev, eval_s = _evaluate(s, model, r)
             sel, query_s = _query(s, session, model, run.labeled, r, ev)
             row = _record(s, run, session.pool, r, fit, ev, eval_s, sel, query_s)
@@ -88,8 +89,8 @@ class _Setup:
     n_rounds: int
     device: torch.device
     norm: Normalizer
-    # position i of the pool is train row pool.train_index[i]; the shards read their own rows, the
-    # driver only the labeled set (each round) and the test split
+    # position i of the pool is train row pool.train_index[i]; the shards read their own rows (and
+    # the labeled set's, for the driver to train on); the driver reads the test split
     pool_images: ImageSource
     y_pool: torch.Tensor
     x_test: torch.Tensor
@@ -156,14 +157,36 @@ def _open(s: _Setup, rundir: RunDir, resume: bool, overwrite: bool) -> _Progress
 # One round: train -> evaluate -> query -> record -> write.
 
 
-def _train(s: _Setup, rundir: RunDir, labeled: np.ndarray, r: int) -> tuple[nn.Module, dict[str, float]]:
+class _LabeledPixels:
+    """The labeled set's pixels, kept by the driver across rounds (a few thousand images): each
+    round fetches only the new picks' from the shards that hold them (`PoolSession.pixels`), so
+    the driver never opens a pixel file of the pool and its reads do not grow with the pool."""
+
+    def __init__(self, session: PoolSession):
+        self.session = session
+        self.held = np.empty(0, dtype=np.int64)  # sorted pool positions
+        self.x_u8: torch.Tensor | None = None
+
+    def __call__(self, labeled: np.ndarray) -> torch.Tensor:
+        new = np.setdiff1d(labeled, self.held)
+        if len(new) or self.x_u8 is None:
+            x_new = self.session.pixels(new)
+            merged = np.concatenate([self.held, new])
+            order = np.argsort(merged, kind="stable")
+            x_all = x_new if self.x_u8 is None else torch.cat([self.x_u8, x_new])
+            self.held, self.x_u8 = merged[order], x_all[torch.from_numpy(order)]
+        return self.x_u8[torch.from_numpy(np.searchsorted(self.held, labeled))]
+
+
+def _train(
+    s: _Setup, rundir: RunDir, labeled_x: _LabeledPixels, labeled: np.ndarray, r: int
+) -> tuple[nn.Module, dict[str, float]]:
     """A model trained on the labeled set (from the last round's weights with --warm-start)."""
     cfg = s.cfg
     warm = rundir.load_checkpoint(r - 1) if cfg.train.warm_start and r > 0 else None
     fault_point("train", r)
     log(f"round {r}/{s.n_rounds}: training on {len(labeled)} labels")
-    x, y = s.pool_images.read(labeled), s.y_pool[torch.from_numpy(labeled)]
-    s.pool_images.close()  # read again next round, and checked again: a pool changed meanwhile is refused
+    x, y = labeled_x(labeled), s.y_pool[torch.from_numpy(labeled)]
     desc = f"round {r}/{s.n_rounds}"  # the epoch progress lines' prefix
     return fit_round(
         cfg.model, cfg.train, cfg.seed, r, x, y, s.norm, s.data.augment, s.n_classes, s.device, warm, desc=desc
