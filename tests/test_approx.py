@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fm_ray.core import fisher
-from fm_ray.core.approx import candidate_keys, projection, top_class_rows
+from fm_ray.core.approx import candidate_keys, fisher_pool_keys, projection, top_class_rows
 from fm_ray.core.greedy import initial_inverse
 from fm_ray.core.random import hash_uniform
 from fm_ray.core.scores import entropy
@@ -98,6 +98,8 @@ APPROX = [
     {"top_classes": 3},
     {"project": 64},
     {"candidates": 100, "top_classes": 2, "project": 32, "backward_steps": 1},
+    {"fisher_pool": 150},
+    {"fisher_pool": 120, "candidates": 90},
 ]
 
 
@@ -142,3 +144,48 @@ def test_woodbury_start_picks_what_the_plain_inverse_picks(trained, monkeypatch)
     monkeypatch.setattr(sfisher, "initial_inverse", plain)
     assert pick(trained, 2, "fishermask", sparsity=0.05) == woodbury
     assert seen == [True]
+
+
+def test_fisher_pool_sums_the_sample_and_embeds_only_what_is_used(trained, monkeypatch):
+    """--fisher-pool: the pool sum is V^T V over the sample alone (brute force), its count the
+    sample's size, and with candidates the shard computes embeddings of nothing else (but the
+    labeled set's): past the forward pass, the pixels it reads are the sample's, the candidates'
+    and the labeled rows'."""
+    from fm_ray.core.mask import fisher_mask
+
+    pool = LocalPool(trained["spec"], trained["x_pool"], 1)
+    pool.map(set_round, trained["weights"], trained["labeled"])
+    shard = pool.shards[0]
+    mask = fisher_mask(torch.arange(sum(p.numel() for p in shard.model.parameters()), dtype=torch.float64), 60)
+    sample, candidates = torch.arange(3, 560, 11), torch.arange(5, 560, 13)
+    shard.predictions()  # the one pass over every member (the forward pass), before counting
+    read: list[np.ndarray] = []
+    original = shard.images.read
+    monkeypatch.setattr(shard.images, "read", lambda pos: read.append(pos) or original(pos))
+    approx = Approx(candidates=candidates, fisher_pool=sample)
+    pool_sum, lab_sum, n = build_greedy_state(shard, mask, "fast", 64, "float64", "float32", False, approx)
+    labeled = set(trained["labeled"].tolist())
+    used = set(sample.tolist()) | set(candidates.tolist()) | labeled
+    assert set(np.concatenate(read).tolist()) == used and len(np.concatenate(read)) == len(used)
+    x = shard.normalized(original(np.arange(560)), torch.float64)
+    V = fisher.fisher_embeddings(shard.model_in(torch.float64), x, mask, chunk_size=64)
+    flat = V[sample].reshape(-1, 60)
+    assert n == len(sample)
+    assert torch.allclose(pool_sum, flat.T @ flat, rtol=1e-6, atol=1e-9)
+    lab = V[torch.from_numpy(trained["labeled"])].reshape(-1, 60)
+    assert torch.allclose(lab_sum, lab.T @ lab, rtol=1e-6, atol=1e-9)
+    assert shard.state.index_N.tolist() == [i for i in candidates.tolist() if i not in labeled]
+
+
+def test_fisher_pool_sample_is_the_top_keys_apart_from_the_candidates(trained, monkeypatch):
+    from fm_ray.strategies import fisher as sfisher
+
+    seen = []
+    original = sfisher.build_greedy_state
+    monkeypatch.setattr(sfisher, "build_greedy_state", lambda shard, *a: seen.append(a[-1]) or original(shard, *a))
+    pick(trained, 2, "fishermask", sparsity=0.01, fisher_pool=40, candidates=30)
+    free = np.setdiff1d(np.arange(560), trained["labeled"])
+    keys = fisher_pool_keys(0, 1, torch.from_numpy(free))  # context: seed 0, round 1
+    want = np.sort(free[np.argsort(-keys.numpy(), kind="stable")[:40]])
+    assert all(a.fisher_pool.tolist() == want.tolist() for a in seen) and len(seen) == 2
+    assert seen[0].candidates.tolist() != seen[0].fisher_pool.tolist()[:30]

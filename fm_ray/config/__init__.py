@@ -59,6 +59,7 @@ class StrategyConfig:
     candidate_rule: str = "uniform"  # uniform (seeded) | entropy | margin | least_confidence (top N)
     top_classes: int | None = None  # keep each sample's c most likely classes' rows (BAIT Exp)
     project: int | None = None  # seeded random projection of the embeddings to r dimensions
+    fisher_pool: int | None = None  # F from a seeded uniform sample of N unlabeled samples (None: all)
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,13 @@ def _validate_strategy(s: StrategyConfig) -> None:
         raise UserError(f"--fisher-dtype must be float32 or float64, got {s.fisher_dtype!r}")
     if s.embed_dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--embed-dtype must be float32, bfloat16 or float16, got {s.embed_dtype!r}")
-    for flag, value in (("--candidates", s.candidates), ("--top-classes", s.top_classes), ("--project", s.project)):
+    approximations = (
+        ("--candidates", s.candidates),
+        ("--top-classes", s.top_classes),
+        ("--project", s.project),
+        ("--fisher-pool", s.fisher_pool),
+    )
+    for flag, value in approximations:
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be positive, got {value}: pass a number >= 1 or leave it out (exact)")
     rules = ("uniform", "entropy", "margin", "least_confidence")

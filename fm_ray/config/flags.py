@@ -198,6 +198,13 @@ RUN_FLAGS: tuple[Flag, ...] = (
         parse=int,
     ),
     Flag(
+        "strategy.fisher_pool",
+        FM,
+        "approximation: the pool Fisher F estimated from a seeded uniform sample of N unlabeled samples; "
+        "with --candidates, embeddings are computed for the sample and the candidates only (default: all, exact)",
+        parse=int,
+    ),
+    Flag(
         "strategy.candidate_rule",
         FM,
         "how --candidates chooses: uniform (seeded, shard-invariant) or the top N by an uncertainty score "

@@ -11,6 +11,9 @@ never on which shard holds it.
 - ``candidate_keys``: the key a candidate subset is chosen by (``--candidates N``): a seeded hash
   uniform of the pool position (a uniform random subset) or an uncertainty score; the subset is
   the N highest keys, ties to the lower pool position (see ``core.scores.top_k``).
+- ``fisher_pool_keys``: the key the sample the pool Fisher ``F`` is estimated from is chosen by
+  (``--fisher-pool N``): a seeded hash uniform of the pool position, drawn apart from the
+  candidates'. ``F`` is a mean over the pool, so the sample's mean is an unbiased estimate of it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from fm_ray.core.random import hash_uniform
 from fm_ray.core.scores import SCORES
 
 _CANDIDATE_STEP = 0x5EED  # the hash_uniform step reserved for candidate subsets
+_FISHER_POOL_STEP = 0xF15E << 32  # and for the --fisher-pool sample (apart from any round's candidates)
 
 
 def top_class_rows(emb_N_C_D: Tensor, probs_N_C: Tensor, c: int) -> Tensor:
@@ -65,3 +69,8 @@ def candidate_keys(rule: str, seed: int, round: int, index_N: Tensor, probs_N_C:
         return hash_uniform(seed, _CANDIDATE_STEP + round, index_N)
     assert probs_N_C is not None, f"candidate rule {rule!r} needs the probabilities"
     return SCORES[rule](probs_N_C).double()
+
+
+def fisher_pool_keys(seed: int, round: int, index_N: Tensor) -> Tensor:
+    """Keys the ``--fisher-pool`` sample is chosen by (its N highest): uniform, seeded, shard-invariant."""
+    return hash_uniform(seed, _FISHER_POOL_STEP + round, index_N)

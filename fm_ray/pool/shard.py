@@ -100,9 +100,14 @@ class PoolShard:
         finally:
             self.images.close()  # no file or row group held between passes
 
+    def normalized(self, x_u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A block of `stream`'s pixels as model inputs: normalized, on the shard's device in `dtype`."""
+        return self.spec.norm(x_u8).to(self.device, dtype)
+
     def inputs(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The members at `rows` (one block), normalized, on the shard's device in `dtype`."""
-        return self.spec.norm(self.images.read(rows.numpy())).to(self.device, dtype)
+        (_, x_u8), *_ = self.stream([rows])
+        return self.normalized(x_u8, dtype)
 
     def model_in(self, dtype: torch.dtype) -> torch.nn.Module:
         """The model in the Fisher compute dtype (float64 on request: a copy)."""

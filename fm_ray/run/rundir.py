@@ -98,6 +98,7 @@ EXACT = {
     "strategy.candidate_rule": "uniform",
     "strategy.top_classes": None,
     "strategy.project": None,
+    "strategy.fisher_pool": None,
 }
 
 

@@ -19,7 +19,7 @@ import torch
 from fm_ray._internal.log import log, progress
 from fm_ray.core import fisher
 from fm_ray.core import mask as fmask
-from fm_ray.core.approx import candidate_keys, projection, projection_seed, top_class_rows
+from fm_ray.core.approx import candidate_keys, fisher_pool_keys, projection, projection_seed, top_class_rows
 from fm_ray.core.greedy import GreedyState, greedy_select, initial_inverse
 from fm_ray.core.memory import GreedySizes, Plan, fisher_workspace, greedy_plan
 from fm_ray.core.scores import top_k
@@ -38,8 +38,8 @@ def fisher_diag_partial(shard: PoolShard, n_first: int, chunk_size: int, dtype: 
     model, dt = shard.model_in(DTYPES[dtype]), DTYPES[dtype]
     n_params = sum(p.numel() for p in shard.model.parameters())
     total = torch.zeros(n_params, dtype=torch.float64, device=shard.device)
-    for chunk in rows.split(BLOCK):
-        total += fisher.fisher_diag_sum(model, shard.inputs(chunk, dt), chunk_size=chunk_size)
+    for _, x_u8 in shard.stream(list(rows.split(BLOCK))):
+        total += fisher.fisher_diag_sum(model, shard.normalized(x_u8, dt), chunk_size=chunk_size)
     return total, len(rows)
 
 
@@ -47,11 +47,13 @@ def fisher_diag_partial(shard: PoolShard, n_first: int, chunk_size: int, dtype: 
 class Approx:
     """The opt-in approximations a shard applies to its Fisher embeddings (core.approx); the
     defaults are exact. ``candidates``: the global pool positions kept as greedy candidates (None:
-    every unlabeled member); ``top_classes``: rows kept per sample; ``project``: (r, seed)."""
+    every unlabeled member); ``top_classes``: rows kept per sample; ``project``: (r, seed);
+    ``fisher_pool``: the global pool positions whose embeddings make up F (None: every member)."""
 
     candidates: torch.Tensor | None = None
     top_classes: int | None = None
     project: tuple[int, int] | None = None
+    fisher_pool: torch.Tensor | None = None
 
     def projection_matrix(self, D: int, dtype: torch.dtype) -> torch.Tensor:
         assert self.project is not None
@@ -69,15 +71,20 @@ def build_greedy_state(
     labeled_rows: bool = False,
     approx: Approx = Approx(),
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Fisher embeddings of every member (`mask_idx` None: last layer, i.e. BAIT), computed in
+    """Fisher embeddings of the members (`mask_idx` None: last layer, i.e. BAIT), computed in
     `dtype`; keeps the unlabeled ones as greedy candidates, stored in `embed_dtype` ("float32":
     as computed), and returns partial float64 (pool sum, labeled sum, count) of V^T V. With
     `labeled_rows`, the labeled members' embeddings are kept in the state instead of their sum
     (the driver then builds M_0^-1 by Woodbury; the labeled sum is None).
 
-    Block by block on the shard's device: the sums use the embeddings as computed (after any
-    `approx`), and only the candidates' stored copy is ever pool-sized (no float64 or second
-    full-precision copy); the sums grow in place (no d x d temporary)."""
+    Exact by default: every member's embeddings, all of them in the pool sum. With
+    `approx.fisher_pool` the pool sum covers that sample alone, and embeddings are computed only
+    for the members something uses (the sample, the candidates, the labeled set): with
+    `--candidates` too, a round's backward work no longer grows with the pool.
+
+    Block by block on the shard's device, the pixels streamed (`PoolShard.stream`): the sums use
+    the embeddings as computed (after any `approx`), and only the candidates' stored copy is ever
+    pool-sized (no float64 or second full-precision copy); the sums grow in place."""
     dt = DTYPES[dtype]
     store = dt if embed_dtype == "float32" else DTYPES[embed_dtype]
     C, device = shard.spec.n_classes, shard.device
@@ -92,29 +99,36 @@ def build_greedy_state(
     width = D if R_D_r is None else R_D_r.shape[1]
     free_N = ~shard.labeled_N
     keep_N = free_N if approx.candidates is None else free_N & torch.isin(shard.index_N, approx.candidates)
+    in_F_N = torch.ones_like(free_N) if approx.fisher_pool is None else torch.isin(shard.index_N, approx.fisher_pool)
+    used_N = in_F_N | keep_N | ~free_N
     emb_S_C_D = torch.empty(int(keep_N.sum()), rows, width, dtype=store, device=device)
     pool_sum = torch.zeros(width, width, dtype=torch.float64, device=device)
     labeled_sum = None if labeled_rows else torch.zeros(width, width, dtype=torch.float64, device=device)
     labeled: list[torch.Tensor] = []
     stored = 0
-    blocks = shard.blocks()
-    for pos in progress(blocks, "Fisher embeddings", total=len(blocks), unit="block"):
-        if mask_idx is None:
-            block = fisher.last_layer_embeddings(probs[pos].to(device, dt), feats[pos].to(device, dt))
-        else:
-            block = fisher.fisher_embeddings(model, shard.inputs(pos, dt), mask_idx, chunk_size=chunk_size)
+    blocks = [b[used_N[b]] for b in shard.blocks() if used_N[b].any()]  # the same sub-blocks on any shard count
+    if mask_idx is None:  # closed form from the predictions: no pixels needed
+        passes = (
+            (pos, fisher.last_layer_embeddings(probs[pos].to(device, dt), feats[pos].to(device, dt))) for pos in blocks
+        )
+    else:
+        passes = (
+            (pos, fisher.fisher_embeddings(model, shard.normalized(x_u8, dt), mask_idx, chunk_size=chunk_size))
+            for pos, x_u8 in shard.stream(blocks)
+        )
+    for pos, block in progress(passes, "Fisher embeddings", total=len(blocks), unit="block"):
         if rows < C:
             block = top_class_rows(block, probs[pos], rows)
         if R_D_r is not None:
             block = block @ R_D_r
-        free, keep = free_N[pos].to(device), keep_N[pos].to(device)
-        b64 = block.double()
+        free, keep, in_F = free_N[pos].to(device), keep_N[pos].to(device), in_F_N[pos].to(device)
+        b64 = block[in_F].double()
         flat = b64.reshape(-1, width)
         pool_sum.addmm_(flat.T, flat)
         if labeled_sum is None:
             labeled.append(block[~free])
         else:
-            lab = b64[~free].reshape(-1, width)
+            lab = block[~free].double().reshape(-1, width)
             labeled_sum.addmm_(lab.T, lab)
         del b64, flat
         candidates = block[keep]
@@ -123,7 +137,7 @@ def build_greedy_state(
     state = GreedyState(emb_S_C_D, shard.index_N[keep_N], method=method)  # type: ignore[arg-type]
     state.labeled_emb_L_C_D = torch.cat(labeled) if labeled else None
     shard.state = state
-    return pool_sum, labeled_sum, len(shard.index_N)
+    return pool_sum, labeled_sum, int(in_F_N.sum())
 
 
 @read_only
@@ -135,12 +149,17 @@ def labeled_embeddings(shard: PoolShard) -> torch.Tensor:
 
 
 @read_only
-def candidate_keys_top(shard: PoolShard, rule: str, seed: int, round: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This shard's `n` highest candidate keys (core.approx.candidate_keys) among its unlabeled
-    members, with their global indices (ties to the lower index), for the driver to merge."""
+def subset_keys_top(shard: PoolShard, rule: str, seed: int, round: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This shard's `n` highest keys among its unlabeled members, with their global indices (ties
+    to the lower index), for the driver to merge: `rule` "fisher_pool" (core.approx.fisher_pool_keys)
+    or a candidate rule (core.approx.candidate_keys)."""
     free = ~shard.labeled_N
-    probs = None if rule == "uniform" else shard.predictions()[0][free]
-    return top_k(candidate_keys(rule, seed, round, shard.index_N[free], probs).cpu(), shard.index_N[free], n)
+    index = shard.index_N[free]
+    if rule == "fisher_pool":
+        keys = fisher_pool_keys(seed, round, index)
+    else:
+        keys = candidate_keys(rule, seed, round, index, None if rule == "uniform" else shard.predictions()[0][free])
+    return top_k(keys.cpu(), index, n)
 
 
 def _fisher_mask(pool: ShardedPool, ctx: QueryContext) -> tuple[torch.Tensor, dict]:
@@ -157,17 +176,23 @@ def _fisher_mask(pool: ShardedPool, ctx: QueryContext) -> tuple[torch.Tensor, di
     return mask_idx, {"mask_size": int(mask_idx.numel()), "mask_profile": profile}
 
 
+def _subset(pool: ShardedPool, ctx: QueryContext, rule: str, n: int | None) -> torch.Tensor | None:
+    """The `n` unlabeled pool positions with the highest keys under `rule`, chosen over all shards
+    (sorted); None where `n` is None or covers every unlabeled sample (exact)."""
+    if n is None or n >= ctx.pool_size - len(ctx.labeled):
+        return None
+    answers = pool.map(subset_keys_top, rule, ctx.seed, ctx.round, n)
+    _, chosen = top_k(torch.cat([k for k, _ in answers]), torch.cat([i for _, i in answers]), n)
+    return chosen.sort().values
+
+
 def _approx(pool: ShardedPool, ctx: QueryContext) -> Approx:
-    """The configured approximations for this round; the candidate subset chosen over all shards."""
+    """The configured approximations for this round; the subsets chosen over all shards."""
     cfg = ctx.cfg
-    candidates = None
-    if cfg.candidates is not None and cfg.candidates < ctx.pool_size - len(ctx.labeled):
-        answers = pool.map(candidate_keys_top, cfg.candidate_rule, ctx.seed, ctx.round, cfg.candidates)
-        keys = torch.cat([k for k, _ in answers])
-        _, candidates = top_k(keys, torch.cat([i for _, i in answers]), cfg.candidates)
-        candidates = candidates.sort().values
+    candidates = _subset(pool, ctx, cfg.candidate_rule, cfg.candidates)
+    fisher_pool = _subset(pool, ctx, "fisher_pool", cfg.fisher_pool)
     project = None if cfg.project is None else (cfg.project, projection_seed(ctx.seed, ctx.round))
-    return Approx(candidates, cfg.top_classes, project)
+    return Approx(candidates, cfg.top_classes, project, fisher_pool)
 
 
 def _greedy(pool: ShardedPool, ctx: QueryContext, mask_idx: torch.Tensor | None) -> tuple[list[int], dict[str, float]]:
