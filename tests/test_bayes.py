@@ -132,8 +132,10 @@ def test_sampled_joint_entropy_is_seeded_and_close_to_exact():
     assert picks == batchbald_select(lp, 6, num_samples=50, seed=1) and len(set(picks)) == 6
 
 
-@pytest.mark.parametrize("num_samples", [10_000, 40])
-def test_batchbald_on_shards_equals_the_whole_pool(num_samples):
+@pytest.mark.parametrize(("num_samples", "chunk_bytes"), [(10_000, None), (40, None), (40, 1 << 15)])
+def test_batchbald_on_shards_equals_the_whole_pool(num_samples, chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:  # score chunks of a few rows (what a large joint gets), still aligned
+        monkeypatch.setattr("fm_ray.core.bayes.CHUNK_BYTES", chunk_bytes)
     lp = draws(4, 1100, 5, 4).float()  # shards cut on 256-sample blocks, as the pool cuts them
     eligible = torch.rand(1100, generator=torch.Generator().manual_seed(0)) > 0.2
     whole = [BatchBALDState(lp, torch.arange(1100), eligible)]
@@ -200,3 +202,114 @@ def test_stochastic_keys_of_a_shard_merge_to_the_whole_pools_draw():
     assert torch.equal(merged, whole)
     with pytest.raises(ValueError, match="scores >= 0"):
         stochastic_keys(-scores, index, "power", 1.0, 9, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# On the shards: a small CNN trained on real FashionMNIST (conftest `trained`), 560 pool samples.
+
+SHARDED_CASES = [
+    ("bald", {}),
+    ("batchbald", {"batchbald_samples": 300}),  # 10 classes: exact for 2 picks, then sampled
+    ("bald", {"stochastic": "power", "beta": 2.0}),
+    ("entropy", {"stochastic": "softmax"}),
+    ("margin", {"stochastic": "softrank"}),
+    ("least_confidence", {"stochastic": "power"}),
+]
+
+
+def local_pool(trained, shards: int):
+    from fm_ray.pool.local import LocalPool
+    from fm_ray.pool.shard import set_round
+
+    pool = LocalPool(trained["spec"], trained["x_pool"], shards)
+    pool.map(set_round, trained["weights"], trained["labeled"])
+    return pool
+
+
+def pick(pool, trained, strategy: str, seed: int = 0, **kw) -> list[int]:
+    import dataclasses
+
+    from fm_ray.pool.shard import set_round
+    from fm_ray.strategies import STRATEGIES
+
+    pool.map(set_round, trained["weights"], trained["labeled"])
+    ctx = dataclasses.replace(trained["context"](strategy, k=6, **kw), seed=seed)
+    return STRATEGIES[strategy].select(pool, ctx).indices
+
+
+def all_draws(pool, mc) -> torch.Tensor:
+    from fm_ray.strategies.mc import mc_blocks
+
+    return torch.cat([lp for blocks in pool.map(lambda s: list(mc_blocks(s, mc))) for _, lp in blocks])
+
+
+def test_mc_draws_are_the_same_on_1_and_3_shards_and_without_dropout_are_the_predictions(trained):
+    from fm_ray.strategies.mc import MCDropout
+
+    one, three = local_pool(trained, 1), local_pool(trained, 3)
+    assert three.n_shards == 3
+    mc = MCDropout(samples=4, p=0.5, seed=11)
+    draws_1 = all_draws(one, mc)
+    assert draws_1.shape == (560, 4, 10) and torch.equal(draws_1, all_draws(three, mc))
+    assert not torch.equal(draws_1[:, 0], draws_1[:, 1])  # each draw its own mask
+    plain = all_draws(one, MCDropout(samples=2, p=0.0, seed=11))
+    probs = one.shards[0].predictions()[0]
+    assert torch.allclose(plain.exp(), probs[:, None, :].expand(-1, 2, -1), atol=1e-5)
+
+
+@pytest.mark.parametrize(("strategy", "kw"), SHARDED_CASES)
+def test_picks_are_the_same_on_1_and_3_shards(trained, strategy, kw):
+    one = pick(local_pool(trained, 1), trained, strategy, **kw)
+    assert len(set(one)) == 6 and not set(one) & set(trained["labeled"].tolist())
+    assert pick(local_pool(trained, 3), trained, strategy, **kw) == one
+
+
+def test_a_stochastic_batch_is_not_the_top_k_and_changes_with_the_seed(trained):
+    pool = local_pool(trained, 1)
+    top = pick(pool, trained, "bald")
+    drawn = pick(pool, trained, "bald", stochastic="softmax", beta=1.0)
+    assert drawn != top and drawn == pick(pool, trained, "bald", stochastic="softmax", beta=1.0)
+    assert pick(pool, trained, "bald", seed=1, stochastic="softmax", beta=1.0) != drawn
+
+
+def test_option_errors_name_the_fix():
+    from fm_ray.config import StrategyConfig
+    from fm_ray.errors import UserError
+    from fm_ray.strategies import check_strategy
+
+    with pytest.raises(UserError, match="use --stochastic softmax or softrank with margin"):
+        check_strategy(StrategyConfig(name="margin", stochastic="power"))
+    with pytest.raises(UserError, match="not of fishermask: drop --stochastic"):
+        check_strategy(StrategyConfig(name="fishermask", stochastic="softmax"))
+    for bad, match in [
+        ({"mc_samples": 0}, "--mc-samples"),
+        ({"mc_dropout": 1.0}, "--mc-dropout"),
+        ({"batchbald_samples": 0}, "--batchbald-samples"),
+        ({"beta": 0.0}, "--beta"),
+        ({"stochastic": "gibbs"}, "--stochastic"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            check_strategy(StrategyConfig(name="bald", **bad))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_shards_pick_like_one_local_shard(trained):
+    import ray
+
+    from fm_ray.config import PoolConfig
+    from fm_ray.pool.ray_pool import RayPool
+
+    cases = [("bald", {}), ("batchbald", {"batchbald_samples": 300}), ("entropy", {"stochastic": "softrank"})]
+    local = local_pool(trained, 1)
+    want = [pick(local, trained, s, **kw) for s, kw in cases]
+    ray.init(num_cpus=3, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        pool = RayPool(PoolConfig(backend="ray", shards=3), trained["spec"], trained["x_pool"])
+        try:
+            assert pool.n_shards == 3
+            assert [pick(pool, trained, s, **kw) for s, kw in cases] == want
+        finally:
+            pool.close()
+    finally:
+        ray.shutdown()

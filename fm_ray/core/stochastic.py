@@ -20,7 +20,6 @@ from torch import Tensor
 
 from fm_ray.core.random import hash_uniform
 
-MODES = ("power", "softmax", "softrank")
 _STEP = 0x57CB  # hash_uniform steps reserved for stochastic batches: _STEP << 32 | round
 
 
@@ -46,6 +45,6 @@ def stochastic_keys(scores_N: Tensor, index_N: Tensor, mode: str, beta: float, s
     elif mode == "softrank":
         base_N = -beta * torch.log(ranks(s_N, index_N))
     else:
-        raise ValueError(f"unknown stochastic mode {mode!r}: one of {', '.join(MODES)}")
+        raise ValueError(f"unknown stochastic mode {mode!r}: power, softmax or softrank")
     u_N = hash_uniform(seed, (_STEP << 32) | round, index_N.cpu())
     return base_N - torch.log(-torch.log(u_N))
