@@ -313,3 +313,24 @@ def test_ray_shards_pick_like_one_local_shard(trained):
             pool.close()
     finally:
         ray.shutdown()
+
+
+def test_fm_ray_select_runs_them_on_a_users_model_and_plans_their_memory(monkeypatch):
+    import fm_ray
+    from fm_ray.errors import UserError
+    from fm_ray.strategies import memory
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    pool = torch.rand(600, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    labeled = {i: i % 3 for i in range(0, 600, 50)}
+    for strategy, opts in [
+        ("batchbald", {"mc_samples": 8, "batchbald_samples": 50}),
+        ("bald", {"stochastic": "power"}),
+    ]:
+        one = fm_ray.select(model, pool, 5, labeled=labeled, strategy=strategy, device="cpu", **opts)
+        three = fm_ray.select(model, pool, 5, labeled=labeled, strategy=strategy, device="cpu", shards=3, **opts)
+        assert one.ids == three.ids and len(set(one.ids)) == 5 and not set(one.ids) & set(labeled)
+    monkeypatch.setattr(memory, "free_ram_bytes", lambda: 10_000_000)  # 3^19 labelings: 10^6 sampled
+    with pytest.raises(UserError, match="largest item is .*: lower --batchbald-samples"):
+        fm_ray.select(model, pool, 20, labeled=labeled, strategy="batchbald", device="cpu", batchbald_samples=10**6)
