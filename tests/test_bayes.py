@@ -334,3 +334,41 @@ def test_fm_ray_select_runs_them_on_a_users_model_and_plans_their_memory(monkeyp
     monkeypatch.setattr(memory, "free_ram_bytes", lambda: 10_000_000)  # 3^19 labelings: 10^6 sampled
     with pytest.raises(UserError, match="largest item is .*: lower --batchbald-samples"):
         fm_ray.select(model, pool, 20, labeled=labeled, strategy="batchbald", device="cpu", batchbald_samples=10**6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_draws_and_state_stay_on_the_shards_gpu(trained):
+    import dataclasses
+
+    from fm_ray.pool.local import LocalPool
+    from fm_ray.pool.shard import set_round
+
+    spec = dataclasses.replace(trained["spec"], device="cuda")
+    for strategy, kw in SHARDED_CASES[:3]:
+        pool = LocalPool(spec, trained["x_pool"], 3)
+        pool.map(set_round, trained["weights"], trained["labeled"])
+        picks = pick(pool, trained, strategy, **kw)
+        assert len(set(picks)) == 6 and not set(picks) & set(trained["labeled"].tolist())
+    pool = LocalPool(spec, trained["x_pool"], 2)
+    pick(pool, trained, "batchbald", batchbald_samples=300)
+    for shard in pool.shards:
+        tensors = {k: v for k, v in vars(shard.state).items() if torch.is_tensor(v)}
+        assert {v.device.type for v in tensors.values()} == {"cuda"}, tensors.keys()
+
+
+def test_sweeps_take_the_new_strategies_and_refuse_stochastic_batchbald():
+    from fm_ray.cli import build_parser
+    from fm_ray.errors import UserError
+    from fm_ray.sweep.grid import sweep_from_args
+
+    def grid(*flags: str):
+        return sweep_from_args(build_parser().parse_args(["sweep", "--out", "s", *flags]))[0]
+
+    cfgs = grid("--strategies", "bald,batchbald,entropy", "--mc-samples", "10", "--seeds", "0,1")
+    assert sorted({(c.strategy.name, c.strategy.mc_samples) for c in cfgs}) == [
+        ("bald", 10), ("batchbald", 10), ("entropy", 10)]  # fmt: skip
+    assert {c.strategy.stochastic for c in grid("--strategies", "bald,margin", "--stochastic", "softrank")} == {
+        "softrank"
+    }
+    with pytest.raises(UserError, match="not of batchbald"):
+        grid("--strategies", "bald,batchbald", "--stochastic", "power")

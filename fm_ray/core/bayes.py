@@ -111,10 +111,6 @@ class JointDraws:
     offset: float
 
 
-def _chunks(n: int, rows: int) -> range:
-    return range(0, n, rows)
-
-
 class BatchBALDState:
     """One shard's members for BatchBALD: their MC draws, which of them are candidates.
 
@@ -132,7 +128,7 @@ class BatchBALDState:
         self.eligible_N = eligible_N.to(device=device, dtype=torch.bool).clone()
         N, T, C = log_probs_N_T_C.shape
         self.cond_N = torch.zeros(N, dtype=torch.float64, device=device)  # mean_t H[p_t]
-        for lo in _chunks(N, _ALIGN):
+        for lo in range(0, N, _ALIGN):
             p = log_probs_N_T_C[lo : lo + _ALIGN].double().exp()
             self.cond_N[lo : lo + _ALIGN] = -torch.special.xlogy(p, p).sum(-1).mean(1)
         self.first_range: tuple[float, float] | None = None  # scores of the first step (BALD's)
@@ -161,7 +157,7 @@ class BatchBALDState:
             pi_M_T, weight_M, offset = joint.pi_M_T.to(device), joint.weight_M.to(device), joint.offset
         out_N = torch.full((N,), -math.inf, dtype=torch.float64, device=device)
         rows = chunk_rows(len(pi_M_T), C)
-        for lo in _chunks(N, rows):
+        for lo in range(0, N, rows):
             if not bool(self.eligible_N[lo : lo + rows].any()):
                 continue
             p_n_T_C = self.log_probs_N_T_C[lo : lo + rows].double().exp()
