@@ -121,10 +121,12 @@ def select(
         strategy: a name from `fm-ray strategies`.
         backend, shards: `local` (in-process) or `ray` shard actors; the picks are the same.
         device: where the shards compute (default: CUDA when available).
-        seed: seeds the strategy's randomness (random, BADGE).
+        seed: seeds the strategy's randomness (random, BADGE, MC dropout, stochastic batches).
         n_classes: C; default: inferred from one forward pass.
         embed: inputs -> penultimate features, if the model's last `nn.Linear` input is not what you want.
-        strategy_options: `StrategyConfig` fields, e.g. `sparsity=0.01`, `lam=1.0`, `backward_steps=1`.
+        strategy_options: `StrategyConfig` fields, e.g. `sparsity=0.01`, `lam=1.0`, `backward_steps=1`,
+            `mc_samples=20` (bald, batchbald), `stochastic="power", beta=1.0` (entropy, margin,
+            least_confidence, bald).
 
     Returns:
         A `Selection`: `ids` (the k pool ids, pick order), `indices` (their positions), `timings`, `info`.

@@ -20,7 +20,7 @@ from fm_ray.errors import DegenerateModelError, UserError
 from fm_ray.model.zoo import build_model
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import ShardSpec, member_pixels, nonfinite_outputs, set_round
-from fm_ray.strategies import SCORE_RTOL, STRATEGIES, QueryContext, Selection, all_equal
+from fm_ray.strategies import SCORE_RTOL, STRATEGIES, QueryContext, Selection, all_equal, check_strategy
 from fm_ray.strategies.memory import check_plan, plan_inputs, query_plan
 
 
@@ -67,8 +67,7 @@ class PoolSession:
     def select(
         self, model: nn.Module, k: int, labeled_ids: Any, cfg: StrategyConfig, seed: int = 0, round: int = 0
     ) -> Selection:
-        if cfg.name not in STRATEGIES:
-            raise UserError(f"unknown strategy {cfg.name!r}: choose one of {', '.join(STRATEGIES)}")
+        check_strategy(cfg)
         labeled = self.positions(labeled_ids)
         free = len(self.ids) - len(labeled)
         if not 0 < k <= free:

@@ -60,6 +60,13 @@ class StrategyConfig:
     top_classes: int | None = None  # keep each sample's c most likely classes' rows (BAIT Exp)
     project: int | None = None  # seeded random projection of the embeddings to r dimensions
     fisher_pool: int | None = None  # F from a seeded uniform sample of N unlabeled samples (None: all)
+    # Bayesian strategies (bald, batchbald): MC dropout on the head's input (strategies/mc.py)
+    mc_samples: int = 20  # T: MC-dropout draws per sample
+    mc_dropout: float = 0.5  # p: dropout rate before the head
+    batchbald_samples: int = 10_000  # joint entropy exact while the picks' C^b labelings are at most this, else sampled
+    # stochastic batches for a score strategy (Kirsch et al. 2023, arXiv 2106.12059); None = top-k
+    stochastic: str | None = None  # power | softmax | softrank
+    beta: float = 1.0  # inverse temperature of the stochastic batch
 
 
 @dataclass(frozen=True)
@@ -173,7 +180,7 @@ def validate(cfg: RunConfig) -> None:
     checks (pool size, class counts) live in fm_ray.data and the recipe's set-up (run/recipe.py)."""
     _validate_counts(cfg)
     _validate_train(cfg.train)
-    _validate_strategy(cfg.strategy)
+    validate_strategy(cfg.strategy)
     _validate_pool(cfg.pool)
 
 
@@ -197,7 +204,8 @@ def _validate_train(t: TrainConfig) -> None:
     _in_range("--target-train-acc", t.target_train_acc, 0, 1, True, "in (0, 1], e.g. 0.99")
 
 
-def _validate_strategy(s: StrategyConfig) -> None:
+def validate_strategy(s: StrategyConfig) -> None:
+    """The strategy options' own checks (also run by `PoolSession.select` for `fm_ray.select`)."""
     _in_range("--sparsity", s.sparsity, 0, 1, True, "in (0, 1], e.g. 0.002")
     _in_range("--lam", s.lam, 0, math.inf, True, "a positive number, e.g. --lam 1")
     if s.backward_steps < 0:
@@ -224,6 +232,27 @@ def _validate_strategy(s: StrategyConfig) -> None:
     rules = ("uniform", "entropy", "margin", "least_confidence")
     if s.candidate_rule not in rules:
         raise UserError(f"--candidate-rule must be one of {', '.join(rules)}, got {s.candidate_rule!r}")
+    _validate_bayes(s)
+
+
+STOCHASTIC = ("power", "softmax", "softrank")  # core.stochastic's modes
+
+
+def _validate_bayes(s: StrategyConfig) -> None:
+    if s.mc_samples <= 0:
+        raise UserError(f"--mc-samples must be positive, got {s.mc_samples}: e.g. --mc-samples 20")
+    if not 0 <= s.mc_dropout < 1:  # NaN fails too
+        raise UserError(f"--mc-dropout must be in [0, 1), e.g. 0.5, got {s.mc_dropout}")
+    if s.batchbald_samples <= 0:
+        raise UserError(f"--batchbald-samples must be positive, got {s.batchbald_samples}: e.g. 10000")
+    _in_range("--beta", s.beta, 0, math.inf, True, "a positive number, e.g. --beta 1")
+    if s.stochastic is not None and s.stochastic not in STOCHASTIC:
+        raise UserError(f"--stochastic must be one of {', '.join(STOCHASTIC)}, got {s.stochastic!r}")
+    if s.stochastic == "power" and s.name == "margin":
+        raise UserError(
+            "--stochastic power samples in proportion to score^beta and margin's scores are <= 0 (the negated gap "
+            "of the top two classes): use --stochastic softmax or softrank with margin"
+        )
 
 
 def _validate_pool(pl: PoolConfig) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from fm_ray.config import (
     BACKENDS,
     PRESETS,
+    STOCHASTIC,
     DataConfig,
     ModelConfig,
     PoolConfig,
@@ -93,6 +94,7 @@ class Flag:
 
 
 DATA, AL, MODEL, FM, POOL = "data", "active learning", "model and training", "FisherMask / BAIT", "pool backend"
+BAYES = "Bayesian strategies (bald, batchbald) and stochastic batches"
 DRIVER = "driver placement (results do not change)"
 RUN_FLAGS: tuple[Flag, ...] = (
     Flag(
@@ -225,6 +227,34 @@ RUN_FLAGS: tuple[Flag, ...] = (
         "r x r (default: none, exact)",
         parse=int,
     ),
+    Flag(
+        "strategy.mc_samples",
+        BAYES,
+        "MC-dropout draws per sample for bald and batchbald (default {default})",
+        parse=int,
+    ),
+    Flag(
+        "strategy.mc_dropout",
+        BAYES,
+        "dropout rate on the head's input for the MC draws; the model's own layers run as trained (default {default})",
+        parse=float,
+    ),
+    Flag(
+        "strategy.batchbald_samples",
+        BAYES,
+        "batchbald: the joint entropy is exact while the picks' labelings (C^b) are at most this many, else "
+        "estimated from this many seeded sampled labelings (default {default})",
+        parse=int,
+    ),
+    Flag(
+        "strategy.stochastic",
+        BAYES,
+        "draw the batch instead of taking the top k, for entropy, margin, least_confidence and bald (Kirsch et "
+        "al. 2023, arXiv 2106.12059): power (p ~ score^beta, e.g. PowerBALD), softmax (p ~ exp(beta score)) or "
+        "softrank (p ~ rank^-beta) (default: top k)",
+        choices=STOCHASTIC,
+    ),
+    Flag("strategy.beta", BAYES, "the inverse temperature of --stochastic (default {default})", parse=float),
     Flag(
         "pool.backend",
         POOL,

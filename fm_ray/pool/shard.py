@@ -25,6 +25,7 @@ import torch
 
 from fm_ray.config import ModelConfig
 from fm_ray.core.badge import KMeansPPState
+from fm_ray.core.bayes import BatchBALDState
 from fm_ray.core.greedy import GreedyState
 from fm_ray.core.kcenter import KCenterState
 from fm_ray.data.normalize import Normalizer
@@ -40,7 +41,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 S = TypeVar("S")
 F = TypeVar("F", bound=Callable)
-SelectionState = GreedyState | KCenterState | KMeansPPState
+SelectionState = GreedyState | KCenterState | KMeansPPState | BatchBALDState
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,14 +91,20 @@ IDENTITY_FREE: dict[str, str] = {
     "pool.driver_gpus": "where the recipe itself runs (fm_ray/run/remote.py): the same rows",
     "dry_run": "prints the memory plan and computes nothing",
 }
-# StrategyConfig's approximation fields at their exact defaults are left out too, so the runs made
-# before these fields existed keep their ids (set to anything else, they are digested)
+# StrategyConfig's approximation fields at their exact defaults, and the Bayesian and stochastic
+# batch options at their defaults, are left out too, so the runs made before these fields existed
+# keep their ids (set to anything else, they are digested)
 EXACT = {
     "strategy.candidates": None,
     "strategy.candidate_rule": "uniform",
     "strategy.top_classes": None,
     "strategy.project": None,
     "strategy.fisher_pool": None,
+    "strategy.mc_samples": 20,
+    "strategy.mc_dropout": 0.5,
+    "strategy.batchbald_samples": 10_000,
+    "strategy.stochastic": None,
+    "strategy.beta": 1.0,
 }
 
 

@@ -4,9 +4,8 @@ round plan. Above the model zoo and the strategy registry, which it consults."""
 from __future__ import annotations
 
 from fm_ray.config import RunConfig, rounds_for_budget, validate
-from fm_ray.errors import UserError
 from fm_ray.model.zoo import check_model
-from fm_ray.strategies import STRATEGIES
+from fm_ray.strategies import check_strategy
 
 
 def planned_rounds(cfg: RunConfig, pool_size: int) -> int:
@@ -19,6 +18,5 @@ def planned_rounds(cfg: RunConfig, pool_size: int) -> int:
 def check(cfg: RunConfig) -> None:
     """Every check that needs no data, so bad input fails before anything is loaded."""
     validate(cfg)
-    if cfg.strategy.name not in STRATEGIES:
-        raise UserError(f"unknown strategy {cfg.strategy.name!r}: choose one of {', '.join(STRATEGIES)}")
+    check_strategy(cfg.strategy)
     check_model(cfg.model)

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fm_ray.config import StrategyConfig
+from fm_ray.config import StrategyConfig, validate_strategy
 from fm_ray.core.memory import Plan
+from fm_ray.errors import UserError
 from fm_ray.pool import ShardedPool
 
 
@@ -86,7 +87,9 @@ class Strategy:
     select: Callable[[ShardedPool, QueryContext], Selection]
     needs_model: bool = True  # False: shards need no weights this round (random)
     doc: str = ""
-    plan: Callable[[PlanInputs], Plan] | None = None  # its large items (None: nothing pool-sized beyond predictions)
+    # its large items (None, or a plan answering None: nothing pool-sized beyond predictions)
+    plan: Callable[[PlanInputs], Plan | None] | None = None
+    stochastic: bool = False  # ranks by a score, so --stochastic can draw its batch instead
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -96,8 +99,21 @@ def register(name: str, strategy: Strategy) -> None:
     STRATEGIES[name] = strategy
 
 
+def check_strategy(cfg: StrategyConfig) -> None:
+    """The strategy exists and takes the options given (a UserError naming the fix otherwise)."""
+    validate_strategy(cfg)
+    if cfg.name not in STRATEGIES:
+        raise UserError(f"unknown strategy {cfg.name!r}: choose one of {', '.join(STRATEGIES)}")
+    if cfg.stochastic is not None and not STRATEGIES[cfg.name].stochastic:
+        takes = ", ".join(n for n, s in STRATEGIES.items() if s.stochastic)
+        raise UserError(
+            f"--stochastic draws the batch of a score strategy ({takes}), not of {cfg.name}: drop --stochastic "
+            "or choose one of those"
+        )
+
+
 def _load_builtins() -> None:
-    from fm_ray.strategies import diversity, fisher, uncertainty  # noqa: F401  (they register)
+    from fm_ray.strategies import bayes, diversity, fisher, uncertainty  # noqa: F401  (they register)
 
 
 _load_builtins()
