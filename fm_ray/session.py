@@ -6,6 +6,7 @@ model to a `Selection`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from fm_ray.config import ModelConfig, PoolConfig, StrategyConfig, resolve_backend
+from fm_ray.core.memory import Plan
 from fm_ray.data.normalize import Normalizer
 from fm_ray.data.source import ImageSource, as_source
 from fm_ray.errors import DegenerateModelError, UserError
@@ -73,13 +75,18 @@ class PoolSession:
         if not 0 < k <= free:
             raise UserError(f"k = {k} but {free} pool samples are unlabeled: pick 1..{free}")
         strategy = STRATEGIES[cfg.name]
-        self.check_memory(model, k, labeled, cfg)
+        plan = self.check_memory(model, k, labeled, cfg)
         weights = {n: t.detach().cpu() for n, t in model.state_dict().items()} if strategy.needs_model else None
         self.pool.map(set_round, weights, labeled)
-        if strategy.needs_model:
+        start = time.perf_counter()
+        if strategy.needs_model:  # the forward pass over every member (predictions), checked
             _check_outputs(sum(self.pool.map(nonfinite_outputs)), round)
+        forward_s = time.perf_counter() - start
         ctx = QueryContext(round, k, seed, labeled, len(self.ids), cfg, model)
         sel = strategy.select(self.pool, ctx)
+        if strategy.needs_model:
+            sel.timings["forward_seconds"] = forward_s
+        sel.info["plan_peak_mb"] = None if plan is None else plan.peak_ram() / 1e6
         _check_selection(sel, labeled, k, free, cfg.name, round)
         sel.ids = [self.ids[i] for i in sel.indices]
         return sel
@@ -96,8 +103,9 @@ class PoolSession:
 
     def check_memory(
         self, model: nn.Module | None, k: int, labeled: np.ndarray, cfg: StrategyConfig, driver: str | None = None
-    ) -> str:
-        """The query's memory plan as text (strategies.memory); a UserError if it does not fit.
+    ) -> Plan | None:
+        """The query's memory plan (strategies.memory; None: nothing pool-sized to plan); a UserError
+        if it does not fit.
         `model` None: the session's model, built here to count its weights; `driver`: where the
         driver computes (default: the model's device)."""
         if model is None:
@@ -120,7 +128,7 @@ class PoolSession:
         )
         plan = query_plan(x)
         check_plan(plan, x, device)
-        return "" if plan is None else plan.text()
+        return plan
 
     def close(self) -> None:
         self.pool.close()

@@ -65,6 +65,10 @@ class Plan:
             best = max(best, total)
         return best
 
+    def peak_ram(self) -> int:
+        """The largest process's peak RAM: what must fit on one machine's share (the figure runs record)."""
+        return max(self.peak(process, "ram") for process in ("driver", "shard"))
+
     def largest(self, process: str, device: str) -> Item:
         mine = [it for it in self.items if it.device == device and (it.process == process or self.local)]
         return max(mine, key=lambda it: it.nbytes)

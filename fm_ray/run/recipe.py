@@ -21,6 +21,7 @@ from fm_ray._internal.log import log
 from fm_ray.config import RunConfig, resolve_backend
 from fm_ray.data.core import Dataset, write_skipped_images
 from fm_ray.data.normalize import Normalizer
+from fm_ray.data.parquet import READ_BYTES
 from fm_ray.data.registry import check_outside, open_source
 from fm_ray.data.settings import Pool, initial_labeled, sample_pool
 from fm_ray.data.source import ImageSource
@@ -52,7 +53,7 @@ def run_experiment(
         labeled0 = initial_labeled(s.size, cfg.init, cfg.seed)
         plan = session.check_memory(None, cfg.batch, labeled0, cfg.strategy, str(s.device))
         if plan:
-            for line in [f"memory plan of the first query ({cfg.strategy.name}):", *str(plan).splitlines()]:
+            for line in [f"memory plan of the first query ({cfg.strategy.name}):", *plan.text().splitlines()]:
                 log(line)  # one log line each, so every console line carries fm_ray's prefix
         run = _open(s, rundir, resume, overwrite)
         labeled_x = _LabeledPixels(session)
@@ -265,6 +266,8 @@ def _record(
         "query_seconds": query_s,
         **sel.timings,
         **sel.info,
+        # bytes of pool files this process read so far: the driver's (and the shards' with --backend local)
+        "driver_read_bytes": sum(READ_BYTES.values()),
         "backend": resolve_backend(cfg.pool),  # what --backend auto became (as PoolSession's)
         "shards": cfg.pool.shards,
         **_peak_memory(sharded),

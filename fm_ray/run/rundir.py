@@ -40,6 +40,7 @@ ROUND_SCHEMA = pa.schema(
         ("train_seconds", pa.float64()),
         ("eval_seconds", pa.float64()),
         ("query_seconds", pa.float64()),
+        ("forward_seconds", pa.float64()),  # the query's forward pass over every pool sample (predictions)
         ("mask_seconds", pa.float64()),
         ("embed_seconds", pa.float64()),  # Fisher embeddings and their partial sums, reduce included
         ("reduce_seconds", pa.float64()),  # adding the shards' d x d partial sums on the driver
@@ -52,6 +53,8 @@ ROUND_SCHEMA = pa.schema(
         ("driver_peak_rss_mb", pa.float64()),
         ("shard_peak_rss_mb", pa.float64()),
         ("shard_peak_gpu_mb", pa.float64()),  # null when the shards run on CPU
+        ("plan_peak_mb", pa.float64()),  # the query's memory plan for its largest process (null: no plan)
+        ("driver_read_bytes", pa.int64()),  # of pool files, read by the driver's process so far
     ]
 )
 QUERY_SCHEMA = pa.schema(
@@ -67,7 +70,10 @@ QUERY_SCHEMA = pa.schema(
 PARTITIONS = ("dataset", "setting")
 SWEEP_QUERY_SCHEMA = QUERY_SCHEMA.append(pa.field("dataset", pa.string())).append(pa.field("setting", pa.string()))
 # measurements that differ between runs computing the same thing (left out when comparing rows)
-TIMING_COLUMNS = tuple(n for n in ROUND_SCHEMA.names if n.endswith(("_seconds", "_mb"))) + ("selection_state_bytes",)
+TIMING_COLUMNS = tuple(n for n in ROUND_SCHEMA.names if n.endswith(("_seconds", "_mb"))) + (
+    "selection_state_bytes",
+    "driver_read_bytes",
+)
 
 
 # ---------------------------------------------------------------------------------------------
