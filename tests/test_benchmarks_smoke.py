@@ -80,3 +80,57 @@ def test_paper_scale_benchmark_smoke(capsys):
     weights = sum(p.numel() for p in torchvision.models.resnet18(num_classes=10).parameters())
     assert out["d"] == round(0.002 * 0.01 * weights)
     assert {"mask_s", "embed_s", "reduce_s", "select_s", "total_s", "peak_gpu_mb"} <= out.keys()
+
+
+def test_million_variants_are_seeded_distinct_and_keep_the_image():
+    import numpy as np
+
+    from benchmarks.million import variants
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (1, 1, 12, 12), dtype=np.uint8).repeat(200, 0)
+    a, b = variants(x, 3, 0), variants(x, 3, 0)
+    assert np.array_equal(a, b) and not np.array_equal(a, variants(x, 3, 200))  # keyed by (seed, first row)
+    assert len({v.tobytes() for v in a}) == 200  # one image repeated: every row distinct
+    # shifted by at most 2 pixels and flipped: the centre of some unflipped row lies within +-4 of the source
+    centre = x[0, 0, 4:8, 4:8].astype(int)
+    assert any(np.abs(v[0, 4:8, 4:8].astype(int) - centre).max() <= 4 for v in a)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_million_benchmark_smoke(capsys, tmp_path):
+    """Two tiny pools, one strategy: the rows' keys, the pool's pixel bytes, and the driver's reads
+    equal to what the files hold of labels, test pixels and footers (computed here from the files)."""
+    import math
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from benchmarks import million
+
+    argv = ["--n", "1000", "2000", "--strategies", "margin", "--K", "4", "--init", "20", "--pools", str(tmp_path)]
+    rows = million.main(argv)
+    printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert printed == rows and [r["bench"] for r in rows] == ["million", "million", "million_scaling"]
+    for row in rows[:2]:
+        assert row["pool_pixel_bytes"] == row["n"] * 784 and row["size"] == 28
+        assert row["round_s"] > 0 and row["forward_s"] > 0 and row["shard_peak_rss_mb"] > 0
+        pool = tmp_path / f"fashion_mnist-native-n{row['n']}-seed0" / "pool"
+        expected = 0
+        for f in sorted(pool.glob("*/part-*.parquet")):
+            meta = pq.ParquetFile(f).metadata
+            groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+            expected += meta.serialized_size + sum(g.column(2).total_compressed_size for g in groups)
+            if f.parent.name == "test":  # the balanced pool evaluates on the whole test split
+                expected += sum(g.column(1).total_compressed_size for g in groups)
+        assert row["driver_read_bytes"] == expected
+    summary = rows[2]["margin"]
+    for measure in million.MEASURES:
+        y = [rows[0][measure], rows[1][measure]]
+        want = math.log(y[1] / y[0]) / math.log(2) if min(y) > 0 else None
+        got = summary[measure]["slope"]
+        assert (got is None and want is None) or abs(got - want) < 1e-3, measure
+    assert np.isclose(
+        summary["driver_read_bytes"]["ratio"], rows[1]["driver_read_bytes"] / rows[0]["driver_read_bytes"], atol=1e-3
+    )

@@ -476,15 +476,3 @@ def test_relative_pool_path_is_made_absolute_for_trials(tmp_path, monkeypatch):
     assert absolute_pool("parquet:pools/x") == f"parquet:{tmp_path}/pools/x"
     assert absolute_pool("parquet:s3://bucket/x") == "parquet:s3://bucket/x"
     assert absolute_pool("fashion_mnist") == "fashion_mnist"
-
-
-def test_large_pool_benchmark_smoke(capsys):
-    from benchmarks import large_pool
-
-    rows = large_pool.main(["--n", "600", "--shards", "2", "--K", "4", "--init", "40", "--sparsity", "0.002"])
-    printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert printed == rows and [r["bench"] for r in rows] == ["large_pool", "large_pool_ratio"]
-    keys = {"n", "pack_s", "embed_s", "select_s", "driver_peak_rss_mb", "shard_peak_rss_mb", "d"}
-    assert keys <= rows[0].keys() and rows[0]["n"] == 600 and rows[0]["d"] == 144
-    assert all(rows[0][k] > 0 for k in keys)
-    assert rows[1]["driver_rss_ratio"] == 1.0 and rows[1]["n_ratio"] == 1.0
