@@ -1,7 +1,7 @@
 """The approximations against exact FisherMask on real FashionMNIST: same model, same labeled set.
 
     python -m benchmarks.approx [--quick] [--n 4000] [--init 100] [--K 100] [--sparsity 0.03]
-        [--epochs 10] [--seed 0]
+        [--epochs 10] [--seed 0] [--fisher-pool 1000] [--only fisher_pool,fisher_pool_candidates]
 
 A seeded CNN is trained on a seeded labeled subset of the first --n FashionMNIST training images;
 exact FisherMask and each approximation then pick K from the same pool with the same model (the
@@ -15,6 +15,9 @@ local pool, one shard). Per approximation, one JSON line:
   acc_after_round     test accuracy of a fresh seeded CNN trained on labeled + picks (exact's row:
                       "exact"; the other rows show exact's in acc_exact)
 --quick (about 2,000 images, K = 50, fewer epochs) finishes in a few minutes on a 2-core CPU.
+`fisher_pool` (F from a sample of --fisher-pool unlabeled samples) and `fisher_pool_candidates`
+(the same with as many uniform candidates) are the million-sample pool's approximations; --only
+runs the named rows (exact always runs).
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ APPROX: list[tuple[str, dict]] = [
     ("project", {"project": 512}),
     ("project", {"project": 128}),
 ]
+
+
+def approximations(fisher_pool: int) -> list[tuple[str, dict]]:
+    return [
+        *APPROX,
+        ("fisher_pool", {"fisher_pool": fisher_pool}),
+        ("fisher_pool_candidates", {"fisher_pool": fisher_pool, "candidates": fisher_pool}),
+    ]
 
 
 def trained_cnn(x_u8, y, norm, epochs: int, seed: int) -> torch.nn.Module:
@@ -75,9 +86,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--test", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fisher-pool", type=int, default=1000, help="the fisher_pool rows' sample size")
+    p.add_argument("--only", help="comma-separated approximation names to run (default: all)")
     a = p.parse_args(argv)
     if a.quick:
-        a.n, a.K, a.epochs, a.test = 2048, 50, 5, 2000
+        a.n, a.K, a.epochs, a.test, a.fisher_pool = 2048, 50, 5, 2000, 500
     data = open_source(DataConfig(dataset="fashion_mnist"))
     norm = Normalizer((0.2860,), (0.3530,))
     x_pool, y_pool = data.train_x[: a.n], data.train_y[: a.n]
@@ -108,7 +121,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
     ]
     print(json.dumps(rows[0]), flush=True)
-    for name, params in APPROX:
+    for name, params in approximations(a.fisher_pool):
+        if a.only and name not in a.only.split(","):
+            continue
         cfg = StrategyConfig(name="fishermask", sparsity=a.sparsity, **params)
         picks, seconds, nbytes = query(pool, model, labeled, a.K, a.seed, cfg)
         row = {

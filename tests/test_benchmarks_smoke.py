@@ -134,3 +134,17 @@ def test_million_benchmark_smoke(capsys, tmp_path):
     assert np.isclose(
         summary["driver_read_bytes"]["ratio"], rows[1]["driver_read_bytes"] / rows[0]["driver_read_bytes"], atol=1e-3
     )
+
+
+@pytest.mark.slow
+def test_approx_benchmark_fisher_pool_rows_are_exact_when_the_sample_is_the_pool(capsys):
+    """--fisher-pool as large as the unlabeled pool (and as many candidates) is no approximation:
+    the rows pick what exact picks and reach its accuracy."""
+    from benchmarks import approx
+
+    argv = ["--n", "600", "--init", "40", "--K", "10", "--epochs", "1", "--test", "200", "--sparsity", "0.002",
+            "--fisher-pool", "560", "--only", "fisher_pool,fisher_pool_candidates"]  # fmt: skip
+    rows = approx.main(argv)
+    assert [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()] == rows
+    assert [r["approx"] for r in rows] == ["exact", "fisher_pool", "fisher_pool_candidates"]
+    assert all(r["pick_overlap"] == 1.0 and r["acc_after_round"] == rows[0]["acc_after_round"] for r in rows)
