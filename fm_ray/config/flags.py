@@ -128,6 +128,20 @@ RUN_FLAGS: tuple[Flag, ...] = (
         none_means="all",
     ),
     Flag("budget", AL, "most labeled samples in all (default: no cap)", parse=int),
+    Flag(
+        "init_strategy",
+        AL,
+        "strategy that picks the initial labeled set with no labels, e.g. typiclust or probcover (default: "
+        "seeded random); with --init 0 it picks the first --batch",
+    ),
+    Flag(
+        "stop",
+        AL,
+        "end the run at the first round this stopping criterion holds: kappa_average | overall_uncertainty | "
+        "classification_change | budget (default: none; every round records them all)",
+        choices=("kappa_average", "overall_uncertainty", "classification_change", "budget"),
+    ),
+    Flag("stop_set", AL, "seeded pool samples the stopping criteria are judged on (default {default})", parse=int),
     Flag("seed", AL, "seeds everything: pool, initial set, weights, training (default {default})", parse=int),
     Flag(
         "model.name",

@@ -16,6 +16,26 @@ import torch
 CRITERIA = ("kappa_average", "overall_uncertainty", "classification_change", "budget")
 
 
+def stop_set(pool_size: int, n: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """The stop set: `n` seeded pool positions outside `exclude` (at most all of them), sorted; the
+    same for the whole run or project."""
+    free = np.setdiff1d(np.arange(pool_size), np.asarray([] if exclude is None else exclude, dtype=np.int64))
+    return np.sort(np.random.default_rng([seed, 3]).choice(free, size=min(n, len(free)), replace=False))
+
+
+def verdicts(
+    preds_R_N: np.ndarray, probs_N_C: torch.Tensor, n_classes: int, n_labeled: int, budget_: int | None
+) -> dict[str, tuple[bool, float]]:
+    """Every criterion at its defaults, by name (CRITERIA): after the last of the rounds in `preds_R_N`,
+    whose stop-set probabilities are `probs_N_C`."""
+    return {
+        "kappa_average": kappa_average(preds_R_N, n_classes),
+        "overall_uncertainty": overall_uncertainty(probs_N_C),
+        "classification_change": classification_change(preds_R_N),
+        "budget": budget(n_labeled, budget_),
+    }
+
+
 def confusion(a_N: np.ndarray, b_N: np.ndarray, n_classes: int) -> np.ndarray:
     """The C x C counts of (a, b) prediction pairs."""
     pairs = np.asarray(a_N, dtype=np.int64) * n_classes + np.asarray(b_N, dtype=np.int64)
@@ -39,6 +59,8 @@ def kappa_average(preds_R_N: np.ndarray, n_classes: int, window: int = 3, kappa:
     predictions, over the last `window` pairs, is at least `kappa`. Fewer than `window` pairs: no
     stop, and the value is the mean over the pairs there are (NaN without any)."""
     preds = np.asarray(preds_R_N)
+    if preds.ndim < 2 or preds.shape[1] == 0:
+        return False, math.nan
     pairs = [
         cohen_kappa(confusion(preds[r - 1], preds[r], n_classes))
         for r in range(max(1, len(preds) - window), len(preds))

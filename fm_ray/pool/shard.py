@@ -149,6 +149,14 @@ def nonfinite_outputs(shard: PoolShard) -> int:
 
 
 @read_only
+def member_probs(shard: PoolShard, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global positions among `positions` that are this shard's members, and their probabilities."""
+    probs, _ = shard.predictions()
+    mine = torch.from_numpy(np.isin(shard.index_N.numpy(), positions))
+    return shard.index_N[mine], probs[mine]
+
+
+@read_only
 def first_score_range(shard: PoolShard) -> tuple[float, float] | None:
     """(min, max) of the scores the shard's selection state ranked its candidates by at its first
     step (None: it has not ranked any), for the "all equal" guard."""

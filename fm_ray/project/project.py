@@ -10,6 +10,7 @@ A project is one directory that holds everything:
     batches/<b>/tasks.json        the same batch as Label Studio tasks (data.id, data.image, predictions)
     batches/<b>/summary.json      labels trained on, hold-out accuracy, seconds per phase
     batches/<b>/model.pt          the weights that picked batch b (state dict)
+    batches/<b>/stop_preds.npy    the stop set's predicted classes under those weights (stopping criteria)
     batches/<b>/images/           PNGs of the batch when the pool has no image files of its own
 
 `next` trains on every label so far (weights reset each round, as `fm-ray run`), then selects with
@@ -26,6 +27,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -41,6 +43,7 @@ from filelock import FileLock, Timeout
 from fm_ray._internal.files import write_atomically
 from fm_ray._internal.log import log
 from fm_ray.config import RunConfig, from_dict, to_dict
+from fm_ray.core.stopping import stop_set, verdicts
 from fm_ray.data.registry import check_outside
 from fm_ray.data.sources import load_pool, pool_ids
 from fm_ray.errors import UserError
@@ -201,7 +204,7 @@ class Project:
         norm = Normalizer(pool.mean, pool.std)
         device = resolve_device(cfg.train.device)
         summary: dict[str, Any] = {"batch": b, "k": k, "strategy": cfg.strategy.name}
-        probs = None
+        probs, stop_preds = None, None
         if b == 0 or not labels:
             picks = initial_labeled(len(pool.ids), k, cfg.seed)  # no model yet: a seeded random sample
             exclude = np.array(sorted(position[i] for i in sent), dtype=np.int64)
@@ -238,12 +241,37 @@ class Project:
             start = time.perf_counter()
             session = PoolSession(pool.images, pool.ids, len(classes), norm, cfg.model, cfg.pool, str(device))
             try:
-                sel = session.select(model, k, sorted(sent), cfg.strategy, cfg.seed, round=b - 1)
+                stopping, stop_preds = self._stopping(b, session, model, sorted(sent), len(labels), len(classes), cfg)
+                sel = session.select(model, k, sorted(sent), cfg.strategy, cfg.seed, round=b - 1, prepared=True)
             finally:
                 session.close()
-            summary |= {"query_seconds": time.perf_counter() - start, **sel.timings}
+            summary |= {"query_seconds": time.perf_counter() - start, **sel.timings, "stopping": stopping}
             probs, _ = predict(model, pool.images.read(np.array(sel.indices)), norm, device)
-        return self._write_batch(b, pool, sel.indices, probs, classes, summary, model, image_url)
+        return self._write_batch(b, pool, sel.indices, probs, classes, summary, model, image_url, stop_preds)
+
+    def _stopping(
+        self,
+        b: int,
+        session: Any,
+        model: torch.nn.Module,
+        sent: list[str],
+        n_labels: int,
+        n_classes: int,
+        cfg: RunConfig,
+    ) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
+        """Every stopping criterion after batch b's training, on the project's stop set (logged);
+        leaves the session's shards set up for the query (`prepared`)."""
+        probs = session.member_probs(model, stop_set(len(session.ids), cfg.stop_set, cfg.seed), sent)
+        preds = probs.argmax(1).numpy()
+        found = verdicts(np.stack([*self._stop_history(b), preds]), probs, n_classes, n_labels, cfg.budget)
+        _log_stopping(b, found, len(preds))
+        return {n: {"value": None if math.isnan(v) else v, "holds": h} for n, (h, v) in found.items()}, preds
+
+    def _stop_history(self, b: int) -> list[np.ndarray]:
+        """The stop set's predictions of the batches before b that picked with a model, oldest first
+        (a deleted batch folder drops out)."""
+        paths = [self.path / "batches" / str(i) / "stop_preds.npy" for i in range(1, b)]
+        return [np.load(p, allow_pickle=False) for p in paths if p.exists()]
 
     def _holdout_accuracy(self, model, pool, labels, classes, norm, device) -> dict[str, Any]:
         from fm_ray.model.train import predict
@@ -256,7 +284,7 @@ class Project:
         truth = torch.tensor([classes.index(labels[i]) for i in held])
         return {"n_holdout": len(held), "holdout_accuracy": float((probs.argmax(1) == truth).float().mean())}
 
-    def _write_batch(self, b, pool, picks, probs, classes, summary, model, image_url) -> Path:
+    def _write_batch(self, b, pool, picks, probs, classes, summary, model, image_url, stop_preds) -> Path:
         """Everything for batch b in a temporary folder, renamed into place: a crash leaves no half batch."""
         final = self.path / "batches" / str(b)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +331,8 @@ class Project:
             _write_json(tmp / "summary.json", summary)
             if model is not None:
                 torch.save(model.state_dict(), tmp / "model.pt")
+            if stop_preds is not None:
+                np.save(tmp / "stop_preds.npy", stop_preds)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -328,6 +358,19 @@ class Project:
             "holdout_labels": sum(self.held_out(r["id"]) for r in labels),
             "holdout_accuracy": last.get("holdout_accuracy"),
         }
+
+
+def _log_stopping(b: int, found: dict[str, tuple[bool, float]], n: int) -> None:
+    values = ", ".join(
+        f"{name} {'-' if math.isnan(value) else f'{value:.4g}'}" + (" (holds)" if holds else "")
+        for name, (holds, value) in found.items()
+    )
+    log(f"batch {b}: stopping criteria on {n} pool samples: {values}")
+    held = [name for name, (holds, _) in found.items() if holds and name != "budget"]
+    if held:
+        log(f"batch {b}: {' and '.join(held)} hold(s): labeling more is unlikely to change the model")
+    if found["budget"][0]:
+        log(f"batch {b}: the --budget of labels is spent")
 
 
 def pick_score(rank: int, k: int) -> float:

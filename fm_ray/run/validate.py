@@ -3,7 +3,7 @@ round plan. Above the model zoo and the strategy registry, which it consults."""
 
 from __future__ import annotations
 
-from fm_ray.config import RunConfig, rounds_for_budget, validate
+from fm_ray.config import RunConfig, initial_size, rounds_for_budget, validate
 from fm_ray.errors import UserError
 from fm_ray.model.zoo import check_model
 from fm_ray.strategies import STRATEGIES
@@ -12,7 +12,7 @@ from fm_ray.strategies import STRATEGIES
 def planned_rounds(cfg: RunConfig, pool_size: int) -> int:
     """Query rounds: --rounds, capped by the budget and by the pool running out."""
     cap = min(cfg.budget or pool_size, pool_size)
-    n = rounds_for_budget(cfg.init, cfg.batch, cap)
+    n = rounds_for_budget(initial_size(cfg), cfg.batch, cap)
     return n if cfg.rounds is None else min(cfg.rounds, n)
 
 
@@ -22,3 +22,8 @@ def check(cfg: RunConfig) -> None:
     if cfg.strategy.name not in STRATEGIES:
         raise UserError(f"unknown strategy {cfg.strategy.name!r}: choose one of {', '.join(STRATEGIES)}")
     check_model(cfg.model)
+    if cfg.init_strategy is not None and not getattr(STRATEGIES.get(cfg.init_strategy), "cold_start", False):
+        cold = [n for n, s in STRATEGIES.items() if s.cold_start]
+        raise UserError(
+            f"--init-strategy {cfg.init_strategy!r} cannot pick with no labels: choose one of {', '.join(cold)}"
+        )

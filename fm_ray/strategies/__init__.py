@@ -27,6 +27,7 @@ class QueryContext:
     pool_size: int
     cfg: StrategyConfig
     model: torch.nn.Module  # the driver's copy (for parameter layout; shards hold their own)
+    labels: np.ndarray | None = None  # the labels of `labeled` (model outputs 0..C-1), where the caller has them
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Strategy:
     needs_model: bool = True  # False: shards need no weights this round (random)
     doc: str = ""
     plan: Callable[[PlanInputs], Plan] | None = None  # its large items (None: nothing pool-sized beyond predictions)
+    cold_start: bool = False  # picks well with no labels (an --init-strategy)
 
 
 STRATEGIES: dict[str, Strategy] = {}

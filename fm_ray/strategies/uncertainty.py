@@ -50,7 +50,7 @@ def _uncertainty(score: str) -> Callable[[ShardedPool, QueryContext], Selection]
 
 register(
     "random",
-    Strategy(random_select, needs_model=False, doc="uniform over the unlabeled pool"),
+    Strategy(random_select, needs_model=False, doc="uniform over the unlabeled pool", cold_start=True),
 )
 for _name in SCORES:
     register(_name, Strategy(_uncertainty(_name), doc=f"highest {_name} score"))
