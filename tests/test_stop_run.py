@@ -8,28 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
 from fm_ray.core import stopping
 from fm_ray.errors import UserError
 from fm_ray.run.recipe import run_experiment
 from fm_ray.run.rundir import TIMING_COLUMNS
-
-TINY = DataConfig(dataset="fashion_mnist", setting="custom", class_counts=((3, 60), (7, 100), (9, 60)))
-
-
-def tiny_cfg(**kw) -> RunConfig:
-    base = {
-        "data": TINY,
-        "train": TrainConfig(epochs=1, device="cpu"),
-        "strategy": StrategyConfig(name="entropy"),
-        "pool": PoolConfig(backend="local"),
-        "init": 20,
-        "batch": 10,
-        "rounds": 3,
-        "seed": 2,
-        "stop_set": 50,
-    }
-    return RunConfig(**(base | kw))
 
 
 def rows(out) -> list[dict]:
@@ -38,7 +20,7 @@ def rows(out) -> list[dict]:
     return [{k: None if v != v else v for k, v in r.items() if k not in TIMING_COLUMNS} for r in table]
 
 
-def test_rows_hold_every_criterion_recomputed_from_the_stop_set(tmp_path, fmnist):
+def test_rows_hold_every_criterion_recomputed_from_the_stop_set(tmp_path, tiny_cfg):
     out = run_experiment(tiny_cfg(budget=40), tmp_path / "run")
     got = rows(out)
     preds_R_N = np.load(out / "stop_preds.npy")
@@ -57,7 +39,7 @@ def test_rows_hold_every_criterion_recomputed_from_the_stop_set(tmp_path, fmnist
     assert [r["stop_budget_holds"] for r in got] == [False, False, True]
 
 
-def test_stop_ends_the_run_and_resume_does_not_go_past_it(tmp_path, monkeypatch, fmnist):
+def test_stop_ends_the_run_and_resume_does_not_go_past_it(tmp_path, monkeypatch, tiny_cfg):
     calls: list[int] = []
     real = stopping.overall_uncertainty
 
@@ -88,7 +70,7 @@ def test_stop_ends_the_run_and_resume_does_not_go_past_it(tmp_path, monkeypatch,
     assert rows(out) == got and len(calls) == n_calls
 
 
-def test_stop_flags_are_checked(tmp_path):
+def test_stop_flags_are_checked(tiny_cfg):
     from fm_ray.run.validate import check
 
     with pytest.raises(UserError, match="--stop budget needs a --budget"):

@@ -233,6 +233,12 @@ RUN_FLAGS: tuple[Flag, ...] = (
         parse=int,
     ),
     Flag(
+        "strategy.probcover_delta",
+        AL,
+        "probcover: radius of the balls it covers, on L2-normalized features (default {default})",
+        parse=float,
+    ),
+    Flag(
         "pool.backend",
         POOL,
         "auto | ray | local (default {default}: Ray when --ray-address or $RAY_ADDRESS, --shards > 1 or "

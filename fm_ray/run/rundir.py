@@ -103,6 +103,7 @@ EXACT = {
     "strategy.candidate_rule": "uniform",
     "strategy.top_classes": None,
     "strategy.project": None,
+    "strategy.probcover_delta": 0.75,
     "init_strategy": None,
     "stop": None,
     "stop_set": 1000,
