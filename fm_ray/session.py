@@ -77,7 +77,7 @@ class PoolSession:
         cfg: StrategyConfig,
         seed: int = 0,
         round: int = 0,
-        labels: np.ndarray | None = None,
+        labels: Sequence[int] | np.ndarray | None = None,
         prepared: bool = False,
     ) -> Selection:
         """`labels`: those of `labeled_ids` (model outputs), for strategies that use them; `prepared`:

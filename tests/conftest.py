@@ -52,7 +52,8 @@ def trained(fmnist):
     weights = {k: v.clone() for k, v in model.state_dict().items()}
 
     def context(strategy: str, k: int = 8, **kw) -> QueryContext:
-        return QueryContext(1, k, 0, labeled, 560, StrategyConfig(name=strategy, **kw), model)
+        labels = fmnist.train_y[:560][lab].numpy()
+        return QueryContext(1, k, 0, labeled, 560, StrategyConfig(name=strategy, **kw), model, labels)
 
     return {"spec": spec, "x_pool": x_pool, "weights": weights, "labeled": labeled, "context": context}
 

@@ -242,7 +242,16 @@ class Project:
             session = PoolSession(pool.images, pool.ids, len(classes), norm, cfg.model, cfg.pool, str(device))
             try:
                 stopping, stop_preds = self._stopping(b, session, model, sorted(sent), len(labels), len(classes), cfg)
-                sel = session.select(model, k, sorted(sent), cfg.strategy, cfg.seed, round=b - 1, prepared=True)
+                sel = session.select(  # the labels: galaxy balances by them
+                    model,
+                    k,
+                    sorted(sent),
+                    cfg.strategy,
+                    cfg.seed,
+                    b - 1,
+                    _classes_of(sorted(sent), labels, classes),
+                    True,
+                )
             finally:
                 session.close()
             summary |= {"query_seconds": time.perf_counter() - start, **sel.timings, "stopping": stopping}
@@ -358,6 +367,11 @@ class Project:
             "holdout_labels": sum(self.held_out(r["id"]) for r in labels),
             "holdout_accuracy": last.get("holdout_accuracy"),
         }
+
+
+def _classes_of(ids: list[str], labels: dict[str, str], classes: list[str]) -> list[int]:
+    """The class index of each id's label; -1 for one sent out and not labeled yet."""
+    return [classes.index(labels[i]) if i in labels else -1 for i in ids]
 
 
 def _log_stopping(b: int, found: dict[str, tuple[bool, float]], n: int) -> None:

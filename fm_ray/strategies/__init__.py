@@ -99,7 +99,7 @@ def register(name: str, strategy: Strategy) -> None:
 
 
 def _load_builtins() -> None:
-    from fm_ray.strategies import coldstart, diversity, fisher, uncertainty  # noqa: F401  (they register)
+    from fm_ray.strategies import coldstart, diversity, fisher, imbalance, uncertainty  # noqa: F401  (they register)
 
 
 _load_builtins()
