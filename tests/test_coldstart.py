@@ -140,3 +140,42 @@ def test_init_0_with_typiclust_picks_round_0_with_no_labels(tmp_path, tiny_cfg) 
         check(tiny_cfg(init=0))
     with pytest.raises(UserError, match="cannot pick with no labels"):
         check(tiny_cfg(init=0, init_strategy="fishermask"))
+
+
+def test_features_of_a_frozen_checkpoint_pick_alike_on_1_and_3_shards(trained, tmp_path) -> None:
+    from fm_ray.config import ModelConfig
+    from fm_ray.model.train import predict
+    from fm_ray.model.zoo import build_model
+    from fm_ray.pool.local import LocalPool
+    from fm_ray.pool.shard import set_round
+    from fm_ray.strategies import STRATEGIES
+
+    torch.manual_seed(5)  # a model other than the trained one: its features pick
+    frozen = build_model(ModelConfig("cnn"), 1, 28, 10)
+    torch.save(frozen.state_dict(), tmp_path / "frozen.pt")
+    ctx = trained["context"]("typiclust", features=f"checkpoint:{tmp_path / 'frozen.pt'}")
+    picks = []
+    for shards in (1, 3):
+        pool = LocalPool(trained["spec"], trained["x_pool"], shards)
+        pool.map(set_round, trained["weights"], trained["labeled"])
+        picks.append(STRATEGIES["typiclust"].select(pool, ctx).indices)
+    _, feats = predict(frozen, trained["x_pool"], trained["spec"].norm, torch.device("cpu"), batch=256)
+    labeled = torch.zeros(560, dtype=torch.bool)
+    labeled[torch.from_numpy(trained["labeled"])] = True
+    assert picks[0] == picks[1] == typiclust_select(feats, labeled, 8, seed=ctx.seed * 100_003 + ctx.round)
+
+
+def test_features_flag_is_checked(tiny_cfg, tmp_path) -> None:
+    import dataclasses
+
+    from fm_ray.errors import UserError
+    from fm_ray.run.validate import check
+
+    strategy = dataclasses.replace(tiny_cfg().strategy, name="typiclust")
+    for features, message in [
+        ("resnet", "--features must be torchvision:<name> or checkpoint:<path>"),
+        (f"checkpoint:{tmp_path / 'none.pt'}", "no such file"),
+        ("torchvision:nonet", "unknown torchvision model"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            check(tiny_cfg(strategy=dataclasses.replace(strategy, features=features)))

@@ -60,6 +60,9 @@ class StrategyConfig:
     candidate_rule: str = "uniform"  # uniform (seeded) | entropy | margin | least_confidence (top N)
     top_classes: int | None = None  # keep each sample's c most likely classes' rows (BAIT Exp)
     project: int | None = None  # seeded random projection of the embeddings to r dimensions
+    # typiclust/probcover: features of a frozen model instead of the trained one's: torchvision:<name> (with
+    # --pretrained: ImageNet weights) or checkpoint:<path> (a state dict of --model); None = the trained model
+    features: str | None = None
     probcover_delta: float = 0.75  # ProbCover's ball radius on L2-normalized features (the paper's CIFAR-10 value)
 
 
@@ -237,6 +240,8 @@ def _validate_strategy(s: StrategyConfig) -> None:
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be positive, got {value}: pass a number >= 1 or leave it out (exact)")
     _in_range("--probcover-delta", s.probcover_delta, 0, 2, True, "in (0, 2] (features are L2-normalized), e.g. 0.75")
+    if s.features is not None and not s.features.startswith(("torchvision:", "checkpoint:")):
+        raise UserError(f"--features must be torchvision:<name> or checkpoint:<path>, got {s.features!r}")
     rules = ("uniform", "entropy", "margin", "least_confidence")
     if s.candidate_rule not in rules:
         raise UserError(f"--candidate-rule must be one of {', '.join(rules)}, got {s.candidate_rule!r}")

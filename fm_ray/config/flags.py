@@ -233,6 +233,12 @@ RUN_FLAGS: tuple[Flag, ...] = (
         parse=int,
     ),
     Flag(
+        "strategy.features",
+        AL,
+        "typiclust/probcover on a frozen model's features: torchvision:<name> (ImageNet weights with "
+        "--pretrained) or checkpoint:<path> (a state dict of --model) (default: the trained model's)",
+    ),
+    Flag(
         "strategy.probcover_delta",
         AL,
         "probcover: radius of the balls it covers, on L2-normalized features (default {default})",
@@ -363,6 +369,8 @@ def config_from_values(values: Mapping[str, Any]) -> RunConfig:
         given["dataset"] = absolute_pool(given["dataset"])
     if given.get("checkpoint"):  # absolute: a Tune trial runs in its own working directory
         given["checkpoint"] = str(Path(given["checkpoint"]).expanduser().absolute())
+    if str(given.get("features", "")).startswith("checkpoint:"):
+        given["features"] = "checkpoint:" + str(Path(given["features"].split(":", 1)[1]).expanduser().absolute())
     fields: dict[str, dict[str, Any]] = {section: {} for section in ("", *SECTIONS)}
     for dest, value in given.items():
         f = BY_DEST[dest]

@@ -104,6 +104,7 @@ EXACT = {
     "strategy.top_classes": None,
     "strategy.project": None,
     "strategy.probcover_delta": 0.75,
+    "strategy.features": None,
     "init_strategy": None,
     "stop": None,
     "stop_set": 1000,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fm_ray.config import RunConfig, initial_size, rounds_for_budget, validate
 from fm_ray.errors import UserError
-from fm_ray.model.zoo import check_model
+from fm_ray.model.zoo import check_model, features_model
 from fm_ray.strategies import STRATEGIES
 
 
@@ -22,6 +22,8 @@ def check(cfg: RunConfig) -> None:
     if cfg.strategy.name not in STRATEGIES:
         raise UserError(f"unknown strategy {cfg.strategy.name!r}: choose one of {', '.join(STRATEGIES)}")
     check_model(cfg.model)
+    if cfg.strategy.features is not None:
+        check_model(features_model(cfg.strategy.features, cfg.model))
     if cfg.init_strategy is not None and not getattr(STRATEGIES.get(cfg.init_strategy), "cold_start", False):
         cold = [n for n, s in STRATEGIES.items() if s.cold_start]
         raise UserError(

@@ -7,15 +7,20 @@ in fm_ray/core/coldstart.py.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
 import torch
 
+from fm_ray.config import ModelConfig
 from fm_ray.core.coldstart import probcover_select, typiclust_select
 from fm_ray.core.random import hash_uniform
+from fm_ray.errors import UserError
+from fm_ray.model.train import predict
+from fm_ray.model.zoo import build_model, features_model
 from fm_ray.pool import ShardedPool
-from fm_ray.pool.shard import PoolShard, read_only
+from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec, read_only
 from fm_ray.strategies import QueryContext, Selection, Strategy, register
 
 
@@ -26,9 +31,41 @@ def member_feats(shard: PoolShard) -> tuple[torch.Tensor, torch.Tensor]:
     return shard.index_N, feats
 
 
+@read_only
+def shard_spec(shard: PoolShard) -> ShardSpec:
+    return shard.spec
+
+
+@read_only
+def frozen_feats(
+    shard: PoolShard, model_cfg: ModelConfig, weights: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every member's global position and penultimate features under a frozen model (--features)."""
+    spec = shard.spec
+    model = build_model(
+        dataclasses.replace(model_cfg, pretrained=False, checkpoint=None), spec.channels, spec.side, spec.n_classes
+    )
+    model.load_state_dict(weights)
+    blocks = [x_u8 for _, x_u8 in shard.stream()] or [torch.zeros(1, *shard.images.shape, dtype=torch.uint8)]
+    feats = torch.cat([predict(model, x_u8, spec.norm, shard.device, batch=BLOCK)[1] for x_u8 in blocks])
+    return shard.index_N, feats[: len(shard.index_N)]
+
+
+def _frozen(pool: ShardedPool, features: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """--features: the frozen model built here, where its weights are (ImageNet's cache, the checkpoint
+    file), and sent to the shards, which never read them."""
+    spec = pool.map(shard_spec)[0]
+    if spec.model is None:
+        raise UserError("--features needs an fm_ray model (--model), not a module of your own: pass embed= instead")
+    cfg = features_model(features, spec.model)
+    model = build_model(cfg, spec.channels, spec.side, spec.n_classes)
+    return pool.map(frozen_feats, cfg, {n: t.detach().cpu() for n, t in model.state_dict().items()})
+
+
 def pool_feats(pool: ShardedPool, ctx: QueryContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole pool's features by pool position, and which positions are labeled."""
-    answers = pool.map(member_feats)
+    """The whole pool's features by pool position (the trained model's, or --features'), and which
+    positions are labeled."""
+    answers = pool.map(member_feats) if ctx.cfg.features is None else _frozen(pool, ctx.cfg.features)
     index = torch.cat([i for i, _ in answers])
     feats_N_E = torch.empty(ctx.pool_size, answers[0][1].shape[1], dtype=answers[0][1].dtype)
     feats_N_E[index] = torch.cat([f for _, f in answers])
