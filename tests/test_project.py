@@ -184,3 +184,17 @@ def test_next_prints_the_stopping_criteria(folder_project, caplog, labels_csv, m
 def annotate_as(project_dir, b, truth, names, labels_csv):
     """The instant annotator of a folder project (class names, not indices)."""
     return labels_csv(f"labels-{b}.csv", [(i, names[truth[i]]) for i in batch_ids(project_dir, b)])
+
+
+@pytest.mark.slow
+def test_a_cold_start_project_picks_the_runs_initial_set(fmnist, tmp_path):
+    cold = ["--strategy", "entropy", "--init-strategy", "typiclust", "--stop-set", "20"]
+    out = tmp_path / "run"
+    assert main(["run", *RUN, *cold, "--init", "10", "--batch", "10", "--rounds", "1", "--out", str(out)]) == 0
+    initial = sorted(
+        str(q["dataset_index"]) for q in pq.read_table(out / "queries.parquet").to_pylist() if q["round"] == 0
+    )
+    proj = tmp_path / "proj"
+    assert main(["project", "init", str(proj), "--pool", "fashion_mnist", "--classes", CLASSES, *RUN, *cold]) == 0
+    assert main(["project", "next", str(proj), "--k", "10"]) == 0
+    assert sorted(batch_ids(proj, 0)) == initial and len(initial) == 10

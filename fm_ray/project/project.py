@@ -16,14 +16,16 @@ A project is one directory that holds everything:
 `next` trains on every label so far (weights reset each round, as `fm-ray run`), then selects with
 the project's strategy through the same `PoolSession` as `fm_ray.select`. Batch 0 (no labels yet)
 is a seeded random sample: with the same pool, seed and settings a project makes the same picks as
-`fm-ray run`, batch b being the run's round b - 1 query. Samples already sent out are never sent
-again and count as labeled for the selection. An image removed from the pool's folder drops out:
+`fm-ray run`, batch b being the run's round b - 1 query (with --init-strategy, batch 0 is that
+strategy's pick from the seeded untrained model, as the run's initial set). Samples already sent out
+are never sent again and count as labeled for the selection. An image removed from the pool's folder drops out:
 unlabeled it is simply gone, labeled its label is left out of training with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -186,7 +188,6 @@ class Project:
 
     def _next(self, k: int, image_url: str | None = None) -> Path:
         from fm_ray.data.normalize import Normalizer
-        from fm_ray.data.settings import initial_labeled
         from fm_ray.model.train import fit_round, predict, resolve_device
         from fm_ray.session import PoolSession
         from fm_ray.strategies import Selection
@@ -205,13 +206,9 @@ class Project:
         device = resolve_device(cfg.train.device)
         summary: dict[str, Any] = {"batch": b, "k": k, "strategy": cfg.strategy.name}
         probs, stop_preds = None, None
-        if b == 0 or not labels:
-            picks = initial_labeled(len(pool.ids), k, cfg.seed)  # no model yet: a seeded random sample
+        if b == 0 or not labels:  # no model yet
             exclude = np.array(sorted(position[i] for i in sent), dtype=np.int64)
-            if exclude.size:  # labels imported without a batch: draw among the rest
-                rng = np.random.default_rng([cfg.seed, 1, b])
-                picks = np.sort(rng.choice(np.setdiff1d(np.arange(len(pool.ids)), exclude), size=k, replace=False))
-            sel, model = Selection([int(p) for p in picks]), None
+            sel, model = Selection(_first_picks(cfg, pool, k, exclude, b, len(classes), norm, device)), None
         else:
             train_ids = sorted((i for i in labels if not self.held_out(i)), key=position.__getitem__)
             if not train_ids:
@@ -367,6 +364,35 @@ class Project:
             "holdout_labels": sum(self.held_out(r["id"]) for r in labels),
             "holdout_accuracy": last.get("holdout_accuracy"),
         }
+
+
+def _first_picks(
+    cfg: RunConfig, pool: Any, k: int, exclude: np.ndarray, b: int, n_classes: int, norm: Any, device: Any
+) -> list[int]:
+    """A batch picked with no labels: by --init-strategy from the seeded untrained model (or --features),
+    as `fm-ray run`'s cold start; else a seeded random sample (among the samples not in `exclude`,
+    those sent out or labeled without a batch)."""
+    from fm_ray.data.settings import initial_labeled
+
+    if cfg.init_strategy is None:
+        picks = initial_labeled(len(pool.ids), k, cfg.seed)
+        if exclude.size:  # labels imported without a batch: draw among the rest
+            rng = np.random.default_rng([cfg.seed, 1, b])
+            picks = np.sort(rng.choice(np.setdiff1d(np.arange(len(pool.ids)), exclude), size=k, replace=False))
+        return [int(p) for p in picks]
+    from fm_ray.model.train import round_seed
+    from fm_ray.model.zoo import build_model
+    from fm_ray.session import PoolSession
+
+    torch.manual_seed(round_seed(cfg.seed, 0))
+    channels, _, side = pool.images.shape
+    model = build_model(cfg.model, channels, side, n_classes)
+    session = PoolSession(pool.images, pool.ids, n_classes, norm, cfg.model, cfg.pool, str(device))
+    try:
+        strategy = dataclasses.replace(cfg.strategy, name=cfg.init_strategy)
+        return session.select(model, k, [pool.ids[i] for i in exclude], strategy, cfg.seed, 0).indices
+    finally:
+        session.close()
 
 
 def _classes_of(ids: list[str], labels: dict[str, str], classes: list[str]) -> list[int]:
