@@ -14,14 +14,16 @@ from collections.abc import Callable
 import torch
 
 from fm_ray.config import ModelConfig
+from fm_ray.core.coldstart import BLOCK as COLD_BLOCK
 from fm_ray.core.coldstart import probcover_select, typiclust_select
+from fm_ray.core.memory import Item, Plan
 from fm_ray.core.random import hash_uniform
 from fm_ray.errors import UserError
 from fm_ray.model.train import predict
 from fm_ray.model.zoo import build_model, features_model
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec, read_only
-from fm_ray.strategies import QueryContext, Selection, Strategy, register
+from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, register
 
 
 @read_only
@@ -99,11 +101,26 @@ def _probcover(feats_N_E: torch.Tensor, labeled_N: torch.Tensor, ctx: QueryConte
     return probcover_select(feats_N_E, labeled_N, ctx.k, ctx.cfg.probcover_delta, tiebreak_N)
 
 
+_FIX = "use a smaller pool: the cold-start selectors gather every sample's features to the driver"
+
+
+def coldstart_plan(x: PlanInputs) -> Plan:
+    """The driver's features (float64) and one block of distances (ProbCover's edges depend on the
+    data: not counted)."""
+    n, e = sum(x.shard_members), x.feat_dim
+    items = (
+        Item("driver", "ram", "pool features", n * e * 8, f"N x E x 8 B = {n} x {e} x 8", fix=_FIX),
+        Item("driver", "ram", "distance block", min(COLD_BLOCK, n) * n * 8, f"{COLD_BLOCK} x N x 8 B", fix=_FIX),
+    )
+    return Plan(items, len(x.shard_members), x.local)
+
+
 register(
     "typiclust",
     Strategy(
         _timed(_typiclust),
         doc="most typical sample of the least-labeled k-means clusters (Hacohen et al. 2022, arXiv 2202.02794)",
+        plan=coldstart_plan,
         cold_start=True,
     ),
 )
@@ -112,6 +129,7 @@ register(
     Strategy(
         _timed(_probcover),
         doc="greedy max coverage of delta-balls on normalized features (Yehuda et al. 2022, arXiv 2205.11320)",
+        plan=coldstart_plan,
         cold_start=True,
     ),
 )

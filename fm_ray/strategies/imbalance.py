@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from fm_ray.core.galaxy import UNLABELED, galaxy_select
+from fm_ray.core.memory import Item, Plan
 from fm_ray.core.random import hash_uniform
 from fm_ray.errors import UserError
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import PoolShard, read_only
-from fm_ray.strategies import QueryContext, Selection, Strategy, register
+from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, register
 
 
 @read_only
@@ -46,10 +47,22 @@ def galaxy_strategy(pool: ShardedPool, ctx: QueryContext) -> Selection:
     return Selection(picks, {"embed_seconds": embed_s, "select_seconds": time.perf_counter() - start})
 
 
+def galaxy_plan(x: PlanInputs) -> Plan:
+    """The driver's probabilities and one chain (sorted positions) per class."""
+    n, c = sum(x.shard_members), x.n_classes
+    fix = "use a smaller pool: galaxy gathers every sample's probabilities to the driver"
+    items = (
+        Item("driver", "ram", "pool probabilities", n * c * 4, f"N x C x 4 B = {n} x {c} x 4", fix=fix),
+        Item("driver", "ram", "class chains", n * c * 16, f"N x C x 16 B (margins, order) = {n} x {c} x 16", fix=fix),
+    )
+    return Plan(items, len(x.shard_members), x.local)
+
+
 register(
     "galaxy",
     Strategy(
         galaxy_strategy,
         doc="graph bisection per class for imbalanced pools (Zhang et al. 2022, arXiv 2202.01402; as LabelBench)",
+        plan=galaxy_plan,
     ),
 )
