@@ -186,7 +186,6 @@ def annotate_as(project_dir, b, truth, names, labels_csv):
     return labels_csv(f"labels-{b}.csv", [(i, names[truth[i]]) for i in batch_ids(project_dir, b)])
 
 
-@pytest.mark.slow
 def test_a_cold_start_project_picks_the_runs_initial_set(fmnist, tmp_path):
     cold = ["--strategy", "entropy", "--init-strategy", "typiclust", "--stop-set", "20"]
     out = tmp_path / "run"
