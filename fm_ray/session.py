@@ -109,7 +109,7 @@ class PoolSession:
         self.pool.map(set_round, _weights(model), self.positions(labeled_ids))
         answers = self.pool.map(member_probs, positions)
         index = torch.cat([i for i, _ in answers])
-        return torch.cat([p for _, p in answers])[index.argsort()]
+        return torch.cat([p for _, p in answers])[index.argsort()]  # in the order of (sorted) `positions`
 
     def check_memory(
         self, model: nn.Module | None, k: int, labeled: np.ndarray, cfg: StrategyConfig, driver: str | None = None

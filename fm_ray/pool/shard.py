@@ -149,9 +149,12 @@ def nonfinite_outputs(shard: PoolShard) -> int:
 
 
 @read_only
-def member_probs(shard: PoolShard, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The global positions among `positions` that are this shard's members, and their probabilities."""
+def member_probs(shard: PoolShard, positions: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global positions among `positions` (None: all) that are this shard's members, and their
+    probabilities."""
     probs, _ = shard.predictions()
+    if positions is None:
+        return shard.index_N, probs
     mine = torch.from_numpy(np.isin(shard.index_N.numpy(), positions))
     return shard.index_N[mine], probs[mine]
 

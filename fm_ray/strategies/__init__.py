@@ -40,6 +40,14 @@ class Selection:
     score_range: tuple[float, float] | None = None
 
 
+def by_position(answers: list[tuple[torch.Tensor, torch.Tensor]], pool_size: int) -> torch.Tensor:
+    """The shards' (global positions, rows) answers as one pool-sized tensor, row i = pool position i."""
+    rows = answers[0][1]
+    out = torch.empty(pool_size, *rows.shape[1:], dtype=rows.dtype)
+    out[torch.cat([i for i, _ in answers])] = torch.cat([r for _, r in answers])
+    return out
+
+
 SCORE_RTOL = 1e-9  # scores closer than this, relative to their scale, rank nothing (docs/method.md)
 
 

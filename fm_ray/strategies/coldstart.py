@@ -23,7 +23,7 @@ from fm_ray.model.train import predict
 from fm_ray.model.zoo import build_model, features_model
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec, read_only
-from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, register
+from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, by_position, register
 
 
 @read_only
@@ -68,9 +68,7 @@ def pool_feats(pool: ShardedPool, ctx: QueryContext) -> tuple[torch.Tensor, torc
     """The whole pool's features by pool position (the trained model's, or --features'), and which
     positions are labeled."""
     answers = pool.map(member_feats) if ctx.cfg.features is None else _frozen(pool, ctx.cfg.features)
-    index = torch.cat([i for i, _ in answers])
-    feats_N_E = torch.empty(ctx.pool_size, answers[0][1].shape[1], dtype=answers[0][1].dtype)
-    feats_N_E[index] = torch.cat([f for _, f in answers])
+    feats_N_E = by_position(answers, ctx.pool_size)
     labeled_N = torch.zeros(ctx.pool_size, dtype=torch.bool)
     labeled_N[torch.from_numpy(ctx.labeled)] = True
     return feats_N_E, labeled_N

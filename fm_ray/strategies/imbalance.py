@@ -13,25 +13,15 @@ from fm_ray.core.memory import Item, Plan
 from fm_ray.core.random import hash_uniform
 from fm_ray.errors import UserError
 from fm_ray.pool import ShardedPool
-from fm_ray.pool.shard import PoolShard, read_only
-from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, register
-
-
-@read_only
-def member_probs_all(shard: PoolShard) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every member's global position and class probabilities."""
-    probs, _ = shard.predictions()
-    return shard.index_N, probs
+from fm_ray.pool.shard import member_probs
+from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, by_position, register
 
 
 def galaxy_strategy(pool: ShardedPool, ctx: QueryContext) -> Selection:
     if ctx.labels is None:
         raise UserError("galaxy needs the classes of the labeled samples (model outputs 0..C-1): pass them as labels")
     start = time.perf_counter()
-    answers = pool.map(member_probs_all)
-    index = torch.cat([i for i, _ in answers])
-    probs_N_C = torch.empty(ctx.pool_size, answers[0][1].shape[1], dtype=answers[0][1].dtype)
-    probs_N_C[index] = torch.cat([p for _, p in answers])
+    probs_N_C = by_position(pool.map(member_probs), ctx.pool_size)
     n_classes = probs_N_C.shape[1]
     if ((ctx.labels < UNLABELED) | (ctx.labels >= n_classes)).any():
         raise UserError(f"galaxy: the labeled samples' classes must be model outputs 0..{n_classes - 1}")
