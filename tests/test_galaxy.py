@@ -113,3 +113,18 @@ def test_galaxy_refuses_labels_that_are_not_model_outputs(trained, bad: int) -> 
     labels[0] = bad
     with pytest.raises(UserError, match="model outputs"):
         STRATEGIES["galaxy"].select(pool, dataclasses.replace(ctx, labels=labels))
+
+
+def test_select_passes_the_labeled_classes_to_galaxy() -> None:
+    import fm_ray
+    from fm_ray.errors import UserError
+
+    torch.manual_seed(0)
+    x = torch.rand(300, 1, 8, 8)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    labeled = {0: 0, 1: 1, 2: 2, 3: 0}
+    one = fm_ray.select(model, x, k=6, labeled=labeled, strategy="galaxy", seed=1)
+    assert len(set(one.ids)) == 6 and not set(one.ids) & set(labeled)
+    assert fm_ray.select(model, x, k=6, labeled=labeled, strategy="galaxy", seed=1, shards=3).ids == one.ids
+    with pytest.raises(UserError, match="galaxy needs the classes"):
+        fm_ray.select(model, x, k=6, labeled={0: "cat"}, strategy="galaxy")
