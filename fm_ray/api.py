@@ -153,7 +153,9 @@ def select(
     session = PoolSession(images, ids, n_classes, norm, template, pool_cfg, dev)
     try:
         cfg = StrategyConfig(name=strategy, **strategy_options)
-        return session.select(template, k, labeled_ids, cfg, seed=seed)
+        classes = list((labeled or {}).values())
+        known = all(isinstance(c, numbers.Integral) and 0 <= int(c) < n_classes for c in classes)  # model outputs
+        return session.select(template, k, labeled_ids, cfg, seed=seed, labels=classes if known else None)
     finally:
         session.close()
 

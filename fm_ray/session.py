@@ -21,7 +21,7 @@ from fm_ray.data.source import ImageSource, as_source
 from fm_ray.errors import DegenerateModelError, UserError
 from fm_ray.model.zoo import build_model
 from fm_ray.pool import ShardedPool
-from fm_ray.pool.shard import ShardSpec, member_pixels, nonfinite_outputs, set_round
+from fm_ray.pool.shard import ShardSpec, member_pixels, member_probs, nonfinite_outputs, set_round
 from fm_ray.strategies import SCORE_RTOL, STRATEGIES, QueryContext, Selection, all_equal, check_strategy
 from fm_ray.strategies.memory import check_plan, plan_inputs, query_plan
 
@@ -56,6 +56,11 @@ class PoolSession:
         self.pool: ShardedPool = make_pool(pool_cfg, spec, images)
 
     def positions(self, ids: Any) -> np.ndarray:
+        """The sorted pool positions of `ids`, each once."""
+        return np.unique(self._positions(ids))
+
+    def _positions(self, ids: Any) -> np.ndarray:
+        """The pool position of each of `ids`, in their order."""
         if self.position is None:
             pos = np.asarray(ids, dtype=np.int64).reshape(-1)
             unknown = pos[(pos < 0) | (pos >= len(self.ids))].tolist()
@@ -64,11 +69,21 @@ class PoolSession:
             pos = np.array([self.position[i] for i in ids if i in self.position], dtype=np.int64)
         if unknown:
             raise UserError(f"labeled ids not in the pool: {unknown[:5]}: pass ids of pool samples")
-        return np.unique(pos)  # sorted, each once
+        return pos
 
     def select(
-        self, model: nn.Module, k: int, labeled_ids: Any, cfg: StrategyConfig, seed: int = 0, round: int = 0
+        self,
+        model: nn.Module,
+        k: int,
+        labeled_ids: Any,
+        cfg: StrategyConfig,
+        seed: int = 0,
+        round: int = 0,
+        labels: Sequence[int] | np.ndarray | None = None,
+        prepared: bool = False,
     ) -> Selection:
+        """`labels`: those of `labeled_ids` (model outputs), for strategies that use them; `prepared`:
+        `member_probs` has just given the shards this `model` and labeled set (no second send)."""
         check_strategy(cfg)
         labeled = self.positions(labeled_ids)
         free = len(self.ids) - len(labeled)
@@ -76,13 +91,16 @@ class PoolSession:
             raise UserError(f"k = {k} but {free} pool samples are unlabeled: pick 1..{free}")
         strategy = STRATEGIES[cfg.name]
         plan = self.check_memory(model, k, labeled, cfg)
-        weights = {n: t.detach().cpu() for n, t in model.state_dict().items()} if strategy.needs_model else None
-        self.pool.map(set_round, weights, labeled)
+        if not prepared:
+            self.pool.map(set_round, _weights(model) if strategy.needs_model else None, labeled)
         start = time.perf_counter()
         if strategy.needs_model:  # the forward pass over every member (predictions), checked
             _check_outputs(sum(self.pool.map(nonfinite_outputs)), round)
         forward_s = time.perf_counter() - start
-        ctx = QueryContext(round, k, seed, labeled, len(self.ids), cfg, model)
+        if labels is not None:  # ordered as `labeled` (sorted positions), not as `labeled_ids`
+            by_position = dict(zip(self._positions(labeled_ids).tolist(), np.asarray(labels).tolist(), strict=True))
+            labels = np.array([by_position[p] for p in labeled.tolist()], dtype=np.int64)
+        ctx = QueryContext(round, k, seed, labeled, len(self.ids), cfg, model, labels)
         sel = strategy.select(self.pool, ctx)
         if strategy.needs_model:
             sel.timings["forward_seconds"] = forward_s
@@ -100,6 +118,14 @@ class PoolSession:
         for held, x_u8 in self.pool.map(member_pixels, positions):
             out[torch.from_numpy(order[np.searchsorted(positions[order], held)])] = x_u8
         return out
+
+    def member_probs(self, model: nn.Module, positions: np.ndarray, labeled_ids: Any) -> torch.Tensor:
+        """`model`'s probabilities of the pool samples at `positions` (sorted), computed on their
+        shards; leaves the shards set up for a `select(..., prepared=True)` with the same labeled set."""
+        self.pool.map(set_round, _weights(model), self.positions(labeled_ids))
+        answers = self.pool.map(member_probs, positions)
+        index = torch.cat([i for i, _ in answers])
+        return torch.cat([p for _, p in answers])[index.argsort()]  # in the order of (sorted) `positions`
 
     def check_memory(
         self, model: nn.Module | None, k: int, labeled: np.ndarray, cfg: StrategyConfig, driver: str | None = None
@@ -132,6 +158,10 @@ class PoolSession:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().cpu() for n, t in model.state_dict().items()}
 
 
 def make_pool(cfg: PoolConfig, spec: ShardSpec, images: ImageSource | torch.Tensor) -> ShardedPool:

@@ -52,7 +52,8 @@ def trained(fmnist):
     weights = {k: v.clone() for k, v in model.state_dict().items()}
 
     def context(strategy: str, k: int = 8, **kw) -> QueryContext:
-        return QueryContext(1, k, 0, labeled, 560, StrategyConfig(name=strategy, **kw), model)
+        labels = fmnist.train_y[:560][lab].numpy()
+        return QueryContext(1, k, 0, labeled, 560, StrategyConfig(name=strategy, **kw), model, labels)
 
     return {"spec": spec, "x_pool": x_pool, "weights": weights, "labeled": labeled, "context": context}
 
@@ -84,3 +85,28 @@ def labels_csv(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def tiny_cfg(fmnist):
+    """A builder of tiny run configs (220 FashionMNIST images of 3 classes, 1 epoch, local pool): the
+    end-to-end checks of stopping and cold start."""
+    from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
+
+    data = DataConfig(dataset="fashion_mnist", setting="custom", class_counts=((3, 60), (7, 100), (9, 60)))
+
+    def build(**kw) -> RunConfig:
+        base = {
+            "data": data,
+            "train": TrainConfig(epochs=1, device="cpu"),
+            "strategy": StrategyConfig(name="entropy"),
+            "pool": PoolConfig(backend="local"),
+            "init": 20,
+            "batch": 10,
+            "rounds": 3,
+            "seed": 2,
+            "stop_set": 50,
+        }
+        return RunConfig(**(base | kw))
+
+    return build

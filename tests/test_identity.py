@@ -47,7 +47,8 @@ def with_field(cfg: RunConfig, key: str, value) -> RunConfig:
 NOT_NONE = {"data.class_counts": [[0, 10], [1, 20]], "data.data_dir": "/elsewhere", "model.checkpoint": "/w.pt",
             "rounds": 3, "budget": 900, "preset": "s2", "pool.gpus_per_shard": 0.5, "pool.ray_address": "ray://h:1",
             "pool.driver_cpus": 2.0, "pool.driver_gpus": 1.0, "strategy.candidates": 500, "strategy.top_classes": 3,
-            "strategy.project": 64, "strategy.fisher_pool": 2000, "strategy.stochastic": "softmax"}  # fmt: skip
+            "strategy.project": 64, "strategy.fisher_pool": 2000, "strategy.stochastic": "softmax",
+            "init_strategy": "typiclust", "stop": "kappa_average", "strategy.features": "torchvision:resnet18"}  # fmt: skip
 
 
 def other(key: str, value):

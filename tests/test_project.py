@@ -152,3 +152,48 @@ def test_check_labels_rules():
     assert check_labels(labels, {"a": "cat"}, {"a", "b"}, ["cat", "dog"]) == {"b": "dog"}
     with pytest.raises(Exception, match="f line 2: id 'a' is labeled 'cat' but already 'dog'"):
         check_labels(labels, {"a": "dog"}, {"a", "b"}, ["cat", "dog"])
+
+
+def test_next_prints_the_stopping_criteria(folder_project, caplog, labels_csv, monkeypatch):
+    import numpy as np
+
+    from fm_ray.core import stopping
+
+    proj, truth, names = folder_project
+    for b in range(3):
+        caplog.clear()
+        if b == 2:  # kappa's window needs 3 pairs: make it hold, to see the verdict's line
+            monkeypatch.setattr(stopping, "kappa_average", lambda preds_R_N, n_classes: (True, 0.995))
+        assert main(["project", "next", str(proj), "--k", "10"]) == 0
+        err = caplog.text
+        assert main(["project", "import", str(proj), str(annotate_as(proj, b, truth, names, labels_csv))]) == 0
+        if b == 0:
+            assert "stopping criteria" not in err  # no model yet
+    summaries = [json.loads((proj / "batches" / str(b) / "summary.json").read_text()) for b in (1, 2)]
+    preds = [np.load(proj / "batches" / str(b) / "stop_preds.npy") for b in (1, 2)]
+    assert len(preds[0]) == 120  # the whole pool: the default --stop-set 1000 is larger
+    changed = float(np.mean(preds[1] != preds[0]))
+    assert summaries[0]["stopping"]["classification_change"] == {"value": None, "holds": False}
+    assert summaries[1]["stopping"]["classification_change"] == {"value": changed, "holds": changed == 0}
+    assert summaries[1]["stopping"]["budget"] == {"value": 20.0, "holds": False}
+    assert "batch 2: stopping criteria on 120 pool samples: kappa_average 0.995 (holds), overall_uncertainty " in err
+    assert f"classification_change {changed:.4g}" in err and "budget 20\n" in err
+    assert "batch 2: kappa_average hold(s): labeling more is unlikely to change the model" in err
+
+
+def annotate_as(project_dir, b, truth, names, labels_csv):
+    """The instant annotator of a folder project (class names, not indices)."""
+    return labels_csv(f"labels-{b}.csv", [(i, names[truth[i]]) for i in batch_ids(project_dir, b)])
+
+
+def test_a_cold_start_project_picks_the_runs_initial_set(fmnist, tmp_path):
+    cold = ["--strategy", "entropy", "--init-strategy", "typiclust", "--stop-set", "20"]
+    out = tmp_path / "run"
+    assert main(["run", *RUN, *cold, "--init", "10", "--batch", "10", "--rounds", "1", "--out", str(out)]) == 0
+    initial = sorted(
+        str(q["dataset_index"]) for q in pq.read_table(out / "queries.parquet").to_pylist() if q["round"] == 0
+    )
+    proj = tmp_path / "proj"
+    assert main(["project", "init", str(proj), "--pool", "fashion_mnist", "--classes", CLASSES, *RUN, *cold]) == 0
+    assert main(["project", "next", str(proj), "--k", "10"]) == 0
+    assert sorted(batch_ids(proj, 0)) == initial and len(initial) == 10

@@ -18,7 +18,7 @@ from fm_ray.pool.shard import on_state, pid, set_round
 from fm_ray.strategies import STRATEGIES
 
 pytestmark = pytest.mark.ray
-CHECKED = ["entropy", "fishermask", "bait", "kcenter", "badge"]
+CHECKED = ["entropy", "fishermask", "bait", "kcenter", "badge", "typiclust", "probcover", "galaxy"]
 
 
 @pytest.fixture(scope="module", autouse=True)

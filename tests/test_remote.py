@@ -69,7 +69,8 @@ def test_run_in_a_driver_task_gives_the_same_rows_and_streams_progress(in_proces
     lines = capsys.readouterr().out.splitlines()
     for r in range(3):  # each round's line, printed here although the round ran in the task
         assert any(f"round {r}/2 done" in line for line in lines), lines
-    assert {p.name for p in out.iterdir()} == {"config.json", "rounds.parquet", "queries.parquet", "checkpoint-r2.pt"}
+    names = {"config.json", "rounds.parquet", "queries.parquet", "stop_preds.npy", "checkpoint-r2.pt"}
+    assert {p.name for p in out.iterdir()} == names
 
 
 def test_bad_input_found_in_the_task_is_the_same_one_line_and_exit_2(tmp_path, capsys):

@@ -9,7 +9,18 @@ from fm_ray.pool.shard import set_round
 from fm_ray.strategies import STRATEGIES
 from fm_ray.strategies.fisher import build_greedy_state, fisher_diag_partial
 
-SHARDED = ["entropy", "margin", "least_confidence", "fishermask", "bait", "kcenter", "badge"]
+SHARDED = [
+    "entropy",
+    "margin",
+    "least_confidence",
+    "fishermask",
+    "bait",
+    "kcenter",
+    "badge",
+    "typiclust",
+    "probcover",
+    "galaxy",
+]
 
 
 def pick(trained, shards: int, strategy: str, reverse: bool = False, **kw) -> list[int]:

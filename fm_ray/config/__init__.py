@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from fm_ray.core.stopping import CRITERIA
 from fm_ray.errors import UserError
 
 BACKENDS = ("auto", "local", "ray")
@@ -67,6 +68,10 @@ class StrategyConfig:
     # stochastic batches for a score strategy (Kirsch et al. 2023, arXiv 2106.12059); None = top-k
     stochastic: str | None = None  # power | softmax | softrank
     beta: float = 1.0  # inverse temperature of the stochastic batch
+    # typiclust/probcover: features of a frozen model instead of the trained one's: torchvision:<name> (with
+    # --pretrained: ImageNet weights) or checkpoint:<path> (a state dict of --model); None = the trained model
+    features: str | None = None
+    probcover_delta: float = 0.75  # ProbCover's ball radius on L2-normalized features (the paper's CIFAR-10 value)
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,10 @@ class RunConfig:
     seed: int = 0
     preset: str | None = None
     dry_run: bool = False  # `fm-ray run --dry-run`: print the memory plan, train nothing
+    # cold start: the strategy that picks the initial set (None: seeded random); with init 0 it picks --batch
+    init_strategy: str | None = None
+    stop: str | None = None  # end the run at the first round this stopping criterion holds (core.stopping)
+    stop_set: int = 1000  # pool samples (seeded, fixed) the stopping criteria are judged on  # `fm-ray run --dry-run`: print the memory plan, train nothing
 
 
 # The paper's regimes (Gul et al., arXiv 2411.05752, section 5; see docs/method.md). The paper gives setting 1's low regime only as
@@ -125,6 +134,11 @@ def with_resolved_backend(cfg: RunConfig) -> RunConfig:
     (their workers see another environment, and trial resources depend on the backend)."""
     pool = dataclasses.replace(cfg.pool, backend=resolve_backend(cfg.pool))
     return dataclasses.replace(cfg, pool=pool)
+
+
+def initial_size(cfg: RunConfig) -> int:
+    """Labels of round 0: --init, or with --init 0 (a cold start by --init-strategy) one --batch."""
+    return cfg.init or cfg.batch
 
 
 def rounds_for_budget(init: int, batch: int, budget: int) -> int:
@@ -185,12 +199,23 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _validate_counts(cfg: RunConfig) -> None:
-    for name in ("init", "batch", "rounds"):
+    for name in ("batch", "rounds"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be positive, got {value}: pass a number >= 1")
-    if cfg.budget is not None and cfg.budget < cfg.init:
+    if cfg.init < 0 or (cfg.init == 0 and cfg.init_strategy is None):
+        raise UserError(
+            f"--init must be positive, got {cfg.init}: pass a number >= 1, or --init 0 with --init-strategy "
+            "(e.g. typiclust) to pick the first --batch with no labels"
+        )
+    if cfg.budget is not None and cfg.budget < initial_size(cfg):
         raise UserError(f"--budget {cfg.budget} is below --init {cfg.init}: raise --budget or lower --init")
+    if cfg.stop_set <= 0:
+        raise UserError(f"--stop-set must be positive, got {cfg.stop_set}: e.g. --stop-set 1000")
+    if cfg.stop is not None and cfg.stop not in CRITERIA:
+        raise UserError(f"--stop must be one of {', '.join(CRITERIA)}, got {cfg.stop!r}")
+    if cfg.stop == "budget" and cfg.budget is None:
+        raise UserError("--stop budget needs a --budget: give one, or choose another --stop")
     if cfg.seed < 0:
         raise UserError(f"--seed must be >= 0, got {cfg.seed}")
 
@@ -229,6 +254,9 @@ def validate_strategy(s: StrategyConfig) -> None:
     for flag, value in approximations:
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be positive, got {value}: pass a number >= 1 or leave it out (exact)")
+    _in_range("--probcover-delta", s.probcover_delta, 0, 2, True, "in (0, 2] (features are L2-normalized), e.g. 0.75")
+    if s.features is not None and not s.features.startswith(("torchvision:", "checkpoint:")):
+        raise UserError(f"--features must be torchvision:<name> or checkpoint:<path>, got {s.features!r}")
     rules = ("uniform", "entropy", "margin", "least_confidence")
     if s.candidate_rule not in rules:
         raise UserError(f"--candidate-rule must be one of {', '.join(rules)}, got {s.candidate_rule!r}")

@@ -130,6 +130,20 @@ RUN_FLAGS: tuple[Flag, ...] = (
         none_means="all",
     ),
     Flag("budget", AL, "most labeled samples in all (default: no cap)", parse=int),
+    Flag(
+        "init_strategy",
+        AL,
+        "strategy that picks the initial labeled set with no labels, e.g. typiclust or probcover (default: "
+        "seeded random); with --init 0 it picks the first --batch",
+    ),
+    Flag(
+        "stop",
+        AL,
+        "end the run at the first round this stopping criterion holds: kappa_average | overall_uncertainty | "
+        "classification_change | budget (default: none; every round records them all)",
+        choices=("kappa_average", "overall_uncertainty", "classification_change", "budget"),
+    ),
+    Flag("stop_set", AL, "seeded pool samples the stopping criteria are judged on (default {default})", parse=int),
     Flag("seed", AL, "seeds everything: pool, initial set, weights, training (default {default})", parse=int),
     Flag(
         "model.name",
@@ -256,6 +270,18 @@ RUN_FLAGS: tuple[Flag, ...] = (
     ),
     Flag("strategy.beta", BAYES, "the inverse temperature of --stochastic (default {default})", parse=float),
     Flag(
+        "strategy.features",
+        AL,
+        "typiclust/probcover on a frozen model's features: torchvision:<name> (ImageNet weights with "
+        "--pretrained) or checkpoint:<path> (a state dict of --model) (default: the trained model's)",
+    ),
+    Flag(
+        "strategy.probcover_delta",
+        AL,
+        "probcover: radius of the balls it covers, on L2-normalized features (default {default})",
+        parse=float,
+    ),
+    Flag(
         "pool.backend",
         POOL,
         "auto | ray | local (default {default}: Ray when --ray-address or $RAY_ADDRESS, --shards > 1 or "
@@ -380,6 +406,8 @@ def config_from_values(values: Mapping[str, Any]) -> RunConfig:
         given["dataset"] = absolute_pool(given["dataset"])
     if given.get("checkpoint"):  # absolute: a Tune trial runs in its own working directory
         given["checkpoint"] = str(Path(given["checkpoint"]).expanduser().absolute())
+    if str(given.get("features", "")).startswith("checkpoint:"):
+        given["features"] = "checkpoint:" + str(Path(given["features"].split(":", 1)[1]).expanduser().absolute())
     fields: dict[str, dict[str, Any]] = {section: {} for section in ("", *SECTIONS)}
     for dest, value in given.items():
         f = BY_DEST[dest]

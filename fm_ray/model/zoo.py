@@ -204,6 +204,14 @@ def check_model(cfg: ModelConfig) -> None:
         raise UserError(f"--checkpoint {cfg.checkpoint}: no such file: give a state dict saved with torch.save")
 
 
+def features_model(spec: str, model: ModelConfig) -> ModelConfig:
+    """--features as a model config: torchvision:<name> (ImageNet weights where `model` is --pretrained)
+    or checkpoint:<path> (`model`'s architecture with that state dict)."""
+    if spec.startswith("checkpoint:"):
+        return ModelConfig(model.name, checkpoint=spec.split(":", 1)[1])
+    return ModelConfig(spec, pretrained=model.pretrained)
+
+
 def build_model(cfg: ModelConfig, channels: int, side: int, n_classes: int) -> Classifier:
     check_model(cfg)
     if cfg.name.startswith(TORCHVISION):

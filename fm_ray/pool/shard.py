@@ -169,6 +169,25 @@ def nonfinite_outputs(shard: PoolShard) -> int:
 
 
 @read_only
+def member_probs(shard: PoolShard, positions: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global positions among `positions` (None: all) that are this shard's members, and their
+    probabilities. A few members (a stop set) are predicted alone unless the whole shard's
+    predictions are already made: a round that makes no query (random's, the last) pays for the
+    few, not for a pass over the pool."""
+    if positions is None:
+        return shard.index_N, shard.predictions()[0]
+    mine = torch.from_numpy(np.isin(shard.index_N.numpy(), positions))
+    if shard._preds is not None:
+        return shard.index_N[mine], shard._preds[0][mine]
+    blocks = [b[mine[b]] for b in shard.blocks() if mine[b].any()]  # the same sub-blocks on any shard count
+    parts = [
+        predict(shard.model, x_u8, shard.spec.norm, shard.device, batch=BLOCK)[0] for _, x_u8 in shard.stream(blocks)
+    ]
+    probs = torch.cat(parts) if parts else torch.empty(0, shard.spec.n_classes)
+    return shard.index_N[mine], probs
+
+
+@read_only
 def first_score_range(shard: PoolShard) -> tuple[float, float] | None:
     """(min, max) of the scores the shard's selection state ranked its candidates by at its first
     step (None: it has not ranked any), for the "all equal" guard."""

@@ -10,22 +10,26 @@ A project is one directory that holds everything:
     batches/<b>/tasks.json        the same batch as Label Studio tasks (data.id, data.image, predictions)
     batches/<b>/summary.json      labels trained on, hold-out accuracy, seconds per phase
     batches/<b>/model.pt          the weights that picked batch b (state dict)
+    batches/<b>/stop_preds.npy    the stop set's predicted classes under those weights (stopping criteria)
     batches/<b>/images/           PNGs of the batch when the pool has no image files of its own
 
 `next` trains on every label so far (weights reset each round, as `fm-ray run`), then selects with
 the project's strategy through the same `PoolSession` as `fm_ray.select`. Batch 0 (no labels yet)
 is a seeded random sample: with the same pool, seed and settings a project makes the same picks as
-`fm-ray run`, batch b being the run's round b - 1 query. Samples already sent out are never sent
-again and count as labeled for the selection. An image removed from the pool's folder drops out:
+`fm-ray run`, batch b being the run's round b - 1 query (with --init-strategy, batch 0 is that
+strategy's pick from the seeded untrained model, as the run's initial set). Samples already sent out
+are never sent again and count as labeled for the selection. An image removed from the pool's folder drops out:
 unlabeled it is simply gone, labeled its label is left out of training with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -41,6 +45,7 @@ from filelock import FileLock, Timeout
 from fm_ray._internal.files import write_atomically
 from fm_ray._internal.log import log
 from fm_ray.config import RunConfig, from_dict, to_dict
+from fm_ray.core.stopping import stop_set, verdicts
 from fm_ray.data.registry import check_outside
 from fm_ray.data.sources import load_pool, pool_ids
 from fm_ray.errors import UserError
@@ -183,7 +188,6 @@ class Project:
 
     def _next(self, k: int, image_url: str | None = None) -> Path:
         from fm_ray.data.normalize import Normalizer
-        from fm_ray.data.settings import initial_labeled
         from fm_ray.model.train import fit_round, predict, resolve_device
         from fm_ray.session import PoolSession
         from fm_ray.strategies import Selection
@@ -201,14 +205,10 @@ class Project:
         norm = Normalizer(pool.mean, pool.std)
         device = resolve_device(cfg.train.device)
         summary: dict[str, Any] = {"batch": b, "k": k, "strategy": cfg.strategy.name}
-        probs = None
-        if b == 0 or not labels:
-            picks = initial_labeled(len(pool.ids), k, cfg.seed)  # no model yet: a seeded random sample
+        probs, stop_preds = None, None
+        if b == 0 or not labels:  # no model yet
             exclude = np.array(sorted(position[i] for i in sent), dtype=np.int64)
-            if exclude.size:  # labels imported without a batch: draw among the rest
-                rng = np.random.default_rng([cfg.seed, 1, b])
-                picks = np.sort(rng.choice(np.setdiff1d(np.arange(len(pool.ids)), exclude), size=k, replace=False))
-            sel, model = Selection([int(p) for p in picks]), None
+            sel, model = Selection(_first_picks(cfg, pool, k, exclude, b, len(classes), norm, device)), None
         else:
             train_ids = sorted((i for i in labels if not self.held_out(i)), key=position.__getitem__)
             if not train_ids:
@@ -238,12 +238,46 @@ class Project:
             start = time.perf_counter()
             session = PoolSession(pool.images, pool.ids, len(classes), norm, cfg.model, cfg.pool, str(device))
             try:
-                sel = session.select(model, k, sorted(sent), cfg.strategy, cfg.seed, round=b - 1)
+                stopping, stop_preds = self._stopping(b, session, model, sorted(sent), len(labels), len(classes), cfg)
+                sel = session.select(  # the labels: galaxy balances by them
+                    model,
+                    k,
+                    sorted(sent),
+                    cfg.strategy,
+                    cfg.seed,
+                    b - 1,
+                    _classes_of(sorted(sent), labels, classes),
+                    True,
+                )
             finally:
                 session.close()
-            summary |= {"query_seconds": time.perf_counter() - start, **sel.timings}
+            summary |= {"query_seconds": time.perf_counter() - start, **sel.timings, "stopping": stopping}
             probs, _ = predict(model, pool.images.read(np.array(sel.indices)), norm, device)
-        return self._write_batch(b, pool, sel.indices, probs, classes, summary, model, image_url)
+        return self._write_batch(b, pool, sel.indices, probs, classes, summary, model, image_url, stop_preds)
+
+    def _stopping(
+        self,
+        b: int,
+        session: Any,
+        model: torch.nn.Module,
+        sent: list[str],
+        n_labels: int,
+        n_classes: int,
+        cfg: RunConfig,
+    ) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
+        """Every stopping criterion after batch b's training, on the project's stop set (logged);
+        leaves the session's shards set up for the query (`prepared`)."""
+        probs = session.member_probs(model, stop_set(len(session.ids), cfg.stop_set, cfg.seed), sent)
+        preds = probs.argmax(1).numpy()
+        found = verdicts(np.stack([*self._stop_history(b), preds]), probs, n_classes, n_labels, cfg.budget)
+        _log_stopping(b, found, len(preds))
+        return {n: {"value": None if math.isnan(v) else v, "holds": h} for n, (h, v) in found.items()}, preds
+
+    def _stop_history(self, b: int) -> list[np.ndarray]:
+        """The stop set's predictions of the batches before b that picked with a model, oldest first
+        (a deleted batch folder drops out)."""
+        paths = [self.path / "batches" / str(i) / "stop_preds.npy" for i in range(1, b)]
+        return [np.load(p, allow_pickle=False) for p in paths if p.exists()]
 
     def _holdout_accuracy(self, model, pool, labels, classes, norm, device) -> dict[str, Any]:
         from fm_ray.model.train import predict
@@ -256,7 +290,7 @@ class Project:
         truth = torch.tensor([classes.index(labels[i]) for i in held])
         return {"n_holdout": len(held), "holdout_accuracy": float((probs.argmax(1) == truth).float().mean())}
 
-    def _write_batch(self, b, pool, picks, probs, classes, summary, model, image_url) -> Path:
+    def _write_batch(self, b, pool, picks, probs, classes, summary, model, image_url, stop_preds) -> Path:
         """Everything for batch b in a temporary folder, renamed into place: a crash leaves no half batch."""
         final = self.path / "batches" / str(b)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +337,8 @@ class Project:
             _write_json(tmp / "summary.json", summary)
             if model is not None:
                 torch.save(model.state_dict(), tmp / "model.pt")
+            if stop_preds is not None:
+                np.save(tmp / "stop_preds.npy", stop_preds)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -328,6 +364,53 @@ class Project:
             "holdout_labels": sum(self.held_out(r["id"]) for r in labels),
             "holdout_accuracy": last.get("holdout_accuracy"),
         }
+
+
+def _first_picks(
+    cfg: RunConfig, pool: Any, k: int, exclude: np.ndarray, b: int, n_classes: int, norm: Any, device: Any
+) -> list[int]:
+    """A batch picked with no labels: by --init-strategy from the seeded untrained model (or --features),
+    as `fm-ray run`'s cold start; else a seeded random sample (among the samples not in `exclude`,
+    those sent out or labeled without a batch)."""
+    from fm_ray.data.settings import initial_labeled
+
+    if cfg.init_strategy is None:
+        picks = initial_labeled(len(pool.ids), k, cfg.seed)
+        if exclude.size:  # labels imported without a batch: draw among the rest
+            rng = np.random.default_rng([cfg.seed, 1, b])
+            picks = np.sort(rng.choice(np.setdiff1d(np.arange(len(pool.ids)), exclude), size=k, replace=False))
+        return [int(p) for p in picks]
+    from fm_ray.model.train import round_seed
+    from fm_ray.model.zoo import build_model
+    from fm_ray.session import PoolSession
+
+    torch.manual_seed(round_seed(cfg.seed, 0))
+    channels, _, side = pool.images.shape
+    model = build_model(cfg.model, channels, side, n_classes)
+    session = PoolSession(pool.images, pool.ids, n_classes, norm, cfg.model, cfg.pool, str(device))
+    try:
+        strategy = dataclasses.replace(cfg.strategy, name=cfg.init_strategy)
+        return session.select(model, k, [pool.ids[i] for i in exclude], strategy, cfg.seed, 0).indices
+    finally:
+        session.close()
+
+
+def _classes_of(ids: list[str], labels: dict[str, str], classes: list[str]) -> list[int]:
+    """The class index of each id's label; -1 for one sent out and not labeled yet."""
+    return [classes.index(labels[i]) if i in labels else -1 for i in ids]
+
+
+def _log_stopping(b: int, found: dict[str, tuple[bool, float]], n: int) -> None:
+    values = ", ".join(
+        f"{name} {'-' if math.isnan(value) else f'{value:.4g}'}" + (" (holds)" if holds else "")
+        for name, (holds, value) in found.items()
+    )
+    log(f"batch {b}: stopping criteria on {n} pool samples: {values}")
+    held = [name for name, (holds, _) in found.items() if holds and name != "budget"]
+    if held:
+        log(f"batch {b}: {' and '.join(held)} hold(s): labeling more is unlikely to change the model")
+    if found["budget"][0]:
+        log(f"batch {b}: the --budget of labels is spent")
 
 
 def pick_score(rank: int, k: int) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fm_ray.config import RunConfig, resolve_backend
+from fm_ray.config import RunConfig, initial_size, resolve_backend
 from fm_ray.data.registry import open_source
 from fm_ray.data.settings import initial_labeled, sample_pool
 from fm_ray.errors import UserError
@@ -32,8 +32,9 @@ def dry_run(cfg: RunConfig) -> str:
     if local:
         shard_gpu = device.type == "cuda"
     shard_device = "cuda" if shard_gpu else "cpu"
-    first = initial_labeled(T, min(cfg.init, T), cfg.seed)
-    n_last = min(T - cfg.batch, cfg.init + cfg.batch * max(0, planned_rounds(cfg, T) - 1), cfg.budget or T)
+    init = initial_size(cfg)
+    first = initial_labeled(T, min(init, T), cfg.seed)
+    n_last = min(T - cfg.batch, init + cfg.batch * max(0, planned_rounds(cfg, T) - 1), cfg.budget or T)
     last = np.arange(max(n_last, len(first)))  # the count matters, not which (shards are near even)
     best = None
     for labeled in (first, last):

@@ -7,6 +7,8 @@ then per round `_train`, `_evaluate`, `_query`, `_record` and `_write_round`.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +20,8 @@ import torch
 from torch import nn
 
 from fm_ray._internal.log import log
-from fm_ray.config import RunConfig, resolve_backend
+from fm_ray.config import RunConfig, initial_size, resolve_backend
+from fm_ray.core import stopping
 from fm_ray.data.core import Dataset, write_skipped_images
 from fm_ray.data.normalize import Normalizer
 from fm_ray.data.parquet import READ_BYTES
@@ -26,7 +29,8 @@ from fm_ray.data.registry import check_outside, open_source
 from fm_ray.data.settings import Pool, initial_labeled, sample_pool
 from fm_ray.data.source import ImageSource
 from fm_ray.errors import UserError
-from fm_ray.model.train import evaluate, fit_round, resolve_device
+from fm_ray.model.train import evaluate, fit_round, resolve_device, round_seed
+from fm_ray.model.zoo import build_model
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import peak_memory_mb, peak_rss_mb, state_bytes
 from fm_ray.run._faults import fault_point
@@ -50,18 +54,22 @@ def run_experiment(
     session = PoolSession(s.pool_images, range(s.size), s.n_classes, s.norm, cfg.model, cfg.pool, str(s.device))
     try:
         # the first query's memory plan, refused before any training when it does not fit
-        labeled0 = initial_labeled(s.size, cfg.init, cfg.seed)
+        labeled0 = initial_labeled(s.size, initial_size(cfg), cfg.seed)
         plan = session.check_memory(None, cfg.batch, labeled0, cfg.strategy, str(s.device))
         if plan:
             for line in [f"memory plan of the first query ({cfg.strategy.name}):", *plan.text().splitlines()]:
                 log(line)  # one log line each, so every console line carries fm_ray's prefix
         run = _open(s, rundir, resume, overwrite)
+        if not len(run.labeled):
+            _cold_start(s, session, run)
+        stop_set = _stop_set(s, run)
         labeled_x = _LabeledPixels(session)
-        for r in range(len(run.rows), s.n_rounds + 1):
+        for r in range(len(run.rows), s.n_rounds + 1 if not _stopped(run) else 0):
             model, fit = _train(s, rundir, labeled_x, run.labeled, r)
             ev, eval_s = _evaluate(s, model, r)
-            sel, query_s = _query(s, session, model, run.labeled, r, ev)
-            row = _record(s, run, session.pool, r, fit, ev, eval_s, sel, query_s)
+            stop = _stopping(s, session, model, run, stop_set, r)
+            sel, query_s = _query(s, session, model, run.labeled, r, ev, stop["stopped_by"] is not None)
+            row = _record(s, run, session.pool, r, fit, ev, eval_s, sel, query_s, stop)
             _write_round(rundir, run, model.state_dict(), r)
             run.labeled = np.union1d(run.labeled, np.array(sel.indices, dtype=np.int64))
             log(
@@ -71,6 +79,9 @@ def run_experiment(
             )
             if on_round is not None:
                 on_round(row)
+            if row["stopped_by"]:
+                log(f"round {r}: stopping criterion {row['stopped_by']} holds: the run ends here (--stop)")
+                break
     finally:
         session.close()
     return rundir.path
@@ -135,6 +146,7 @@ class _Progress:
     rows: list[dict[str, Any]]
     queries: list[dict[str, Any]]
     labeled: np.ndarray  # sorted pool positions
+    stop_preds: list[np.ndarray]  # the stop set's predicted classes after each finished round
 
 
 def _open(s: _Setup, rundir: RunDir, resume: bool, overwrite: bool) -> _Progress:
@@ -144,14 +156,45 @@ def _open(s: _Setup, rundir: RunDir, resume: bool, overwrite: bool) -> _Progress
     rows, queries = rundir.open(cfg, resume, overwrite)
     write_skipped_images(rundir.path, s.data)
     rid, _ = rundir.stored()  # a resumed run keeps the id it was created with
-    labeled = np.union1d(initial_labeled(s.size, cfg.init, cfg.seed), [q["pool_index"] for q in queries])
-    labeled = labeled.astype(np.int64)
+    # a cold start's initial set is in the queries (round 0), picked before round 0 trains
+    initial = np.array([], dtype=np.int64) if cfg.init_strategy else initial_labeled(s.size, cfg.init, cfg.seed)
+    labeled = np.union1d(initial, [q["pool_index"] for q in queries]).astype(np.int64)
     log(
         f"run {rid}: pool {s.size} ({s.n_classes} classes), {len(labeled)} labeled, {s.n_rounds} query rounds of "
         f"{cfg.batch}, strategy {cfg.strategy.name}, {resolve_backend(cfg.pool)} pool x{cfg.pool.shards}, device {s.device}"
         + (f", resuming after round {rows[-1]['round']}" if rows else "")
     )
-    return _Progress(rid, rows, queries, labeled)
+    run = _Progress(rid, rows, queries, labeled, rundir.read_stop_preds()[: len(rows)])
+    if _stopped(run):
+        log(f"run {rid} ended at round {rows[-1]['round']}: stopping criterion {rows[-1]['stopped_by']} held (--stop)")
+    return run
+
+
+def _stopped(run: _Progress) -> bool:
+    return bool(run.rows and run.rows[-1].get("stopped_by"))
+
+
+def _cold_start(s: _Setup, session: PoolSession, run: _Progress) -> None:
+    """--init-strategy: round 0's labeled set, picked with no labels from the seeded untrained model
+    (or the --pretrained / --checkpoint one); recorded as round 0's queries."""
+    cfg = s.cfg
+    torch.manual_seed(round_seed(cfg.seed, 0))
+    channels, _, side = s.pool_images.shape
+    model = build_model(cfg.model, channels, side, s.n_classes)
+    assert cfg.init_strategy is not None
+    strategy = dataclasses.replace(cfg.strategy, name=cfg.init_strategy)
+    log(f"cold start: {cfg.init_strategy} picks the {initial_size(cfg)} samples of round 0 with no labels")
+    sel = session.select(model, initial_size(cfg), [], strategy, cfg.seed, 0)
+    run.queries += _query_rows(s, run, np.array(sel.indices, dtype=np.int64), 0)
+    run.labeled = np.sort(np.array(sel.indices, dtype=np.int64))
+
+
+def _stop_set(s: _Setup, run: _Progress) -> np.ndarray:
+    """The stop set: --stop-set seeded pool positions outside round 0's labeled set, the same every round."""
+    initial = [q["pool_index"] for q in run.queries if q["round"] == 0]
+    if not s.cfg.init_strategy:
+        initial = initial_labeled(s.size, s.cfg.init, s.cfg.seed).tolist()
+    return stopping.stop_set(s.size, s.cfg.stop_set, s.cfg.seed, np.array(initial, dtype=np.int64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,18 +245,45 @@ def _evaluate(s: _Setup, model: nn.Module, r: int) -> tuple[dict[str, Any], floa
     return ev, time.perf_counter() - start
 
 
+def _stopping(
+    s: _Setup, session: PoolSession, model: nn.Module, run: _Progress, stop_set: np.ndarray, r: int
+) -> dict[str, Any]:
+    """Every stopping criterion's value and verdict on the stop set after round r (row columns), and
+    `stopped_by`: the --stop criterion where it holds. Leaves the shards set up for the round's query."""
+    cfg = s.cfg
+    probs = session.member_probs(model, stop_set, run.labeled)
+    run.stop_preds = [*run.stop_preds[:r], probs.argmax(1).numpy()]
+    verdicts = stopping.verdicts(np.stack(run.stop_preds), probs, s.n_classes, len(run.labeled), cfg.budget)
+    out: dict[str, Any] = {}
+    for name, (holds, value) in verdicts.items():
+        out |= {
+            f"stop_{name}": None if math.isnan(value) else value,
+            f"stop_{name}_holds": holds,
+        }  # null: too few rounds
+    out["stopped_by"] = cfg.stop if cfg.stop is not None and verdicts[cfg.stop][0] else None
+    return out
+
+
 def _query(
-    s: _Setup, session: PoolSession, model: nn.Module, labeled: np.ndarray, r: int, ev: dict[str, Any]
+    s: _Setup,
+    session: PoolSession,
+    model: nn.Module,
+    labeled: np.ndarray,
+    r: int,
+    ev: dict[str, Any],
+    stopped: bool,
 ) -> tuple[Selection, float]:
-    """The round's batch from the strategy (none after the last round, or once the budget is spent)."""
+    """The round's batch from the strategy (none after the last round, once the budget is spent, or
+    where --stop's criterion holds)."""
     cfg, T = s.cfg, s.size
-    k = min(cfg.batch, (cfg.budget or T) - len(labeled), T - len(labeled)) if r < s.n_rounds else 0
+    k = min(cfg.batch, (cfg.budget or T) - len(labeled), T - len(labeled)) if r < s.n_rounds and not stopped else 0
     if k <= 0:
         return Selection([]), 0.0
     log(f"round {r}/{s.n_rounds}: test acc {ev['accuracy']:.4f}; querying {k} with {cfg.strategy.name}")
     fault_point("query", r)
     start = time.perf_counter()
-    sel = session.select(model, k, labeled, cfg.strategy, cfg.seed, r)
+    labels = s.pool.labels[labeled]  # the labeled set's (strategies that balance classes use them)
+    sel = session.select(model, k, labeled, cfg.strategy, cfg.seed, r, labels=labels, prepared=True)
     query_s = time.perf_counter() - start
     # largest selection state any one shard held (issue: per-shard memory report)
     sel.info["selection_state_bytes"] = max(session.pool.map(state_bytes))
@@ -230,20 +300,12 @@ def _record(
     eval_s: float,
     sel: Selection,
     query_s: float,
+    stop: dict[str, Any],
 ) -> dict[str, Any]:
     """Add the round's queries and its row (ROUND_SCHEMA) to `run`; returns the row."""
     cfg, pool = s.cfg, s.pool
     picked = np.array(sel.indices, dtype=np.int64)
-    run.queries += [
-        {
-            "run_id": run.run_id,
-            "round": r + 1,
-            "pool_index": int(i),
-            "dataset_index": int(pool.train_index[i]),
-            "label": int(pool.classes[pool.labels[i]]),
-        }
-        for i in picked
-    ]
+    run.queries += _query_rows(s, run, picked, r + 1)
     row = {
         "run_id": run.run_id,
         "dataset": cfg.data.dataset,
@@ -271,15 +333,32 @@ def _record(
         "backend": resolve_backend(cfg.pool),  # what --backend auto became (as PoolSession's)
         "shards": cfg.pool.shards,
         **_peak_memory(sharded),
+        **stop,
     }
     run.rows.append(row)
     return row
+
+
+def _query_rows(s: _Setup, run: _Progress, picked: np.ndarray, round_: int) -> list[dict[str, Any]]:
+    """QUERY_SCHEMA rows of `picked` (round 0: a cold start's initial set; r + 1: round r's query)."""
+    pool = s.pool
+    return [
+        {
+            "run_id": run.run_id,
+            "round": round_,
+            "pool_index": int(i),
+            "dataset_index": int(pool.train_index[i]),
+            "label": int(pool.classes[pool.labels[i]]),
+        }
+        for i in picked
+    ]
 
 
 def _write_round(rundir: RunDir, run: _Progress, weights: dict[str, Any], r: int) -> None:
     """Order matters for resume: queries, then the row, then the round's weights (see RunDir)."""
     rundir.write_queries(run.queries)
     fault_point("queries_written", r)
+    rundir.write_stop_preds(np.stack(run.stop_preds))  # before the row: a resume keeps as many as rows
     rundir.write_rows(run.rows)
     fault_point("rows_written", r)
     rundir.save_checkpoint(weights, r)

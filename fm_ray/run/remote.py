@@ -38,8 +38,9 @@ from fm_ray.run.rundir import RunDir
 
 
 def run_files(rundir: RunDir) -> list[Path]:
-    """A run dir's durable state, in the order a round writes it (queries, rows, then weights)."""
-    return [rundir.config_path, rundir.queries_path, rundir.rounds_path, *rundir.checkpoints()]
+    """A run dir's durable state, in the order a round writes it (queries, stop-set predictions, rows,
+    then weights)."""
+    return [rundir.config_path, rundir.queries_path, rundir.stop_preds_path, rundir.rounds_path, *rundir.checkpoints()]
 
 
 def read_files(rundir: RunDir) -> dict[str, bytes]:

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -16,6 +17,7 @@ from fm_ray._internal.files import write_atomically
 from fm_ray._internal.log import log
 from fm_ray._internal.paths import safe_name
 from fm_ray.config import RunConfig, from_dict, to_dict
+from fm_ray.core.stopping import CRITERIA
 from fm_ray.errors import UserError
 
 _PROFILE = pa.struct([("name", pa.string()), ("numel", pa.int64()), ("kept", pa.int64()), ("fraction", pa.float64())])
@@ -55,6 +57,9 @@ ROUND_SCHEMA = pa.schema(
         ("shard_peak_gpu_mb", pa.float64()),  # null when the shards run on CPU
         ("plan_peak_mb", pa.float64()),  # the query's memory plan for its largest process (null: no plan)
         ("driver_read_bytes", pa.int64()),  # of pool files, read by the driver's process so far
+        # the stopping criteria on the stop set after the round (core.stopping): value and verdict
+        *[(f"stop_{c}{part}", kind) for c in CRITERIA for part, kind in (("", pa.float64()), ("_holds", pa.bool_()))],
+        ("stopped_by", pa.string()),  # the --stop criterion that ended the run at this round, else null
     ]
 )
 QUERY_SCHEMA = pa.schema(
@@ -97,9 +102,9 @@ IDENTITY_FREE: dict[str, str] = {
     "pool.driver_gpus": "where the recipe itself runs (fm_ray/run/remote.py): the same rows",
     "dry_run": "prints the memory plan and computes nothing",
 }
-# StrategyConfig's approximation fields at their exact defaults, and the Bayesian and stochastic
-# batch options at their defaults, are left out too, so the runs made before these fields existed
-# keep their ids (set to anything else, they are digested)
+# StrategyConfig's approximation fields at their exact defaults, and the Bayesian, stochastic-batch,
+# cold-start and stopping options at their defaults, are left out too, so the runs made before these
+# fields existed keep their ids (set to anything else, they are digested)
 EXACT = {
     "strategy.candidates": None,
     "strategy.candidate_rule": "uniform",
@@ -111,6 +116,11 @@ EXACT = {
     "strategy.batchbald_samples": 10_000,
     "strategy.stochastic": None,
     "strategy.beta": 1.0,
+    "strategy.probcover_delta": 0.75,
+    "strategy.features": None,
+    "init_strategy": None,
+    "stop": None,
+    "stop_set": 1000,
 }
 
 
@@ -179,6 +189,7 @@ class RunDir:
         self.rounds_path = self.path / "rounds.parquet"
         self.queries_path = self.path / "queries.parquet"
         self.config_path = self.path / "config.json"
+        self.stop_preds_path = self.path / "stop_preds.npy"  # the stop set's predictions, rounds x N
 
     def checkpoint_path(self, round_: int) -> Path:
         """Model weights at the end of round `round_` (what warm-start round `round_ + 1` starts from)."""
@@ -224,7 +235,7 @@ class RunDir:
         self.preflight(resume, overwrite)
         exists = self.holds_run()
         if exists and overwrite:
-            for p in (self.rounds_path, self.queries_path, self.config_path, *self.checkpoints()):
+            for p in (self.rounds_path, self.queries_path, self.config_path, self.stop_preds_path, *self.checkpoints()):
                 p.unlink(missing_ok=True)
             exists = False
         if exists:
@@ -297,6 +308,21 @@ class RunDir:
 
     def write_rows(self, rows: list[dict]) -> None:
         _write(self.rounds_path, rows, ROUND_SCHEMA)
+
+    def write_stop_preds(self, preds_R_N: np.ndarray) -> None:
+        write_atomically(self.stop_preds_path, lambda f: np.save(f, preds_R_N))
+
+    def read_stop_preds(self) -> list[np.ndarray]:
+        """The stop set's predictions of the rounds written so far (none where the file is missing:
+        the criteria over several rounds then start afresh)."""
+        if not self.stop_preds_path.exists():
+            return []
+        try:
+            return list(np.load(self.stop_preds_path, allow_pickle=False))
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"{self.stop_preds_path} is damaged ({e}): use --overwrite to start the run afresh"
+            ) from None
 
     def save_checkpoint(self, state: dict[str, Any], round_: int) -> None:
         """Round `round_`'s weights, atomically (temp name + rename); then older checkpoints go."""

@@ -28,6 +28,7 @@ class QueryContext:
     pool_size: int
     cfg: StrategyConfig
     model: torch.nn.Module  # the driver's copy (for parameter layout; shards hold their own)
+    labels: np.ndarray | None = None  # the labels of `labeled` (model outputs 0..C-1), where the caller has them
 
 
 @dataclass
@@ -38,6 +39,14 @@ class Selection:
     ids: list[Any] = field(default_factory=list)  # the pool ids of `indices` (fm_ray.select fills them)
     # (min, max) over every candidate of the score the first pick was ranked by; None: no scores (random)
     score_range: tuple[float, float] | None = None
+
+
+def by_position(answers: list[tuple[torch.Tensor, torch.Tensor]], pool_size: int) -> torch.Tensor:
+    """The shards' (global positions, rows) answers as one pool-sized tensor, row i = pool position i."""
+    rows = answers[0][1]
+    out = torch.empty(pool_size, *rows.shape[1:], dtype=rows.dtype)
+    out[torch.cat([i for i, _ in answers])] = torch.cat([r for _, r in answers])
+    return out
 
 
 SCORE_RTOL = 1e-9  # scores closer than this, relative to their scale, rank nothing (docs/method.md)
@@ -90,6 +99,7 @@ class Strategy:
     # its large items (None, or a plan answering None: nothing pool-sized beyond predictions)
     plan: Callable[[PlanInputs], Plan | None] | None = None
     stochastic: bool = False  # ranks by a score, so --stochastic can draw its batch instead
+    cold_start: bool = False  # picks well with no labels (an --init-strategy)
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -113,7 +123,7 @@ def check_strategy(cfg: StrategyConfig) -> None:
 
 
 def _load_builtins() -> None:
-    from fm_ray.strategies import bayes, diversity, fisher, uncertainty  # noqa: F401  (they register)
+    from fm_ray.strategies import bayes, coldstart, diversity, fisher, imbalance, uncertainty  # noqa: F401  (they register)
 
 
 _load_builtins()

@@ -114,7 +114,7 @@ def score_plan(x: PlanInputs) -> Plan | None:
 
 register(
     "random",
-    Strategy(random_select, needs_model=False, doc="uniform over the unlabeled pool"),
+    Strategy(random_select, needs_model=False, doc="uniform over the unlabeled pool", cold_start=True),
 )
 for _name in SCORES:
     register(
