@@ -127,6 +127,8 @@ def _csv(path: Path) -> Listing:
             rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}): give a UTF-8 CSV file") from None
+    except csv.Error as e:  # e.g. a cell over the csv module's 131,072 characters
+        raise UserError(f"{path} line {reader.reader.line_num}: not a CSV line ({e}): fix or remove the line") from None
     if "path" not in fields:
         raise UserError(f"{path} needs a header with a `path` column (optional `label`, `split`): add it")
     if not rows:

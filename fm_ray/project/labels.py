@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,22 @@ def read_label_file(path: str | Path) -> list[Label]:
     return _csv(text, path)
 
 
+def csv_rows(lines: Iterable[str], path: Path) -> Iterator[list[str]]:
+    """`csv.reader` over `lines`; a malformed line (a cell over the csv module's 131,072 characters,
+    a NUL byte, a stray quote) is one UserError naming the file and the line, not a `csv.Error`."""
+    reader = csv.reader(lines)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(f"{path} line {reader.line_num}: not a CSV line ({e}): fix or remove the line") from None
+        yield row
+
+
 def _csv(text: str, path: Path) -> list[Label]:
-    reader = csv.reader(io.StringIO(text))
+    reader = csv_rows(io.StringIO(text), path)
     header = next(reader, None)
     if header is None or [h.strip() for h in header[:2]] != ["id", "label"]:
         raise UserError(f"{path} line 1: expected the header 'id,label', got {','.join(header or [])!r}: add it")
@@ -68,6 +82,8 @@ def _label_studio(text: str, path: Path) -> list[Label]:
         tasks = json.loads(text)
     except ValueError as e:
         raise UserError(f"{path} is not valid JSON ({e}): export it again from Label Studio as JSON") from None
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be a Label Studio export: export it again as JSON") from None
     if isinstance(tasks, dict):
         tasks = [tasks]
     out = []
@@ -146,12 +162,41 @@ def check_labels(
     return new
 
 
+def check_store(rows: list[dict[str, str]], path: Path, classes: list[str]) -> dict[str, str]:
+    """The project's labels.csv rows as id -> class. One rule for a hand-edited store, as for an
+    import: a repeated row is fine, a row that gives an id another class is an error naming both lines,
+    and so is a class the project does not have."""
+    found: dict[str, tuple[str, int]] = {}  # id -> (class, first line)
+    for line, r in enumerate(rows, start=2):
+        sid, lab = r.get("id") or "", r.get("label") or ""
+        if not sid or not lab:
+            raise UserError(f"{path} line {line}: expected id,label,batch, got {list(r.values())}: fix the line")
+        if lab not in classes:
+            raise UserError(
+                f"{path} line {line}: unknown class {lab!r} for id {sid!r}: use one of {', '.join(classes)} "
+                "(fix the line)"
+            )
+        before = found.setdefault(sid, (lab, line))
+        if before[0] != lab:
+            raise UserError(
+                f"{path} lines {before[1]} and {line} give id {sid!r} two classes, {before[0]!r} and {lab!r}: "
+                "delete the wrong line"
+            )
+    return {sid: lab for sid, (lab, _) in found.items()}
+
+
 def read_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV file with a header (labels.csv, batch.csv); none if it does not exist."""
     if not path.is_file():
         return []
     with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        try:
+            return list(reader)
+        except csv.Error as e:
+            raise UserError(
+                f"{path} line {reader.reader.line_num}: not a CSV line ({e}): fix or remove the line"
+            ) from None
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-from fm_ray._internal.files import write_atomically
+from fm_ray._internal.files import check_folder_target, write_atomically
 from fm_ray._internal.log import log
 from fm_ray.config import RunConfig, from_dict, to_dict
 from fm_ray.data.registry import check_outside
@@ -76,6 +76,7 @@ class Project:
     def init(self, cfg: RunConfig, classes: list[str], holdout: float) -> None:
         # before the lock, whose file would already be a write into the data folder
         check_outside(self.path, cfg.data.dataset, cfg.data.data_dir, "the project folder")
+        check_folder_target(self.path, "DIR")
         with self.writing():
             self._init(cfg, classes, holdout)
 
@@ -102,7 +103,7 @@ class Project:
     def _meta(self) -> dict[str, Any]:
         try:
             meta = json.loads(self.meta_path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             raise UserError(
                 f"{self.path} is not an fm_ray project (no readable project.json): run fm-ray project init"
             ) from None
@@ -125,6 +126,10 @@ class Project:
 
     def labels(self) -> list[dict[str, str]]:
         return flabels.read_rows(self.labels_path)
+
+    def label_map(self) -> dict[str, str]:
+        """labels.csv as id -> class, checked as an import is (it may have been edited by hand)."""
+        return flabels.check_store(self.labels(), self.labels_path, self.meta()["classes"])
 
     def batches(self) -> list[int]:
         """The batch folders there are (an old one may have been deleted)."""
@@ -163,10 +168,10 @@ class Project:
             return self._import_labels(file)
 
     def _import_labels(self, file: str | Path) -> int:
-        meta, rows = self.meta(), self.labels()
+        meta, rows, known = self.meta(), self.labels(), self.label_map()
         parsed = flabels.read_label_file(file)
         ids = set(pool_ids(self.config()))
-        new = flabels.check_labels(parsed, {r["id"]: r["label"] for r in rows}, ids, meta["classes"])
+        new = flabels.check_labels(parsed, known, ids, meta["classes"])
         batch_of: dict[str, str] = {}  # label id -> the batch that sent it out
         for b in self.batches():
             for r in flabels.read_rows(self.path / "batches" / str(b) / "batch.csv"):
@@ -193,7 +198,7 @@ class Project:
         pool = load_pool(cfg)
         b = self.next_batch()
         position = {i: p for p, i in enumerate(pool.ids)}
-        labels = _in_pool({r["id"]: r["label"] for r in self.labels()}, position)
+        labels = _in_pool(self.label_map(), position)
         sent = {i for i in self.sent() if i in position} | set(labels)  # removed images drop out
         free = len(pool.ids) - len(sent)
         if not 0 < k <= free:
@@ -313,19 +318,19 @@ class Project:
 
     # -- status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        meta, labels = self.meta(), self.labels()
-        per_class = {c: sum(r["label"] == c for r in labels) for c in meta["classes"]}
+        meta, labels = self.meta(), self.label_map()
+        per_class = {c: sum(lab == c for lab in labels.values()) for c in meta["classes"]}
         batches = self.batches()
         last = {}
         if batches:
             last = json.loads((self.path / "batches" / str(batches[-1]) / "summary.json").read_text())
-        pending = len(set(self.sent()) - {r["id"] for r in labels})
+        pending = len(set(self.sent()) - set(labels))
         return {
             "labels": len(labels),
             "per_class": per_class,
             "batches": len(batches),
             "pending": pending,
-            "holdout_labels": sum(self.held_out(r["id"]) for r in labels),
+            "holdout_labels": sum(self.held_out(i) for i in labels),
             "holdout_accuracy": last.get("holdout_accuracy"),
         }
 

@@ -46,14 +46,21 @@ def _load(path: str | Path, kind: str, schema: pa.Schema) -> pd.DataFrame:
             "(e.g. `aws s3 sync s3://bucket/sweep ./sweep`, `gcloud storage rsync -r gs://bucket/sweep ./sweep`)"
         )
     path = Path(path)
-    if (path / "results" / kind).is_dir():
-        return _partitioned(path / "results" / kind, schema)
-    if (path / f"{kind}.parquet").exists():
-        df = pq.read_table(path / f"{kind}.parquet").to_pandas()
-        if kind == "queries":  # a run dir's queries carry no partition columns; take them from its rows
-            rows = pq.read_table(path / "rounds.parquet", columns=["run_id", *PARTITIONS]).to_pandas()
-            df = df.merge(rows.drop_duplicates("run_id"), on="run_id", how="left")
-        return df
+    try:
+        if (path / "results" / kind).is_dir():
+            return _partitioned(path / "results" / kind, schema)
+        if (path / f"{kind}.parquet").exists():
+            df = pq.read_table(path / f"{kind}.parquet").to_pandas()
+            if kind == "queries":  # a run dir's queries carry no partition columns; take them from its rows
+                rows = pq.read_table(path / "rounds.parquet", columns=["run_id", *PARTITIONS]).to_pandas()
+                df = df.merge(rows.drop_duplicates("run_id"), on="run_id", how="left")
+            return df
+    except pa.ArrowInvalid as e:  # a truncated or foreign file: Arrow's message names it
+        first = str(e).strip().splitlines()[0][:300]
+        raise UserError(
+            f"{path}: a results file is damaged or not Parquet ({first}): restore it, or delete it and "
+            "rerun its run with --resume (fm_ray itself writes every file atomically)"
+        ) from None
     raise UserError(f"{path} holds neither a sweep (results/{kind}/) nor a run ({kind}.parquet): give one of those")
 
 
