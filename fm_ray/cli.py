@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if boundary.debug() or (isinstance(e, SystemExit) and not boundary.terminated(e)):
                 raise  # --help's exit 0
             out = boundary.outcome(e, argv, _log_dir(args), _interrupted(args))
-            if out.log is not None and getattr(args, "verbose", 0):
+            if out.log is not None and getattr(args, "verbose", None):
                 traceback.print_exception(e, file=sys.stderr)
             print(f"fm-ray: {out.line}", file=sys.stderr)
             return out.code
