@@ -341,3 +341,43 @@ def test_a_ray_address_where_another_server_listens_fails_within_the_deadline(an
         assert time.monotonic() - start < 20
         for c in conns:
             c.close()
+
+
+def test_ray_cluster_failures_are_environment_failures():
+    from ray.exceptions import LocalRayletDiedError, NodeDiedError, RaySystemError
+
+    from fm_ray._internal.boundary import outcome
+
+    for exc in (LocalRayletDiedError(), NodeDiedError("node 1 died"), RaySystemError("GCS unreachable")):
+        out = outcome(exc)
+        assert out.code == 1 and out.log is None and "the Ray cluster failed" in out.line, out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sigterm_to_a_ray_run_is_143_with_the_resume_line(tmp_path):
+    """SIGTERM once round 0 is on disk (a state, not a time): Ray's own driver handler (sys.exit)
+    or fm_ray's, the run ends 143 with the resume line and no traceback; --out keeps round 0."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fm_ray.cli", "run", "--class-counts", "0:60,1:60,2:60", "--model", "cnn"]
+    cmd += ["--epochs", "1", "--init", "10", "--batch", "5", "--rounds", "40", "--backend", "ray", "--shards", "2"]
+    cmd += ["--device", "cpu", "--strategy", "entropy", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "rounds.parquet").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "fm-ray: interrupted; finished rounds are saved, continue with --resume"
+    ), err
+    assert pq.read_table(out / "rounds.parquet").num_rows >= 1

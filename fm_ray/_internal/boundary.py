@@ -179,13 +179,17 @@ def terminated(exc: BaseException) -> bool:
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
+    # Ray's C++ failure-signal handler (absl's) saw SIGTERM first and armed alarm(3) to abort the
+    # process (exit 134) unless it ends within 3 s: our cleanup (cancel, shut Ray down) may take longer
+    signal.alarm(0)
     raise Terminated()
 
 
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
     """While inside, SIGTERM raises `Terminated` in the main thread. `ray.init` replaces the handler
-    by its own `sys.exit(15)`: `terminated` counts that SystemExit as SIGTERM too."""
+    by its own `sys.exit(15)`: fm_ray's calls are wrapped in `keep_sigterm`, and `terminated` counts
+    that SystemExit as SIGTERM too (a caller's own `ray.init`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -194,6 +198,18 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+@contextlib.contextmanager
+def keep_sigterm() -> Iterator[None]:
+    """Around `ray.init`, which replaces the SIGTERM handler by its own `sys.exit`: keep the boundary's."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if before is _raise_terminated:
+            signal.signal(signal.SIGTERM, before)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

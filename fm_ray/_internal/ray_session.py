@@ -6,7 +6,9 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
+from fm_ray._internal.boundary import keep_sigterm
 from fm_ray.errors import UserError
 
 CONNECT_WAIT_S = float(os.environ.get("FM_RAY_CONNECT_WAIT_S", "30"))  # Ray itself retries forever
@@ -103,11 +105,19 @@ def ensure_ray(address: str | None, log_to_driver: bool = True) -> bool:
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("FM_RAY_")}
     runtime_env = {"env_vars": env} if env else None
-    ray.init(
+    init_ray(
         address=address,
-        runtime_env=runtime_env,  # type: ignore[arg-type]
+        runtime_env=runtime_env,
         log_to_driver=log_to_driver,
         logging_level=ray_log_level(),
-        **init_kwargs(address),  # type: ignore[arg-type]
+        **init_kwargs(address),
     )
     return True
+
+
+def init_ray(**kwargs: Any) -> None:
+    """`ray.init(**kwargs)`, keeping the error boundary's SIGTERM handler (Ray would install `sys.exit`)."""
+    import ray
+
+    with keep_sigterm():
+        ray.init(**kwargs)
