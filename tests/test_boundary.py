@@ -14,12 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 import fm_ray
@@ -151,15 +149,8 @@ def test_the_api_raises_internal_error_with_the_cause(cache):
 
 # -- the cases the issue lists ------------------------------------------------------------------
 @pytest.fixture
-def project(tmp_path, cache):
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(imgs / f"{i}.png")
-    proj = tmp_path / "proj"
-    assert main(["project", "init", str(proj), "--pool", f"folder:{imgs}", "--classes", "cat,dog"]) == 0
-    return proj
+def project(cache, tiny_project):
+    return tiny_project
 
 
 @pytest.mark.parametrize("sub", ["", "sub"])

@@ -1,8 +1,7 @@
 """Labels that come from people: reading annotators' files, checking them, and the project's label store.
 
 Two import formats: a CSV with `id,label` columns, and a Label Studio JSON export (ids from each
-task's `data.id`, labels from `annotations[].result[].value.choices` of the results whose
-`from_name` is the project's control, `label`; other controls are ignored). Every problem is one
+task's `data.id`, labels from its single-choice control's results: see `labelstudio`). Every problem is one
 `UserError` naming the file and the line (CSV) or task (JSON), and nothing is written unless the
 whole file is good. The store is `labels.csv` (`id,label,batch`), rewritten through a temporary file
 and a rename, so a crash leaves either the old or the new labels, never half.
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +18,11 @@ from typing import Any
 
 from fm_ray._internal.files import write_atomically
 from fm_ray.errors import UserError
+from fm_ray.project.labelstudio import CONTROL, read_export
+
+__all__ = ["CONTROL", "Label", "read_label_file", "check_labels", "check_store", "read_rows", "write_rows"]
 
 STORE_FIELDS = ("id", "label", "batch")
-CONTROL = "label"  # the project's <Choices name="label" toName="image"> in Label Studio
 
 
 @dataclass(frozen=True)
@@ -78,58 +78,7 @@ def _csv(text: str, path: Path) -> list[Label]:
 
 
 def _label_studio(text: str, path: Path) -> list[Label]:
-    try:
-        tasks = json.loads(text)
-    except ValueError as e:
-        raise UserError(f"{path} is not valid JSON ({e}): export it again from Label Studio as JSON") from None
-    except RecursionError:
-        raise UserError(f"{path} is nested too deeply to be a Label Studio export: export it again as JSON") from None
-    if isinstance(tasks, dict):
-        tasks = [tasks]
-    out = []
-    for n, task in enumerate(tasks, start=1):
-        where = f"{path} task {n}"
-        data = task.get("data") if isinstance(task, dict) else None
-        if not isinstance(data, dict) or not str(data.get("id", "")).strip():
-            raise UserError(f"{where}: no data.id (fm_ray's sample id): import tasks made by `fm-ray project next`")
-        choices = [
-            c
-            for ann in task.get("annotations") or []
-            if isinstance(ann, dict) and not ann.get("was_cancelled")
-            for res in ann.get("result") or []
-            for c in _choices(res, f"{where} (id {data['id']})")
-        ]
-        if not choices:
-            continue  # not annotated yet: nothing to import for this task
-        if len(set(choices)) > 1:
-            raise UserError(
-                f"{where} (id {data['id']}): annotations disagree ({sorted(set(choices))}): resolve in Label Studio"
-            )
-        out.append(Label(str(data["id"]).strip(), str(choices[0]).strip(), where))
-    return out
-
-
-def _choices(result: Any, where: str) -> list[str]:
-    """The classes one annotation result gives the project's control, as Label Studio exports it:
-    `{"from_name": "label", "type": "choices", "value": {"choices": [...]}}`. Results of other
-    controls (another `<Choices>`, a text area, regions: any `value` shape) do not count."""
-    if not isinstance(result, dict) or result.get("from_name", CONTROL) != CONTROL:
-        return []
-    if result.get("type", "choices") != "choices":
-        return []
-    value = result.get("value")
-    choices = value.get("choices") if isinstance(value, dict) else None
-    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-        raise UserError(
-            f"{where}: the {CONTROL!r} result's value is {value!r}, not Label Studio's "
-            '{"choices": ["<class>"]}: export the project again as JSON'
-        )
-    if len(choices) > 1:
-        raise UserError(
-            f"{where}: one annotation gives {len(choices)} classes {choices}: "
-            f'use single choice (choice="single") in the {CONTROL!r} control'
-        )
-    return choices
+    return [Label(sid.strip(), label.strip(), where) for sid, label, where in read_export(text, path)]
 
 
 def check_labels(

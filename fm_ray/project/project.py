@@ -3,6 +3,7 @@
 A project is one directory that holds everything:
 
     project.json                  pool source, class names, the run config, the hold-out fraction
+    label_config.xml              the Label Studio labeling config: one single-choice control, `label`
     labels.csv                    id,label,batch: every label so far (rewritten atomically)
     counter.json                  the next batch number (rewritten atomically; folders may be deleted)
     project.lock                  held by every command that writes (init, next, import): one at a time
@@ -45,6 +46,7 @@ from fm_ray.data.registry import check_outside
 from fm_ray.data.sources import load_pool, pool_ids
 from fm_ray.errors import UserError
 from fm_ray.project import labels as flabels
+from fm_ray.project.labelstudio import label_config
 
 FORMAT = 1
 
@@ -97,6 +99,8 @@ class Project:
         meta = {"format": FORMAT, "classes": classes, "holdout": holdout, "config": to_dict(cfg)}
         _write_json(self.meta_path, meta)
         flabels.write_rows(self.labels_path, [], flabels.STORE_FIELDS)
+        text = label_config(classes)  # Label Studio's labeling config, with fm_ray's own control name
+        write_atomically(self.path / "label_config.xml", lambda f: f.write(text.encode()))
         log(f"project {self.path}: pool of {len(pool.ids)} ({cfg.data.dataset}), classes {', '.join(classes)}")
 
     @functools.cached_property
