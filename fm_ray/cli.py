@@ -81,12 +81,13 @@ def add_project_parser(sub: Any) -> None:
 
 
 def _project_init(args: argparse.Namespace) -> int:
+    from fm_ray.data.labels import clean_text
     from fm_ray.project.project import Project
 
     if args.dataset is not None:
         raise UserError("fm-ray project init takes the pool as --pool, not --dataset: drop --dataset")
     args.dataset = args.pool
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    classes = [clean_text(c.strip(), "--classes", "class name") for c in args.classes.split(",") if c.strip()]
     Project(args.dir).init(config_from_args(args), classes, args.holdout)
     return 0
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fm_ray._internal.files import write_atomically
+from fm_ray.data.labels import clean_id, clean_text
 from fm_ray.errors import UserError
 from fm_ray.project.labelstudio import CONTROL, read_export
 
@@ -73,12 +74,15 @@ def _csv(text: str, path: Path) -> list[Label]:
             continue
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise UserError(f"{path} line {line}: expected 'id,label', got {','.join(row)!r}: fix or remove the line")
-        out.append(Label(row[0].strip(), row[1].strip(), f"{path} line {line}"))
+        where = f"{path} line {line}"
+        out.append(Label(clean_id(row[0], where), clean_text(row[1], where), where))
     return out
 
 
 def _label_studio(text: str, path: Path) -> list[Label]:
-    return [Label(sid.strip(), label.strip(), where) for sid, label, where in read_export(text, path)]
+    return [
+        Label(clean_id(sid, where), clean_text(label, where), where) for sid, label, where in read_export(text, path)
+    ]
 
 
 def check_labels(
