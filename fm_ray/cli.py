@@ -283,7 +283,7 @@ def _interrupted(args: argparse.Namespace | None) -> str:
     if command == "sweep":
         return (
             "interrupted; finished trials and rounds are saved, continue with "
-            f"`fm-ray sweep --out {args.out} --resume` and the same options"  # type: ignore[union-attr]
+            f"`fm-ray sweep --out {args.out} --resume`"  # type: ignore[union-attr]
         )
     if command == "pack":
         return "interrupted; run the same command again to continue the pack"

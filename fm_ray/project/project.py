@@ -6,6 +6,8 @@ A project is one directory that holds everything:
     label_config.xml              the Label Studio labeling config: one single-choice control, `label`
     labels.csv                    id,label,batch: every label so far (rewritten atomically)
     counter.json                  the next batch number (rewritten atomically; folders may be deleted)
+    sent.csv                      id,batch: every sample sent out (rewritten atomically): never sent again,
+                                  even when its batch folder is deleted
     project.lock                  held by every command that writes (init, next, import): one at a time
     batches/<b>/batch.csv         id, path, rank, predicted, p_<class>...: what to label next
     batches/<b>/tasks.json        the same batch as Label Studio tasks (data.id, data.image, predictions)
@@ -57,6 +59,7 @@ class Project:
         self.meta_path = self.path / "project.json"
         self.labels_path = self.path / "labels.csv"
         self.counter_path = self.path / "counter.json"
+        self.sent_path = self.path / "sent.csv"
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -141,22 +144,29 @@ class Project:
         return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
     def next_batch(self) -> int:
-        """The next batch number: the durable counter, never below a folder that exists (a crash
-        between a batch's rename and the counter's write, or a project made before the counter)."""
+        """The next batch number: the durable counter, never below a folder that exists or a batch
+        sent.csv records (a crash between a batch's rename and the counter's write, a deleted counter)."""
         try:
             counted = int(json.loads(self.counter_path.read_text())["next_batch"])
         except FileNotFoundError:
             counted = 0
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"{self.counter_path} is damaged: delete it (the batch folders tell the count)") from None
-        return max([counted, *(b + 1 for b in self.batches())])
+        recorded = {int(b) + 1 for b in self.sent_batches().values() if b.isdigit()}
+        return max([counted, *(b + 1 for b in self.batches()), *recorded])
+
+    def sent_batches(self) -> dict[str, str]:
+        """Every id sent out for labeling -> its batch, in batch order: the record in sent.csv (a batch
+        folder may be deleted) plus the batch folders (one written just before a crash)."""
+        found = {r["id"]: r["batch"] for r in flabels.read_rows(self.sent_path)}
+        for b in self.batches():
+            for r in flabels.read_rows(self.path / "batches" / str(b) / "batch.csv"):
+                found.setdefault(r["id"], str(b))
+        return found
 
     def sent(self) -> list[str]:
         """Every id sent out for labeling, in batch order."""
-        ids: list[str] = []
-        for b in self.batches():
-            ids += [r["id"] for r in flabels.read_rows(self.path / "batches" / str(b) / "batch.csv")]
-        return ids
+        return list(self.sent_batches())
 
     def held_out(self, sample_id: str) -> bool:
         """Deterministic per id: a labeled sample is held out for evaluation with probability `holdout`."""
@@ -176,10 +186,7 @@ class Project:
         parsed = flabels.read_label_file(file)
         ids = set(pool_ids(self.config()))
         new = flabels.check_labels(parsed, known, ids, meta["classes"])
-        batch_of: dict[str, str] = {}  # label id -> the batch that sent it out
-        for b in self.batches():
-            for r in flabels.read_rows(self.path / "batches" / str(b) / "batch.csv"):
-                batch_of.setdefault(r["id"], str(b))
+        batch_of = self.sent_batches()  # label id -> the batch that sent it out
         rows += [{"id": i, "label": lab, "batch": batch_of.get(i, "")} for i, lab in new.items()]
         flabels.write_rows(self.labels_path, rows, flabels.STORE_FIELDS)
         return len(new)
@@ -316,6 +323,10 @@ class Project:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # the record of what was sent, which deleting the batch folder does not undo (before the counter:
+        # a crash in between leaves the folder, which `sent_batches` reads too)
+        sent = [{"id": i, "batch": bb} for i, bb in self.sent_batches().items()]
+        flabels.write_rows(self.sent_path, sent, ("id", "batch"))
         _write_json(self.counter_path, {"next_batch": b + 1})
         log(f"batch {b}: {len(picks)} samples to label -> {final / 'batch.csv'} and tasks.json")
         return final
