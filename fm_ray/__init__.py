@@ -3,7 +3,7 @@
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["select", "Selection", "PoolSession", "UserError", "DegenerateModelError"]
+__all__ = ["select", "Selection", "PoolSession", "UserError", "DegenerateModelError", "InternalError"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import fm_ray` (and the CLI) stay light until select is used

@@ -20,15 +20,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from fm_ray._internal import boundary
+from fm_ray._internal.boundary import summary
 from fm_ray.config import PoolConfig, StrategyConfig
 from fm_ray.data.normalize import Normalizer
 from fm_ray.data.registry import open_source
 from fm_ray.data.source import TensorImages
-from fm_ray.errors import ArgumentTypeError, ArgumentValueError, DegenerateModelError, UserError
+from fm_ray.errors import ArgumentTypeError, ArgumentValueError, DegenerateModelError, InternalError, UserError
 from fm_ray.session import PoolSession
 from fm_ray.strategies import STRATEGIES, Selection
 
-__all__ = ["select", "Selection", "PoolSession", "UserError", "DegenerateModelError", "Embedded"]
+__all__ = ["select", "Selection", "PoolSession", "UserError", "DegenerateModelError", "InternalError", "Embedded"]
 
 Embed = Callable[[torch.Tensor], torch.Tensor]  # inputs -> penultimate features (N, E)
 
@@ -54,7 +56,7 @@ class Embedded(nn.Module):
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._embed is not None:
-            return self.net(x), self._embed(x)
+            return self.net(x), _features(self._embed(x), len(x))
         last = [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1]
         seen: list[torch.Tensor] = []
         handle = last.register_forward_hook(lambda mod, inputs, out: seen.append(inputs[0]))
@@ -63,6 +65,14 @@ class Embedded(nn.Module):
         finally:
             handle.remove()
         return logits, seen[-1].flatten(1)
+
+
+def _features(feats: Any, n: int) -> torch.Tensor:
+    """An `embed=` callable's answer for n inputs as (n, E) float32, else one line naming its shape."""
+    if not isinstance(feats, torch.Tensor) or feats.ndim < 2 or feats.shape[0] != n:
+        got = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+        raise ArgumentValueError(f"embed must map {n} inputs to features ({n}, E), got {got}: return one row per input")
+    return feats.flatten(1).float()
 
 
 def as_embedded(model: nn.Module, embed: Embed | None = None) -> nn.Module:
@@ -90,6 +100,7 @@ def dataset_tensor(pool: Any) -> torch.Tensor:
         raise UserError(f"pool items differ in shape ({e}): resize them to one shape") from None
 
 
+@boundary.api
 def select(
     model: nn.Module,
     pool: Any,
@@ -146,7 +157,8 @@ def select(
     labeled_ids = list(labeled or {})
     _check_in_pool(k, labeled_ids, ids)
     # the caller's model is left as it was (device, train/eval mode): the shards get a copy
-    template = as_embedded(copy.deepcopy(model).cpu(), embed).eval()
+    # float32 whatever the model's dtype: the pool's inputs are float32 and half is slow or missing on CPUs
+    template = as_embedded(copy.deepcopy(model).cpu().float(), embed).eval()
     n_classes = _model_classes(template, norm(images.read(np.array([0]))), n_classes)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pool_cfg = PoolConfig(backend=backend, shards=shards)
@@ -193,9 +205,25 @@ def _check_in_pool(k: int, labeled_ids: list[Any], ids: Any) -> None:
 
 
 def _model_classes(template: nn.Module, x_1: torch.Tensor, n_classes: int | None) -> int:
-    """The model's number of outputs per sample (one forward pass on `x_1`), checked against `n_classes`."""
-    with torch.no_grad():
-        out = template(x_1)
+    """The model's number of outputs per sample (one forward pass and one `embed` on `x_1`), checked
+    against `n_classes`; the user's code failing on a pool input is one line naming it."""
+    try:
+        with torch.no_grad():
+            out = template(x_1)
+            if isinstance(out, torch.Tensor):
+                template.embed(x_1)  # type: ignore[operator]
+    except UserError:
+        raise
+    except Exception as e:
+        raise ArgumentValueError(
+            f"the model (or embed=) fails on a batch of 1 pool input of shape {tuple(x_1.shape)}, float32 "
+            f"({summary(e)}): make it accept the pool's inputs"
+        ) from None
+    if not isinstance(out, torch.Tensor):
+        raise ArgumentTypeError(
+            f"model must return a logits tensor (N, C), got a {type(out).__name__}: wrap it in an nn.Module "
+            "whose forward returns the logits only"
+        )
     if out.ndim != 2:
         raise ArgumentValueError(f"model must map a batch to logits (N, C), got an output of shape {tuple(out.shape)}")
     if n_classes is not None and n_classes != out.shape[1]:

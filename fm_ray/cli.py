@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
+from fm_ray._internal import boundary
 from fm_ray._internal.log import cli_level, configure_cli_logging
 from fm_ray.config import to_dict
 from fm_ray.config.flags import RUN_EXAMPLES, HelpFormatter, add_run_flags, config_from_args, epilog
@@ -78,12 +81,13 @@ def add_project_parser(sub: Any) -> None:
 
 
 def _project_init(args: argparse.Namespace) -> int:
+    from fm_ray.data.labels import clean_text
     from fm_ray.project.project import Project
 
     if args.dataset is not None:
         raise UserError("fm-ray project init takes the pool as --pool, not --dataset: drop --dataset")
     args.dataset = args.pool
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    classes = [clean_text(c.strip(), "--classes", "class name") for c in args.classes.split(",") if c.strip()]
     Project(args.dir).init(config_from_args(args), classes, args.holdout)
     return 0
 
@@ -247,8 +251,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _pack(args: argparse.Namespace) -> int:
+    from fm_ray._internal.files import check_folder_target
     from fm_ray.data.pack import pack, parse_resize
 
+    if "://" not in args.out:  # a URI's store answers for itself
+        check_folder_target(Path(args.out), "OUT")
     pack(
         args.source,
         args.out,
@@ -268,17 +275,48 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupted(args: argparse.Namespace | None) -> str:
+    """The line after Ctrl+C or SIGTERM: what is kept and how to go on, per command."""
+    command = getattr(args, "command", None)
+    if command == "run":
+        return "interrupted; finished rounds are saved, continue with --resume"
+    if command == "sweep":
+        return (
+            "interrupted; finished trials and rounds are saved, continue with "
+            f"`fm-ray sweep --out {args.out} --resume`"  # type: ignore[union-attr]
+        )
+    if command == "pack":
+        return "interrupted; run the same command again to continue the pack"
+    return "interrupted; nothing half-written is kept: run the command again"
+
+
+def _log_dir(args: argparse.Namespace | None) -> Path | None:
+    """The folder of the run, sweep or project at hand (if it exists here): an internal error's log goes there."""
+    if getattr(args, "command", None) == "pack":
+        return None  # its OUT may be half-packed: the log goes to the cache
+    folder = getattr(args, "dir", None) or getattr(args, "out", None)
+    if not folder or "://" in str(folder) or not Path(folder).is_dir():
+        return None
+    return Path(folder)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        configure_cli_logging(cli_level(getattr(args, "verbose", 0), getattr(args, "quiet", 0)))
-        return int(args.func(args))
-    except UserError as e:
-        print(f"fm-ray: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fm-ray: interrupted; finished rounds are saved, continue with --resume", file=sys.stderr)
-        return 130
+    """`fm-ray ...` -> an exit status; every failure ends in the one boundary (`_internal.boundary`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args: argparse.Namespace | None = None
+    with boundary.sigterm_raises():
+        try:
+            args = build_parser().parse_args(argv)
+            configure_cli_logging(cli_level(getattr(args, "verbose", 0), getattr(args, "quiet", 0)))
+            return int(args.func(args))
+        except (Exception, KeyboardInterrupt, SystemExit) as e:
+            if boundary.debug() or (isinstance(e, SystemExit) and not boundary.terminated(e)):
+                raise  # --help's exit 0
+            out = boundary.outcome(e, argv, _log_dir(args), _interrupted(args))
+            if out.log is not None and getattr(args, "verbose", None):
+                traceback.print_exception(e, file=sys.stderr)
+            print(f"fm-ray: {out.line}", file=sys.stderr)
+            return out.code
 
 
 if __name__ == "__main__":

@@ -16,3 +16,13 @@ class ArgumentValueError(UserError, ValueError):
 
 class ArgumentTypeError(UserError, TypeError):
     """An argument of the wrong type at a Python boundary; the message names the argument."""
+
+
+class InternalError(Exception):
+    """A failure inside fm_ray that is neither bad input nor a known environment failure: its one
+    line names the exception and the log file holding the traceback; the original is `.cause`."""
+
+    def __init__(self, line: str, cause: BaseException, log: str | None = None):
+        super().__init__(line)
+        self.cause = cause
+        self.log = log

@@ -192,7 +192,8 @@ def _check_selection(sel: Selection, labeled: np.ndarray, k: int, free: int, nam
         lo, hi = (v + 0.0 for v in sel.score_range)  # + 0.0: print -0 as 0
         raise DegenerateModelError(
             f"round {round}: every candidate scores the same under {name} (scores in [{lo:.6g}, {hi:.6g}], "
-            f"spread below {SCORE_RTOL:g} of their scale: a saturated model), so the picks would be arbitrary: "
+            f"spread below {SCORE_RTOL:g} of their scale: a saturated model, or a pool of identical images), so the "
+            "picks would be arbitrary: "
             f"{_FIX}, or query with --strategy random"
         )
     picks = np.asarray(sel.indices, dtype=np.int64)

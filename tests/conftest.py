@@ -110,3 +110,22 @@ def tiny_cfg(fmnist):
         return RunConfig(**(base | kw))
 
     return build
+
+
+@pytest.fixture
+def tiny_project(tmp_path):
+    """A labeling project on a `folder:` pool of ten random 8x8 grey PNGs `0.png` .. `9.png`, classes
+    cat,dog (made through `fm-ray project init`, in-process: no training, no Ray)."""
+    import numpy as np
+    from PIL import Image
+
+    from fm_ray.cli import main
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(imgs / f"{i}.png")
+    proj = tmp_path / "proj"
+    assert main(["project", "init", str(proj), "--pool", f"folder:{imgs}", "--classes", "cat,dog"]) == 0
+    return proj

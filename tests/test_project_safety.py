@@ -155,7 +155,9 @@ def test_label_studio_export_only_the_projects_control_counts(tmp_path):
     notes = choice("notes", ["free", "text"], "textarea")  # another control whose value is a list
     labels = read_label_file(export(tmp_path, [quality, choice("label", {"choices": ["b"]}), notes]))
     assert [(lab.id, lab.label) for lab in labels] == [("000.png", "b")]
-    assert read_label_file(export(tmp_path, [quality])) == []  # not labeled by the project's control yet
+    # alone, it is the one single-choice control the results use: its class is read (and an import
+    # refuses 'blurry' as an unknown class), never dropped without a word (issue 21)
+    assert [lab.label for lab in read_label_file(export(tmp_path, [quality]))] == ["blurry"]
     with pytest.raises(UserError, match="the 'label' result's value is \\['b'\\], not Label Studio's"):
         read_label_file(export(tmp_path, [choice("label", ["b"])]))  # was: AttributeError
     with pytest.raises(UserError, match="one annotation gives 2 classes"):

@@ -109,20 +109,22 @@ def test_run_and_pack_list_an_image_folder_the_same_way(tmp_path, caplog):
     assert data.mean == pytest.approx(pooled.mean, abs=0) and data.std == pytest.approx(pooled.std, abs=0)
 
 
-def test_csv_labels_are_stripped_and_checked(tmp_path, capsys):
+def test_csv_labels_are_checked(tmp_path, capsys):
     copy_jpgs(tmp_path / "img", "cat", 4)
 
     def write(rows: str) -> str:
         (tmp_path / "l.csv").write_text("path,label\n" + rows)
         return f"csv:{tmp_path / 'l.csv'}"
 
-    data = open_source(write("img/0000.jpg,cat\nimg/0001.jpg,cat \nimg/0002.jpg, dog\n"))
+    data = open_source(write("img/0000.jpg,cat\nimg/0001.jpg,cat\nimg/0002.jpg,dog\n"))
     assert data.classes == ("cat", "dog") and data.train.labels.tolist() == [0, 0, 1]
     data = open_source(write("img/0000.jpg,2\nimg/0001.jpg,0\nimg/0002.jpg,1\n"))
     assert data.classes == ("0", "1", "2") and data.train.labels.tolist() == [2, 0, 1]
     for rows, problem in (
         ("img/0000.jpg,cat\nimg/0001.jpg,\n", "line 3: img/0001.jpg has an empty label"),
-        ("img/0000.jpg,1\nimg/0001.jpg,-1\n", "label -1 for img/0001.jpg"),
+        ("img/0000.jpg,1\nimg/0001.jpg,-1\n", "line 3: label '-1' is not an integer label"),
+        # `cat ` was stripped into `cat`; whitespace around a label is now an error naming the row (issue 21)
+        ("img/0000.jpg,cat\nimg/0001.jpg,cat \n", "line 3: label 'cat ' has whitespace around it"),
     ):
         spec = write(rows)
         with pytest.raises(UserError, match=problem):

@@ -48,6 +48,21 @@ def writable_dir(folder: Path) -> Path:
     return folder
 
 
+def check_folder_target(path: Path, flag: str) -> None:
+    """Fail before any work if `path` cannot become a folder we write in: it (or a parent) is a
+    file, or the nearest existing folder is not writable. `flag` names the argument in the message."""
+    target = path
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        what = f"{flag} {path}" + ("" if target == path else f": {target}")
+        raise UserError(f"{what} is a file, not a folder: give a folder path for {flag}")
+    try:
+        tempfile.TemporaryFile(dir=target).close()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {target} ({e.strerror}): give a writable folder") from None
+
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once at import (os.umask can only be read by setting it)
 
@@ -65,8 +80,10 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600: give the file the mode open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a failed write() or fsync() (disk full) names no file by itself
         raise
 
 

@@ -6,7 +6,9 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
+from fm_ray._internal.boundary import keep_sigterm
 from fm_ray.errors import UserError
 
 CONNECT_WAIT_S = float(os.environ.get("FM_RAY_CONNECT_WAIT_S", "30"))  # Ray itself retries forever
@@ -25,9 +27,11 @@ def _host_port(address: str | None) -> tuple[str, int] | None:
 
 
 def reachable_or_die(address: str | None, wait_s: float = CONNECT_WAIT_S) -> None:
-    """Wait up to `wait_s` for the cluster address to accept a TCP connection, else one UserError.
+    """Wait up to `wait_s` for the cluster address to accept a TCP connection and answer the gRPC
+    (HTTP/2) handshake that Ray's GCS and Ray Client servers speak, else one UserError.
 
-    Ray's `ray.init(address=...)` retries a dead address forever; this touches only that host:port."""
+    Ray's `ray.init(address=...)` retries a dead address forever, and waits minutes on a port where
+    some other server listens; this touches only that host:port, within one deadline for both steps."""
     target = _host_port(address)
     if target is None:
         return
@@ -35,7 +39,7 @@ def reachable_or_die(address: str | None, wait_s: float = CONNECT_WAIT_S) -> Non
     while True:
         try:
             with socket.create_connection(target, timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
-                return
+                break
         except OSError as e:
             if time.monotonic() >= deadline:
                 reason = e.strerror or type(e).__name__
@@ -45,6 +49,31 @@ def reachable_or_die(address: str | None, wait_s: float = CONNECT_WAIT_S) -> Non
                     "and that the head is up"
                 ) from None
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    if not _speaks_grpc(target, max(0.5, deadline - time.monotonic())):
+        raise UserError(
+            f"{target[0]}:{target[1]} accepts connections but does not answer as a Ray head within {wait_s:.0f}s "
+            "(no gRPC handshake): another server listens there; check --ray-address (the head's GCS port, "
+            "6379 by default; ray://host:10001 for Ray Client)"
+        )
+
+
+def _speaks_grpc(target: tuple[str, int], wait_s: float) -> bool:
+    """Whether `target` completes an HTTP/2 connection (gRPC's) within `wait_s` seconds.
+
+    With RAY_USE_TLS the handshake needs Ray's certificates: trusted as it is then."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return True
+    import grpc
+
+    host = f"[{target[0]}]" if ":" in target[0] else target[0]
+    channel = grpc.insecure_channel(f"{host}:{target[1]}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=wait_s)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
 
 
 def init_kwargs(address: str | None) -> dict[str, str]:
@@ -76,11 +105,19 @@ def ensure_ray(address: str | None, log_to_driver: bool = True) -> bool:
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("FM_RAY_")}
     runtime_env = {"env_vars": env} if env else None
-    ray.init(
+    init_ray(
         address=address,
-        runtime_env=runtime_env,  # type: ignore[arg-type]
+        runtime_env=runtime_env,
         log_to_driver=log_to_driver,
         logging_level=ray_log_level(),
-        **init_kwargs(address),  # type: ignore[arg-type]
+        **init_kwargs(address),
     )
     return True
+
+
+def init_ray(**kwargs: Any) -> None:
+    """`ray.init(**kwargs)`, keeping the error boundary's SIGTERM handler (Ray would install `sys.exit`)."""
+    import ray
+
+    with keep_sigterm():
+        ray.init(**kwargs)

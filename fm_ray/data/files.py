@@ -26,6 +26,7 @@ from fm_ray._internal.files import cache_dir, writable_dir, write_atomically
 from fm_ray._internal.log import log, progress
 from fm_ray.data.core import Dataset, Split, channel_stats, check_square, size_mismatch, tensor_split
 from fm_ray.data.decode import collect, decode_file_or_reason, same_channels
+from fm_ray.data.labels import check_not_mixed, clean_id, clean_text
 from fm_ray.data.listing import class_folders, list_images, not_images_note
 from fm_ray.data.normalize import Normalizer
 from fm_ray.errors import UserError
@@ -118,15 +119,17 @@ def _folder(root: Path) -> Listing:
 
 
 def _csv(path: Path) -> Listing:
-    """`path` (relative to the CSV's folder), optional `label` (a class name, or an index >= 0 when
-    every label is an integer) and `split` (train | test) columns; names and labels are stripped."""
+    """`path` (relative to the CSV's folder), optional `label` (a class name, or an index when every
+    label is `[0-9]+`) and `split` (train | test) columns; labels and ids as `data.labels` defines them."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = [(h or "").strip() for h in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+            rows = [{(k or "").strip(): v or "" for k, v in r.items()} for r in reader]
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}): give a UTF-8 CSV file") from None
+    except csv.Error as e:  # e.g. a cell over the csv module's 131,072 characters
+        raise UserError(f"{path} line {reader.reader.line_num}: not a CSV line ({e}): fix or remove the line") from None
     if "path" not in fields:
         raise UserError(f"{path} needs a header with a `path` column (optional `label`, `split`): add it")
     if not rows:
@@ -134,12 +137,9 @@ def _csv(path: Path) -> Listing:
     labeled = "label" in fields
     _check_csv_rows(path, rows, labeled)
     names = sorted({r["label"] for r in rows}) if labeled else []
-    numeric = labeled and all(n.lstrip("-").isdigit() for n in names)
-    if numeric and min(int(n) for n in names) < 0:
-        bad = next(r for r in rows if int(r["label"]) < 0)
-        raise UserError(
-            f"{path}: label {bad['label']} for {bad['path']}: integer labels are class indices 0, 1, ...: fix it"
-        )
+    numeric = labeled and check_not_mixed(
+        [r["label"] for r in rows], [f"{path} line {n + 2}" for n in range(len(rows))]
+    )
     classes = tuple(str(i) for i in range(max(int(n) for n in names) + 1)) if numeric else tuple(names)
     index = {c: i for i, c in enumerate(classes)}
     splits: dict[str, FileSplit] = {}
@@ -148,7 +148,7 @@ def _csv(path: Path) -> Listing:
         if split not in ("train", "test"):
             raise UserError(f"{path}: split {split!r} for {r['path']}: use train or test")
         part = splits.setdefault(split, FileSplit(labels=[] if labeled else None))
-        part.paths.append(str(path.parent / r["path"]))
+        part.paths.append(str(path.parent / r["file"]))
         part.ids.append(r["path"])
         if part.labels is not None:
             part.labels.append(int(r["label"]) if numeric else index[r["label"]])
@@ -158,18 +158,31 @@ def _csv(path: Path) -> Listing:
 
 
 def _check_csv_rows(path: Path, rows: list[dict[str, str]], labeled: bool) -> None:
-    seen: set[str] = set()
+    """Each row's `path` -> its id (normalized, `file` keeps it as written), its label checked
+    (`data.labels`): one UserError naming the line for an empty, invisible or repeated entry."""
+    seen: dict[str, tuple[int, dict[str, str]]] = {}
     for line, r in enumerate(rows, start=2):
-        if not r["path"]:
-            raise UserError(f"{path} line {line}: empty path: fill it in or remove the line")
-        if r["path"] in seen:
-            raise UserError(f"{path} lists {r['path']} twice: ids (the paths) must be unique; remove the duplicate row")
-        seen.add(r["path"])
-        if labeled and not r["label"]:
+        where = f"{path} line {line}"
+        if not r["path"].strip():
+            raise UserError(f"{where}: empty path: fill it in or remove the line")
+        r["file"], r["path"] = r["path"], clean_id(r["path"], where)
+        if labeled and not r["label"].strip():
             raise UserError(
-                f"{path} line {line}: {r['path']} has an empty label: give its class, or drop the label column "
+                f"{where}: {r['path']} has an empty label: give its class, or drop the label column "
                 "for an unlabeled pool"
             )
+        if labeled:
+            r["label"] = clean_text(r["label"], where)
+        if r.get("split"):
+            r["split"] = r["split"].strip()
+        if r["path"] in seen:
+            first, before = seen[r["path"]]
+            labels = f" with labels {before['label']!r} and {r['label']!r}" if labeled else ""
+            raise UserError(
+                f"{path} lists {r['path']} twice, lines {first} and {line} ({before['file']!r}, {r['file']!r})"
+                f"{labels}: ids (the paths) must be unique; remove one row"
+            )
+        seen[r["path"]] = (line, r)
 
 
 def _note(where: str, left_out: list[str]) -> None:

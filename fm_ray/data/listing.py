@@ -5,6 +5,7 @@ Rules (`fm-ray run`, `fm-ray pack`, projects and `fm_ray.select` all list throug
   not part of the dataset, at any depth, and a hidden folder is never a class;
 - a file whose suffix is not an image suffix (`IMAGE_SUFFIXES`) is not an image: it is left out and
   counted, and the caller logs one line naming the first few (never silently);
+- a file whose name is not UTF-8 is refused in one line naming it (ids are written as UTF-8 text);
 - a file with an image suffix is an image: if it cannot be decoded that is a `BadImage` (an error,
   or dropped and listed with --skip-bad-images), never skipped quietly.
 Order: sorted by relative path (folders walked in sorted order), torchvision ImageFolder's order.
@@ -30,6 +31,19 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
+def check_utf8(path: str) -> None:
+    """A file name that is not UTF-8 (Python holds it with surrogate escapes) cannot be an id in
+    batch.csv, tasks.json or a packed pool: one UserError naming it, in every command alike."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = repr(os.fsencode(path))[2:-1]  # the bytes, printable whatever the console's encoding
+        raise UserError(
+            f"file name {shown} is not UTF-8: rename it to UTF-8 (e.g. `convmv -f latin1 -t utf8 --notest -r "
+            "FOLDER`) or move it out of the folder"
+        ) from None
+
+
 @dataclass
 class Listed:
     """Image files under one folder: absolute paths and their ids (paths relative to `base`)."""
@@ -51,6 +65,7 @@ def list_images(folder: Path | str, base: Path | str | None = None) -> Listed:
     for here, files in sorted(walked):
         for f in files:
             path = os.path.join(here, f)
+            check_utf8(path)
             if is_image_name(f):
                 out.paths.append(path)
                 out.ids.append(path[skip:].replace(os.sep, "/"))

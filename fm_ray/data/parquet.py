@@ -368,6 +368,8 @@ def _read_manifest(where: str, text: bytes) -> dict[str, Any]:
     if version != VERSION:
         pack = manifest.get("pack")
         source = pack.get("source", "SOURCE") if isinstance(pack, dict) else "SOURCE"
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise UserError(f"{where}/{MANIFEST}: version {version!r} is not a format number (v{VERSION}): {repack}")
         if isinstance(version, int) and version < VERSION:
             raise UserError(
                 f"pool {where} is format v{version}, packed by an older fm_ray: "

@@ -31,7 +31,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from fm_ray._internal.ray_session import init_kwargs, ray_log_level, reachable_or_die
+from fm_ray._internal.ray_session import init_kwargs, init_ray, ray_log_level, reachable_or_die
 from fm_ray.config import PoolConfig
 from fm_ray.data.source import ImageSource, as_source
 from fm_ray.errors import UserError
@@ -185,7 +185,7 @@ class RayPool:
         if self._own_ray:  # address None: $RAY_ADDRESS if set, else a local instance for this run
             reachable_or_die(cfg.ray_address)
             kwargs = init_kwargs(cfg.ray_address)
-            ray.init(
+            init_ray(
                 address=cfg.ray_address,
                 include_dashboard=False,
                 log_to_driver=False,

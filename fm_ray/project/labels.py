@@ -1,8 +1,7 @@
 """Labels that come from people: reading annotators' files, checking them, and the project's label store.
 
 Two import formats: a CSV with `id,label` columns, and a Label Studio JSON export (ids from each
-task's `data.id`, labels from `annotations[].result[].value.choices` of the results whose
-`from_name` is the project's control, `label`; other controls are ignored). Every problem is one
+task's `data.id`, labels from its single-choice control's results: see `labelstudio`). Every problem is one
 `UserError` naming the file and the line (CSV) or task (JSON), and nothing is written unless the
 whole file is good. The store is `labels.csv` (`id,label,batch`), rewritten through a temporary file
 and a rename, so a crash leaves either the old or the new labels, never half.
@@ -12,17 +11,19 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fm_ray._internal.files import write_atomically
+from fm_ray.data.labels import clean_id, clean_text
 from fm_ray.errors import UserError
+from fm_ray.project.labelstudio import CONTROL, read_export
+
+__all__ = ["CONTROL", "Label", "read_label_file", "check_labels", "check_store", "read_rows", "write_rows"]
 
 STORE_FIELDS = ("id", "label", "batch")
-CONTROL = "label"  # the project's <Choices name="label" toName="image"> in Label Studio
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,22 @@ def read_label_file(path: str | Path) -> list[Label]:
     return _csv(text, path)
 
 
+def csv_rows(lines: Iterable[str], path: Path) -> Iterator[list[str]]:
+    """`csv.reader` over `lines`; a malformed line (a cell over the csv module's 131,072 characters,
+    a NUL byte, a stray quote) is one UserError naming the file and the line, not a `csv.Error`."""
+    reader = csv.reader(lines)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(f"{path} line {reader.line_num}: not a CSV line ({e}): fix or remove the line") from None
+        yield row
+
+
 def _csv(text: str, path: Path) -> list[Label]:
-    reader = csv.reader(io.StringIO(text))
+    reader = csv_rows(io.StringIO(text), path)
     header = next(reader, None)
     if header is None or [h.strip() for h in header[:2]] != ["id", "label"]:
         raise UserError(f"{path} line 1: expected the header 'id,label', got {','.join(header or [])!r}: add it")
@@ -59,61 +74,15 @@ def _csv(text: str, path: Path) -> list[Label]:
             continue
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise UserError(f"{path} line {line}: expected 'id,label', got {','.join(row)!r}: fix or remove the line")
-        out.append(Label(row[0].strip(), row[1].strip(), f"{path} line {line}"))
+        where = f"{path} line {line}"
+        out.append(Label(clean_id(row[0], where), clean_text(row[1], where), where))
     return out
 
 
 def _label_studio(text: str, path: Path) -> list[Label]:
-    try:
-        tasks = json.loads(text)
-    except ValueError as e:
-        raise UserError(f"{path} is not valid JSON ({e}): export it again from Label Studio as JSON") from None
-    if isinstance(tasks, dict):
-        tasks = [tasks]
-    out = []
-    for n, task in enumerate(tasks, start=1):
-        where = f"{path} task {n}"
-        data = task.get("data") if isinstance(task, dict) else None
-        if not isinstance(data, dict) or not str(data.get("id", "")).strip():
-            raise UserError(f"{where}: no data.id (fm_ray's sample id): import tasks made by `fm-ray project next`")
-        choices = [
-            c
-            for ann in task.get("annotations") or []
-            if isinstance(ann, dict) and not ann.get("was_cancelled")
-            for res in ann.get("result") or []
-            for c in _choices(res, f"{where} (id {data['id']})")
-        ]
-        if not choices:
-            continue  # not annotated yet: nothing to import for this task
-        if len(set(choices)) > 1:
-            raise UserError(
-                f"{where} (id {data['id']}): annotations disagree ({sorted(set(choices))}): resolve in Label Studio"
-            )
-        out.append(Label(str(data["id"]).strip(), str(choices[0]).strip(), where))
-    return out
-
-
-def _choices(result: Any, where: str) -> list[str]:
-    """The classes one annotation result gives the project's control, as Label Studio exports it:
-    `{"from_name": "label", "type": "choices", "value": {"choices": [...]}}`. Results of other
-    controls (another `<Choices>`, a text area, regions: any `value` shape) do not count."""
-    if not isinstance(result, dict) or result.get("from_name", CONTROL) != CONTROL:
-        return []
-    if result.get("type", "choices") != "choices":
-        return []
-    value = result.get("value")
-    choices = value.get("choices") if isinstance(value, dict) else None
-    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-        raise UserError(
-            f"{where}: the {CONTROL!r} result's value is {value!r}, not Label Studio's "
-            '{"choices": ["<class>"]}: export the project again as JSON'
-        )
-    if len(choices) > 1:
-        raise UserError(
-            f"{where}: one annotation gives {len(choices)} classes {choices}: "
-            f'use single choice (choice="single") in the {CONTROL!r} control'
-        )
-    return choices
+    return [
+        Label(clean_id(sid, where), clean_text(label, where), where) for sid, label, where in read_export(text, path)
+    ]
 
 
 def check_labels(
@@ -146,12 +115,41 @@ def check_labels(
     return new
 
 
+def check_store(rows: list[dict[str, str]], path: Path, classes: list[str]) -> dict[str, str]:
+    """The project's labels.csv rows as id -> class. One rule for a hand-edited store, as for an
+    import: a repeated row is fine, a row that gives an id another class is an error naming both lines,
+    and so is a class the project does not have."""
+    found: dict[str, tuple[str, int]] = {}  # id -> (class, first line)
+    for line, r in enumerate(rows, start=2):
+        sid, lab = r.get("id") or "", r.get("label") or ""
+        if not sid or not lab:
+            raise UserError(f"{path} line {line}: expected id,label,batch, got {list(r.values())}: fix the line")
+        if lab not in classes:
+            raise UserError(
+                f"{path} line {line}: unknown class {lab!r} for id {sid!r}: use one of {', '.join(classes)} "
+                "(fix the line)"
+            )
+        before = found.setdefault(sid, (lab, line))
+        if before[0] != lab:
+            raise UserError(
+                f"{path} lines {before[1]} and {line} give id {sid!r} two classes, {before[0]!r} and {lab!r}: "
+                "delete the wrong line"
+            )
+    return {sid: lab for sid, (lab, _) in found.items()}
+
+
 def read_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV file with a header (labels.csv, batch.csv); none if it does not exist."""
     if not path.is_file():
         return []
     with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        try:
+            return list(reader)
+        except csv.Error as e:
+            raise UserError(
+                f"{path} line {reader.reader.line_num}: not a CSV line ({e}): fix or remove the line"
+            ) from None
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> None:

@@ -3,8 +3,11 @@
 A project is one directory that holds everything:
 
     project.json                  pool source, class names, the run config, the hold-out fraction
+    label_config.xml              the Label Studio labeling config: one single-choice control, `label`
     labels.csv                    id,label,batch: every label so far (rewritten atomically)
     counter.json                  the next batch number (rewritten atomically; folders may be deleted)
+    sent.csv                      id,batch: every sample sent out (rewritten atomically): never sent again,
+                                  even when its batch folder is deleted
     project.lock                  held by every command that writes (init, next, import): one at a time
     batches/<b>/batch.csv         id, path, rank, predicted, p_<class>...: what to label next
     batches/<b>/tasks.json        the same batch as Label Studio tasks (data.id, data.image, predictions)
@@ -42,7 +45,7 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-from fm_ray._internal.files import write_atomically
+from fm_ray._internal.files import check_folder_target, write_atomically
 from fm_ray._internal.log import log
 from fm_ray.config import RunConfig, from_dict, to_dict
 from fm_ray.core.stopping import stop_set, verdicts
@@ -50,6 +53,7 @@ from fm_ray.data.registry import check_outside
 from fm_ray.data.sources import load_pool, pool_ids
 from fm_ray.errors import UserError
 from fm_ray.project import labels as flabels
+from fm_ray.project.labelstudio import label_config
 
 FORMAT = 1
 
@@ -60,6 +64,7 @@ class Project:
         self.meta_path = self.path / "project.json"
         self.labels_path = self.path / "labels.csv"
         self.counter_path = self.path / "counter.json"
+        self.sent_path = self.path / "sent.csv"
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -81,6 +86,7 @@ class Project:
     def init(self, cfg: RunConfig, classes: list[str], holdout: float) -> None:
         # before the lock, whose file would already be a write into the data folder
         check_outside(self.path, cfg.data.dataset, cfg.data.data_dir, "the project folder")
+        check_folder_target(self.path, "DIR")
         with self.writing():
             self._init(cfg, classes, holdout)
 
@@ -101,13 +107,15 @@ class Project:
         meta = {"format": FORMAT, "classes": classes, "holdout": holdout, "config": to_dict(cfg)}
         _write_json(self.meta_path, meta)
         flabels.write_rows(self.labels_path, [], flabels.STORE_FIELDS)
+        text = label_config(classes)  # Label Studio's labeling config, with fm_ray's own control name
+        write_atomically(self.path / "label_config.xml", lambda f: f.write(text.encode()))
         log(f"project {self.path}: pool of {len(pool.ids)} ({cfg.data.dataset}), classes {', '.join(classes)}")
 
     @functools.cached_property
     def _meta(self) -> dict[str, Any]:
         try:
             meta = json.loads(self.meta_path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             raise UserError(
                 f"{self.path} is not an fm_ray project (no readable project.json): run fm-ray project init"
             ) from None
@@ -131,28 +139,39 @@ class Project:
     def labels(self) -> list[dict[str, str]]:
         return flabels.read_rows(self.labels_path)
 
+    def label_map(self) -> dict[str, str]:
+        """labels.csv as id -> class, checked as an import is (it may have been edited by hand)."""
+        return flabels.check_store(self.labels(), self.labels_path, self.meta()["classes"])
+
     def batches(self) -> list[int]:
         """The batch folders there are (an old one may have been deleted)."""
         d = self.path / "batches"
         return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
     def next_batch(self) -> int:
-        """The next batch number: the durable counter, never below a folder that exists (a crash
-        between a batch's rename and the counter's write, or a project made before the counter)."""
+        """The next batch number: the durable counter, never below a folder that exists or a batch
+        sent.csv records (a crash between a batch's rename and the counter's write, a deleted counter)."""
         try:
             counted = int(json.loads(self.counter_path.read_text())["next_batch"])
         except FileNotFoundError:
             counted = 0
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"{self.counter_path} is damaged: delete it (the batch folders tell the count)") from None
-        return max([counted, *(b + 1 for b in self.batches())])
+        recorded = {int(b) + 1 for b in self.sent_batches().values() if b.isdigit()}
+        return max([counted, *(b + 1 for b in self.batches()), *recorded])
+
+    def sent_batches(self) -> dict[str, str]:
+        """Every id sent out for labeling -> its batch, in batch order: the record in sent.csv (a batch
+        folder may be deleted) plus the batch folders (one written just before a crash)."""
+        found = {r["id"]: r["batch"] for r in flabels.read_rows(self.sent_path)}
+        for b in self.batches():
+            for r in flabels.read_rows(self.path / "batches" / str(b) / "batch.csv"):
+                found.setdefault(r["id"], str(b))
+        return found
 
     def sent(self) -> list[str]:
         """Every id sent out for labeling, in batch order."""
-        ids: list[str] = []
-        for b in self.batches():
-            ids += [r["id"] for r in flabels.read_rows(self.path / "batches" / str(b) / "batch.csv")]
-        return ids
+        return list(self.sent_batches())
 
     def held_out(self, sample_id: str) -> bool:
         """Deterministic per id: a labeled sample is held out for evaluation with probability `holdout`."""
@@ -168,14 +187,11 @@ class Project:
             return self._import_labels(file)
 
     def _import_labels(self, file: str | Path) -> int:
-        meta, rows = self.meta(), self.labels()
+        meta, rows, known = self.meta(), self.labels(), self.label_map()
         parsed = flabels.read_label_file(file)
         ids = set(pool_ids(self.config()))
-        new = flabels.check_labels(parsed, {r["id"]: r["label"] for r in rows}, ids, meta["classes"])
-        batch_of: dict[str, str] = {}  # label id -> the batch that sent it out
-        for b in self.batches():
-            for r in flabels.read_rows(self.path / "batches" / str(b) / "batch.csv"):
-                batch_of.setdefault(r["id"], str(b))
+        new = flabels.check_labels(parsed, known, ids, meta["classes"])
+        batch_of = self.sent_batches()  # label id -> the batch that sent it out
         rows += [{"id": i, "label": lab, "batch": batch_of.get(i, "")} for i, lab in new.items()]
         flabels.write_rows(self.labels_path, rows, flabels.STORE_FIELDS)
         return len(new)
@@ -197,7 +213,7 @@ class Project:
         pool = load_pool(cfg)
         b = self.next_batch()
         position = {i: p for p, i in enumerate(pool.ids)}
-        labels = _in_pool({r["id"]: r["label"] for r in self.labels()}, position)
+        labels = _in_pool(self.label_map(), position)
         sent = {i for i in self.sent() if i in position} | set(labels)  # removed images drop out
         free = len(pool.ids) - len(sent)
         if not 0 < k <= free:
@@ -343,25 +359,29 @@ class Project:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # the record of what was sent, which deleting the batch folder does not undo (before the counter:
+        # a crash in between leaves the folder, which `sent_batches` reads too)
+        sent = [{"id": i, "batch": bb} for i, bb in self.sent_batches().items()]
+        flabels.write_rows(self.sent_path, sent, ("id", "batch"))
         _write_json(self.counter_path, {"next_batch": b + 1})
         log(f"batch {b}: {len(picks)} samples to label -> {final / 'batch.csv'} and tasks.json")
         return final
 
     # -- status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        meta, labels = self.meta(), self.labels()
-        per_class = {c: sum(r["label"] == c for r in labels) for c in meta["classes"]}
+        meta, labels = self.meta(), self.label_map()
+        per_class = {c: sum(lab == c for lab in labels.values()) for c in meta["classes"]}
         batches = self.batches()
         last = {}
         if batches:
             last = json.loads((self.path / "batches" / str(batches[-1]) / "summary.json").read_text())
-        pending = len(set(self.sent()) - {r["id"] for r in labels})
+        pending = len(set(self.sent()) - set(labels))
         return {
             "labels": len(labels),
             "per_class": per_class,
             "batches": len(batches),
             "pending": pending,
-            "holdout_labels": sum(self.held_out(r["id"]) for r in labels),
+            "holdout_labels": sum(self.held_out(i) for i in labels),
             "holdout_accuracy": last.get("holdout_accuracy"),
         }
 

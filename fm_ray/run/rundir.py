@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fm_ray._internal.files import write_atomically
+from fm_ray._internal.files import check_folder_target, write_atomically
 from fm_ray._internal.log import log
 from fm_ray._internal.paths import safe_name
 from fm_ray.config import RunConfig, from_dict, to_dict
@@ -214,18 +213,7 @@ class RunDir:
 
     def check_writable(self) -> None:
         """Fail before any work if --out cannot hold a run (a file, or a folder we may not write)."""
-        target = self.path
-        while not target.exists() and target != target.parent:
-            target = target.parent
-        if not target.is_dir():
-            what = f"--out {self.path}" + ("" if target == self.path else f": {target}")
-            raise UserError(f"{what} is a file, not a folder: give a folder path for --out")
-        try:
-            tempfile.TemporaryFile(dir=target).close()
-        except OSError as e:
-            raise UserError(
-                f"--out {self.path}: cannot write in {target} ({e.strerror}): give a writable folder"
-            ) from None
+        check_folder_target(self.path, "--out")
 
     def open(self, cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[list[dict], list[dict]]:
         """Create, resume (returns the finished rows and queries) or overwrite the run directory.

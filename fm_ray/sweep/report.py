@@ -35,8 +35,24 @@ _NOT_METHOD = ("seed", "preset", "data.", "pool.", "train.device", "strategy.nam
 
 def _partitioned(root: Path, schema: pa.Schema) -> pd.DataFrame:
     part = ds.partitioning(pa.schema([(c, pa.string()) for c in PARTITIONS]), flavor="hive")
-    table = ds.dataset(root, format="parquet", partitioning=part).to_table()
+    dataset = ds.dataset(root, format="parquet", partitioning=part)
+    _one_file_per_run(dataset, root)
+    table = dataset.to_table()
     return table.select([n for n in schema.names if n in table.column_names]).to_pandas()
+
+
+def _one_file_per_run(dataset: ds.Dataset, root: Path) -> None:
+    """A sweep writes each run's rows to one file (`<run_id>.parquet`): rows of one run in two files
+    (a copy, a stale file moved in) would be mixed into its curves; one UserError names both."""
+    seen: dict[str, str] = {}
+    for fragment in dataset.get_fragments():
+        for rid in set(fragment.to_table(columns=["run_id"]).column("run_id").to_pylist()):
+            first = seen.setdefault(rid, fragment.path)
+            if first != fragment.path:
+                raise UserError(
+                    f"{root}: run {rid} has rows in two files, {first} and {fragment.path}: delete the one that is "
+                    f"not the sweep's own ({rid}.parquet; a copy or a stale file), then report again"
+                )
 
 
 def _load(path: str | Path, kind: str, schema: pa.Schema) -> pd.DataFrame:
@@ -46,14 +62,21 @@ def _load(path: str | Path, kind: str, schema: pa.Schema) -> pd.DataFrame:
             "(e.g. `aws s3 sync s3://bucket/sweep ./sweep`, `gcloud storage rsync -r gs://bucket/sweep ./sweep`)"
         )
     path = Path(path)
-    if (path / "results" / kind).is_dir():
-        return _partitioned(path / "results" / kind, schema)
-    if (path / f"{kind}.parquet").exists():
-        df = pq.read_table(path / f"{kind}.parquet").to_pandas()
-        if kind == "queries":  # a run dir's queries carry no partition columns; take them from its rows
-            rows = pq.read_table(path / "rounds.parquet", columns=["run_id", *PARTITIONS]).to_pandas()
-            df = df.merge(rows.drop_duplicates("run_id"), on="run_id", how="left")
-        return df
+    try:
+        if (path / "results" / kind).is_dir():
+            return _partitioned(path / "results" / kind, schema)
+        if (path / f"{kind}.parquet").exists():
+            df = pq.read_table(path / f"{kind}.parquet").to_pandas()
+            if kind == "queries":  # a run dir's queries carry no partition columns; take them from its rows
+                rows = pq.read_table(path / "rounds.parquet", columns=["run_id", *PARTITIONS]).to_pandas()
+                df = df.merge(rows.drop_duplicates("run_id"), on="run_id", how="left")
+            return df
+    except pa.ArrowInvalid as e:  # a truncated or foreign file: Arrow's message names it
+        first = str(e).strip().splitlines()[0][:300]
+        raise UserError(
+            f"{path}: a results file is damaged or not Parquet ({first}): restore it, or delete it and "
+            "rerun its run with --resume (fm_ray itself writes every file atomically)"
+        ) from None
     raise UserError(f"{path} holds neither a sweep (results/{kind}/) nor a run ({kind}.parquet): give one of those")
 
 
