@@ -65,6 +65,17 @@ def all_equal(score_range: tuple[float, float]) -> bool:
 
 
 @dataclass(frozen=True)
+class Pixels:
+    """How the shards read the pool's images, for the plan: one image's shape, bytes per value, and
+    whether they are streamed (a packed pool: read row group by row group, never all held) or held
+    in RAM (a tensor: each shard holds its members')."""
+
+    shape: tuple[int, ...]
+    itemsize: int = 1
+    streamed: bool = True
+
+
+@dataclass(frozen=True)
 class PlanInputs:
     """What a strategy's memory plan is computed from, before any work (strategies.memory)."""
 
@@ -80,6 +91,8 @@ class PlanInputs:
     shard_gpu: bool
     driver_gpu: bool
     local: bool  # the shards run in the driver's process
+    pixels: Pixels | None = None  # None: the pixels are not planned
+    largest_output: int = 0  # the largest leaf module's output for one sample (0: not planned)
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,16 @@ import time
 import torch
 
 from fm_ray._internal.log import progress
+from fm_ray.core import badge, kcenter
 from fm_ray.core.badge import KMeansPPState, badge_select, gradient_factor
 from fm_ray.core.kcenter import KCenterState, kcenter_select
+from fm_ray.core.memory import Item, Plan
 from fm_ray.pool import ShardedPool, state_call
 from fm_ray.pool.shard import BLOCK, PoolShard, first_score_range, read_only
-from fm_ray.strategies import QueryContext, Selection, Strategy, merge_ranges, register
+from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, merge_ranges, register
 from fm_ray.strategies.subsets import candidates
+
+_FIX = "use more --shards, or --candidates N (the state then covers N samples, not the shard)"
 
 
 @read_only
@@ -78,8 +82,70 @@ def badge_strategy(pool: ShardedPool, ctx: QueryContext) -> Selection:
     return Selection(picks, timings, score_range=merge_ranges(pool.map(first_score_range)))
 
 
-register("kcenter", Strategy(kcenter_strategy, doc="k-center greedy on penultimate features"))
+def _state_rows(x: PlanInputs) -> tuple[int, bool]:
+    """Rows of the largest shard's state, and whether they are a copy: every member (the cached
+    predictions as they are), or its share of `--candidates` (at most N, copied)."""
+    members, cfg = max(x.shard_members), x.cfg
+    if cfg.candidates is None or cfg.candidates >= sum(x.shard_free):
+        return members, False
+    return min(max(x.shard_free), cfg.candidates), True
+
+
+def _state_items(x: PlanInputs, what: str, per_row: int, per_row_text: str, block: int, block_text: str) -> list[Item]:
+    """A diversity state of `per_row` bytes a row, its rows' features (copied for candidates, and
+    onto a GPU), and one block's temporaries, on the largest shard."""
+    R, copy = _state_rows(x)
+    E, sh = x.feat_dim, "gpu" if x.shard_gpu else "ram"
+    per_row += 8 if copy else 0  # the candidates' global indices (else the shard's own)
+    items = [
+        Item("shard", sh, what, R * per_row, f"rows x {per_row} B = {R} x ({per_row_text}) B", fix=_FIX),
+        Item("shard", sh, "a step's block temporaries", block, block_text, ("init", "select")),
+    ]
+    if copy or x.shard_gpu:
+        items.append(
+            Item("shard", sh, "the rows' features (a copy)", R * E * 4, f"rows x E x 4 B = {R} x {E} x 4 B", fix=_FIX)
+        )
+    return items
+
+
+def kcenter_plan(x: PlanInputs) -> Plan:
+    """k-center's distances and flags, the labeled set's features, and one block's differences."""
+    E, nL = x.feat_dim, x.n_labeled
+    R, _ = _state_rows(x)
+    rows, diffs = min(R, kcenter.block_rows(E)), min(kcenter._CHUNK_ELEMS, R * max(nL, 1) * E)
+    items = _state_items(
+        x,
+        "k-center state (distances, chosen and eligible flags)",
+        4 + 2,
+        "4 + 2",
+        diffs * 4 + rows * 32,
+        f"{diffs} differences x 4 B + {rows} rows x 32 B",
+    )
+    items += [
+        Item("shard", "ram", "labeled set's features", nL * E * 4, f"n_L x E x 4 B = {nL} x {E} x 4 B"),
+        Item("driver", "ram", "labeled set's features, gathered", 2 * nL * E * 4, f"2 x {nL} x {E} x 4 B"),
+    ]
+    return Plan(tuple(items), len(x.shard_free), x.local)
+
+
+def badge_plan(x: PlanInputs) -> Plan:
+    """BADGE's ``g`` (float32) and float64 norms and D^2, and one block of float64 factors."""
+    C, E = x.n_classes, x.feat_dim
+    rows = min(_state_rows(x)[0], badge.block_rows(C, E))
+    block = rows * ((C + E) * 8 + max(C, E) * 8 + 96)
+    items = _state_items(
+        x,
+        "BADGE state (g, |g|^2, |h|^2, D^2, flags)",
+        4 * C + 3 * 8 + 2,
+        f"{C} x 4 + 3 x 8 + 2",
+        block,
+        f"{rows} rows x ((C + E) x 8 + max(C, E) x 8 + 96) B",
+    )
+    return Plan(tuple(items), len(x.shard_free), x.local)
+
+
+register("kcenter", Strategy(kcenter_strategy, doc="k-center greedy on penultimate features", plan=kcenter_plan))
 register(
     "badge",
-    Strategy(badge_strategy, doc="k-means++ seeding on last-layer gradient embeddings"),
+    Strategy(badge_strategy, doc="k-means++ seeding on last-layer gradient embeddings", plan=badge_plan),
 )
