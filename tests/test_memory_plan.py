@@ -129,6 +129,7 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert main([*argv, "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "Fisher embeddings" in text and "M^-1" in text and "each of 2 shards" in text and "fits:" in text
+    assert "pixels held in RAM (members x 1x28x28 x 1 B)" in text and "largest process: the shard" in text
     assert not out.exists()
 
 

@@ -488,3 +488,13 @@ def test_large_pool_benchmark_smoke(capsys):
     assert keys <= rows[0].keys() and rows[0]["n"] == 600 and rows[0]["d"] == 144
     assert all(rows[0][k] > 0 for k in keys)
     assert rows[1]["driver_rss_ratio"] == 1.0 and rows[1]["n_ratio"] == 1.0
+
+
+def test_dry_run_on_a_packed_pool_plans_streaming_and_reads_no_pixels(packed, tmp_path, capsys):
+    READ_BYTES.clear()
+    argv = ["run", "--dataset", f"parquet:{packed}", "--strategy", "kcenter", "--backend", "ray", "--shards", "2"]
+    assert main([*argv, "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert READ_BYTES["image"] == 0  # sizes, labels and the model only
+    assert "one decoded row group (1024 x 784 B (streamed))" in out and "pixels held" not in out
+    assert "pool samples on 2 shard(s)" in out and "largest process: the shard" in out
