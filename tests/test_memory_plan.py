@@ -13,6 +13,7 @@ import pytest
 
 from fm_ray._internal.resources import cgroup_free_bytes, meminfo_available_bytes
 from fm_ray.cli import main
+from fm_ray.core.memory import shortfall
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,6 +194,8 @@ def test_a_million_sample_plan_item_by_item():
     }
     assert items == {**streamed, "unlabeled members' probabilities, scores and their sort": free * (C * 4 + 36)}
     assert plan.largest_process() == ("shard", "ram", sum(streamed.values()))  # the forward pass
+    short = shortfall(plan, {("shard", "ram"): 500_000_000})  # a score strategy is refused with its own fix
+    assert short is not None and "largest item is cached predictions" in short and "more --shards" in short
     _, items, _ = million_plan("kcenter")
     assert items["k-center state (distances, chosen and eligible flags)"] == N * (4 + 2)  # no copy of the features
     assert items["a step's block temporaries"] == 2**22 * 4 + 32_768 * 32

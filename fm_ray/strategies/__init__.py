@@ -100,7 +100,7 @@ class Strategy:
     select: Callable[[ShardedPool, QueryContext], Selection]
     needs_model: bool = True  # False: shards need no weights this round (random)
     doc: str = ""
-    # its large items (None, or a plan answering None: nothing pool-sized beyond predictions)
+    # its own large items, beside what every shard holds (strategies.memory.pool_items); None: none
     plan: Callable[[PlanInputs], Plan | None] | None = None
     stochastic: bool = False  # ranks by a score, so --stochastic can draw its batch instead
 

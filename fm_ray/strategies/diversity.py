@@ -17,6 +17,7 @@ from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, mer
 from fm_ray.strategies.subsets import candidates
 
 _FIX = "use more --shards, or --candidates N (the state then covers N samples, not the shard)"
+_FIX_L = "label fewer samples (--budget)"
 
 
 @read_only
@@ -99,7 +100,7 @@ def _state_items(x: PlanInputs, what: str, per_row: int, per_row_text: str, bloc
     per_row += 8 if copy else 0  # the candidates' global indices (else the shard's own)
     items = [
         Item("shard", sh, what, R * per_row, f"rows x {per_row} B = {R} x ({per_row_text}) B", fix=_FIX),
-        Item("shard", sh, "a step's block temporaries", block, block_text, ("init", "select")),
+        Item("shard", sh, "a step's block temporaries", block, block_text, ("init", "select"), "its size is fixed"),
     ]
     if copy or x.shard_gpu:
         items.append(
@@ -122,8 +123,8 @@ def kcenter_plan(x: PlanInputs) -> Plan:
         f"{diffs} differences x 4 B + {rows} rows x 32 B",
     )
     items += [
-        Item("shard", "ram", "labeled set's features", nL * E * 4, f"n_L x E x 4 B = {nL} x {E} x 4 B"),
-        Item("driver", "ram", "labeled set's features, gathered", 2 * nL * E * 4, f"2 x {nL} x {E} x 4 B"),
+        Item("shard", "ram", "labeled set's features", nL * E * 4, f"n_L x E x 4 B = {nL} x {E} x 4 B", fix=_FIX_L),
+        Item("driver", "ram", "labeled set's features, gathered", 2 * nL * E * 4, f"2 x {nL} x {E} x 4 B", fix=_FIX_L),
     ]
     return Plan(tuple(items), len(x.shard_free), x.local)
 

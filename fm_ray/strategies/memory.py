@@ -21,6 +21,7 @@ from fm_ray.pool.shard import BLOCK
 from fm_ray.strategies import STRATEGIES, Pixels, PlanInputs
 
 FIX_SHARD = "use more --shards (each holds its members' predictions), or a packed pool (`fm-ray pack`) to stream pixels"
+FIX_PASS = "use a smaller --model or smaller images (one block of 256 passes at a time)"
 
 
 def head_shape(model: torch.nn.Module) -> tuple[int, int]:
@@ -69,7 +70,10 @@ def pool_items(x: PlanInputs, needs_model: bool) -> list[Item]:
     N, C, E = max(x.shard_members), x.n_classes, x.feat_dim
     sh = "gpu" if x.shard_gpu else "ram"
     passes = ("predict", "embed")
-    items = [Item("shard", "ram", "member positions and labeled flags", N * 9, f"members x 9 B = {N} x 9 B", PHASES)]
+    bookkeeping = Item(
+        "shard", "ram", "member positions and labeled flags", N * 9, f"members x 9 B = {N} x 9 B", PHASES, FIX_SHARD
+    )
+    items = [bookkeeping]
     if needs_model:
         items += [
             Item(
@@ -101,6 +105,7 @@ def pool_items(x: PlanInputs, needs_model: bool) -> list[Item]:
                     b * 2 * x.largest_output * 4,
                     f"{b} x 2 x {x.largest_output} (the largest layer output) x 4 B",
                     ("predict",),
+                    FIX_PASS,
                 )
             )
     px = x.pixels
@@ -121,7 +126,9 @@ def pool_items(x: PlanInputs, needs_model: bool) -> list[Item]:
         )
     elif needs_model:  # random reads no pixels
         g = min(ROW_GROUP, N)
-        items.append(Item("shard", "ram", "one decoded row group", g * numel, f"{g} x {numel} B (streamed)", passes))
+        items.append(
+            Item("shard", "ram", "one decoded row group", g * numel, f"{g} x {numel} B (streamed)", passes, FIX_PASS)
+        )
     if needs_model:
         b = min(BLOCK, N)
         items.append(
@@ -132,6 +139,7 @@ def pool_items(x: PlanInputs, needs_model: bool) -> list[Item]:
                 b * numel * (px.itemsize + 4),
                 f"{b} x {numel} x ({px.itemsize} + 4) B",
                 passes,
+                FIX_PASS,
             )
         )
     return items

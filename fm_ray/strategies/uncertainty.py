@@ -107,7 +107,16 @@ def random_plan(x: PlanInputs) -> Plan:
     """The driver's unlabeled positions and their draw (`random_select`)."""
     n = sum(x.shard_free)
     return Plan(
-        (Item("driver", "ram", "unlabeled positions and their draw", n * 16, f"unlabeled x 2 x 8 B = {n} x 16 B"),),
+        (
+            Item(
+                "driver",
+                "ram",
+                "unlabeled positions and their draw",
+                n * 16,
+                f"unlabeled x 16 B = {n} x 16 B",
+                fix="use a smaller pool",
+            ),
+        ),
         len(x.shard_free),
         x.local,
     )
@@ -125,6 +134,7 @@ def score_plan(x: PlanInputs) -> Plan | None:
             free * (4 * C + 36),
             f"unlabeled x (C x 4 + 36) B = {free} x ({C} x 4 + 36) B",
             ("select",),
+            "use more --shards",
         )
     ]
     items += mc_items(x, "gpu" if x.shard_gpu else "ram") if x.cfg.name == "bald" else []
