@@ -28,9 +28,9 @@ def labeled_feats(shard: PoolShard) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _rows(shard: PoolShard, chosen: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The rows a diversity state holds and which of them it may pick: every member, the unlabeled
-    eligible (None: the cached predictions as they are, no copy), or with `--candidates` those
-    alone (a copy of the candidates' rows, bounded by N)."""
+    """The rows a diversity state holds (None: every member, the cached predictions as they are,
+    no copy) and which of them it may pick (the unlabeled ones); with `--candidates`, the
+    candidates' rows alone (a copy, bounded by N), every one eligible."""
     free = ~shard.labeled_N
     if chosen is None:
         return None, free
