@@ -23,7 +23,7 @@ from fm_ray.model.zoo import build_model
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import ShardSpec, member_pixels, member_probs, nonfinite_outputs, set_round
 from fm_ray.strategies import SCORE_RTOL, STRATEGIES, QueryContext, Selection, all_equal, check_strategy
-from fm_ray.strategies.memory import check_plan, plan_inputs, query_plan
+from fm_ray.strategies.memory import check_plan, pixels_of, plan_inputs, query_plan
 
 
 class PoolSession:
@@ -46,6 +46,7 @@ class PoolSession:
         # ids that are the positions themselves (the loop's range(T)) need no pool-sized lookup table
         self.position = None if self.ids == range(len(self.ids)) else {i: p for p, i in enumerate(self.ids)}
         shape = self.shape = as_source(images).shape
+        self.planned_pixels = pixels_of(images)  # what the memory plan counts
         channels, side = shape[0], shape[-1]
         if isinstance(model, ModelConfig):
             spec = ShardSpec(model, channels, side, n_classes, norm, device)
@@ -104,7 +105,7 @@ class PoolSession:
         sel = strategy.select(self.pool, ctx)
         if strategy.needs_model:
             sel.timings["forward_seconds"] = forward_s
-        sel.info["plan_peak_mb"] = None if plan is None else plan.peak_ram() / 1e6
+        sel.info["plan_peak_mb"] = None if plan is None else plan.largest_process()[2] / 1e6
         _check_selection(sel, labeled, k, free, cfg.name, round)
         sel.ids = [self.ids[i] for i in sel.indices]
         return sel
@@ -151,6 +152,7 @@ class PoolSession:
             self.spec.device,
             self.local,
             device,
+            pixels=self.planned_pixels,
         )
         plan = query_plan(x)
         check_plan(plan, x, device)

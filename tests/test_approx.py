@@ -120,6 +120,26 @@ def test_candidates_restrict_the_picks_to_the_chosen_subset(trained):
     assert set(pick(trained, 2, "bait", candidates=30, candidate_rule="entropy")) <= top
 
 
+@pytest.mark.parametrize("strategy", ["kcenter", "badge"])
+def test_diversity_candidates_are_the_shared_subset_on_any_shard_count(trained, strategy):
+    """k-center and BADGE take --candidates through the same subset as FisherMask: picks inside
+    it (the uniform subset, or the top by entropy), the same on 1 and 3 shards, and a clear error
+    when the subset is smaller than the batch."""
+    from fm_ray.errors import UserError
+
+    free = np.setdiff1d(np.arange(560), trained["labeled"])
+    keys = hash_uniform(0, 0x5EED + 1, torch.from_numpy(free))  # context: seed 0, round 1
+    subset = set(free[np.argsort(-keys.numpy(), kind="stable")[:30]].tolist())
+    one = pick(trained, 1, strategy, candidates=30)
+    assert len(set(one)) == 8 and set(one) <= subset
+    assert pick(trained, 3, strategy, candidates=30) == one
+    assert one != pick(trained, 1, strategy)  # the subset changed what was picked
+    top = set(free[np.argsort(-entropy(pool_probs(trained)[free]).numpy(), kind="stable")[:20]].tolist())
+    assert set(pick(trained, 3, strategy, candidates=20, candidate_rule="entropy")) <= top
+    with pytest.raises(UserError, match="--candidates 5 is below the 8 picks"):
+        pick(trained, 1, strategy, candidates=5)
+
+
 def pool_probs(trained) -> torch.Tensor:
     pool = LocalPool(trained["spec"], trained["x_pool"], 1)
     pool.map(set_round, trained["weights"], trained["labeled"])

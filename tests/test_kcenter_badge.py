@@ -151,7 +151,52 @@ def test_badge_state_holds_factors_not_the_embedding_matrix() -> None:
     badge_select(local_call([state]), 5, 0)
     sizes = {k: v.numel() for k, v in vars(state).items() if torch.is_tensor(v)}
     assert max(sizes.values()) == 50 * 64  # h; never N x C E = 50 x 640
-    assert sorted(sizes) == ["chosen_N", "d2_N", "g_N_C", "gg_N", "h_N_E", "hh_N", "index_N"]
+    assert sorted(sizes) == ["chosen_N", "d2_N", "eligible_N", "g_N_C", "gg_N", "h_N_E", "hh_N", "index_N"]
+    assert state.h_N_E is h and state.g_N_C is g  # held as given: no float64 copy of the factors
+
+
+def test_states_in_blocks_pick_and_measure_what_whole_ones_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 1-3 rows (every step's temporaries) give the same picks and the same bits of
+    every distance as one block; float32 factors are promoted per block as they would be whole."""
+    x32, lab = feats(5, 40, 6, dup=8).float(), feats(6, 4, 6).float()
+    g64, h64 = gradients(7, 40, 5, 6, dup=8)
+    g, h = g64.float(), h64.float()
+
+    def run() -> tuple[list[int], torch.Tensor, list[int], torch.Tensor]:
+        k = KCenterState(x32, torch.arange(40))
+        b = KMeansPPState(g, h, torch.arange(40))
+        return kcenter_select(local_call([k]), 8, lab), k.dist_N, badge_select(local_call([b]), 8, 3), b.d2_N
+
+    whole = run()
+    monkeypatch.setattr(kcenter, "_CHUNK_ELEMS", 13)  # 2 rows of E = 6 a block
+    monkeypatch.setattr(badge, "_BLOCK_ELEMS", 30)  # 2 rows of C + E = 11 a block
+    blocked = run()
+    assert blocked[0] == whole[0] and blocked[2] == whole[2]
+    assert torch.equal(blocked[1], whole[1]) and torch.equal(blocked[3], whole[3])
+    assert badge_select(badge_call(g64, h64, [np.arange(40)]), 8, 3) == brute_badge(kron(g64, h64), 8, 3)
+
+
+def test_only_eligible_rows_are_picked_and_the_others_still_measure() -> None:
+    """A shard's state over every member, its candidates eligible: the picks are those of a state
+    over the candidates alone (k-center: the same distances to the labeled set)."""
+    x, lab = feats(8, 90, 5), feats(9, 6, 5)
+    g, h = gradients(10, 90, 4, 5)
+    eligible = torch.from_numpy(np.random.default_rng(0).random(90) < 0.6)
+    idx = torch.arange(90)
+    rows = idx[eligible]
+    for parts in partitions(90)[:4]:
+        k_states = [KCenterState(x[torch.from_numpy(p)], torch.from_numpy(p), eligible[p]) for p in parts]
+        assert (
+            kcenter_select(local_call(k_states), 15, lab)
+            == rows[brute_kcenter(x[rows].numpy(), lab.numpy(), 15)].tolist()
+        )
+        b_states = [
+            KMeansPPState(g[torch.from_numpy(p)], h[torch.from_numpy(p)], torch.from_numpy(p), eligible[p])
+            for p in parts
+        ]
+        sub = badge_select(local_call([KMeansPPState(g[rows], h[rows], rows)]), 15, 4)
+        assert badge_select(local_call(b_states), 15, 4) == sub
+        assert set(sub) <= set(rows.tolist())
 
 
 def test_badge_never_repeats_when_only_duplicates_remain() -> None:

@@ -476,3 +476,13 @@ def test_relative_pool_path_is_made_absolute_for_trials(tmp_path, monkeypatch):
     assert absolute_pool("parquet:pools/x") == f"parquet:{tmp_path}/pools/x"
     assert absolute_pool("parquet:s3://bucket/x") == "parquet:s3://bucket/x"
     assert absolute_pool("fashion_mnist") == "fashion_mnist"
+
+
+def test_dry_run_on_a_packed_pool_plans_streaming_and_reads_no_pixels(packed, tmp_path, capsys):
+    READ_BYTES.clear()
+    argv = ["run", "--dataset", f"parquet:{packed}", "--strategy", "kcenter", "--backend", "ray", "--shards", "2"]
+    assert main([*argv, "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert READ_BYTES["image"] == 0  # sizes, labels and the model only
+    assert "one decoded row group (1024 x 784 B (streamed))" in out and "pixels held" not in out
+    assert "pool samples on 2 shard(s)" in out and "largest process: the shard" in out

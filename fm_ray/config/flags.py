@@ -209,8 +209,8 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag(
         "strategy.candidates",
         FM,
-        "approximation: greedy candidates limited to N unlabeled samples, chosen by --candidate-rule "
-        "(default: all, exact)",
+        "approximation: the candidates of fishermask, bait, kcenter and badge limited to N unlabeled samples, "
+        "chosen by --candidate-rule (default: all, exact)",
         parse=int,
     ),
     Flag(

@@ -18,10 +18,11 @@ import math
 import torch
 from torch import Tensor
 
-from fm_ray.core.greedy import Progress, ShardBest, StateCall, best_of, local_best, no_progress, score_range
+from fm_ray.core.greedy import Progress, ShardBest, StateCall, best_of, blockwise_best, no_progress
 from fm_ray.core.random import hash_uniform
 
 _CHUNK_ELEMS = 1 << 22  # elements of one (rows x E) product block
+_BLOCK_ELEMS = 1 << 20  # factor elements of the rows a state promotes to float64 at once
 
 
 def badge_factors(probs_N_C: Tensor, feats_N_E: Tensor) -> tuple[Tensor, Tensor]:
@@ -31,9 +32,13 @@ def badge_factors(probs_N_C: Tensor, feats_N_E: Tensor) -> tuple[Tensor, Tensor]
         probs_N_C: softmax probabilities; ``yhat`` = argmax (first maximum on ties).
         feats_N_E: penultimate-layer features ``h``.
     """
-    C = probs_N_C.shape[1]
-    onehot_N_C = torch.nn.functional.one_hot(probs_N_C.argmax(dim=1), C).to(probs_N_C)
-    return probs_N_C - onehot_N_C, feats_N_E.to(probs_N_C)
+    return gradient_factor(probs_N_C), feats_N_E.to(probs_N_C)
+
+
+def gradient_factor(probs_N_C: Tensor) -> Tensor:
+    """``g = p - e_yhat`` per row (``yhat`` = argmax, first maximum on ties)."""
+    onehot_N_C = torch.nn.functional.one_hot(probs_N_C.argmax(dim=1), probs_N_C.shape[1]).to(probs_N_C)
+    return probs_N_C - onehot_N_C
 
 
 def badge_embeddings(probs_N_C: Tensor, feats_N_E: Tensor) -> Tensor:
@@ -64,33 +69,58 @@ def kron_sq_dist(
     return (gg_N * hh_N + gg * hh - 2 * cross_N).clamp_min(0)
 
 
+def block_rows(C: int, E: int) -> int:
+    """Rows a state promotes to float64 and scores at once (``_BLOCK_ELEMS`` factor elements)."""
+    return max(1, _BLOCK_ELEMS // max(C + E, 1))
+
+
 class KMeansPPState:
-    """One shard's candidates for k-means++ seeding, as Kronecker factors (float64: the factorized
-    distance subtracts large terms, and the factors are small: C + E numbers per candidate).
+    """One shard's rows for k-means++ seeding, as Kronecker factors, scored a block of rows at a time.
+
+    The factorized distance subtracts large terms, so it is computed in float64; the factors are
+    held as given (a shard's ``h`` is its cached features, not a copy) and promoted one block at a
+    time, with the same bits as promoting them whole. Held per row: ``g`` (C numbers), ``h`` (E),
+    ``|g|^2``, ``|h|^2`` and ``D^2`` (float64).
 
     Args:
-        g_N_C: ``p - e_yhat`` of this shard's candidates (see :func:`badge_factors`).
+        g_N_C: ``p - e_yhat`` of the rows (see :func:`badge_factors`).
         h_N_E: their penultimate features.
         index_N: their global pool indices (int64).
+        eligible_N: the rows that may be picked (the candidates); None: every row.
     """
 
-    def __init__(self, g_N_C: Tensor, h_N_E: Tensor, index_N: Tensor) -> None:
-        self.g_N_C, self.h_N_E = g_N_C.double(), h_N_E.double()
-        self.gg_N = _rowdot(self.g_N_C * self.g_N_C, self.g_N_C.new_ones(self.g_N_C.shape[1]))
-        self.hh_N = _rowdot(self.h_N_E * self.h_N_E, self.h_N_E.new_ones(self.h_N_E.shape[1]))
+    def __init__(self, g_N_C: Tensor, h_N_E: Tensor, index_N: Tensor, eligible_N: Tensor | None = None) -> None:
         device = g_N_C.device
+        self.g_N_C, self.h_N_E = g_N_C, h_N_E
         self.index_N = torch.as_tensor(index_N, dtype=torch.int64, device=device)
-        self.chosen_N = torch.zeros(len(self.index_N), dtype=torch.bool, device=device)
-        self.d2_N = torch.full((len(self.index_N),), math.inf, dtype=torch.float64, device=device)
+        N, C, E = len(self.index_N), g_N_C.shape[1], h_N_E.shape[1]
+        self.rows = block_rows(C, E)
+        self.gg_N = torch.empty(N, dtype=torch.float64, device=device)
+        self.hh_N = torch.empty(N, dtype=torch.float64, device=device)
+        for lo in range(0, N, self.rows):
+            g, h = self._factors(slice(lo, lo + self.rows))
+            self.gg_N[lo : lo + self.rows] = _rowdot(g * g, g.new_ones(C))
+            self.hh_N[lo : lo + self.rows] = _rowdot(h * h, h.new_ones(E))
+        self.eligible_N = (
+            torch.ones(N, dtype=torch.bool, device=device) if eligible_N is None else eligible_N.to(device)
+        )
+        self.chosen_N = torch.zeros(N, dtype=torch.bool, device=device)
+        self.d2_N = torch.full((N,), math.inf, dtype=torch.float64, device=device)
         self.first_range: tuple[float, float] | None = None  # squared norms the first center is chosen by
+
+    def _factors(self, sl: slice) -> tuple[Tensor, Tensor]:
+        return self.g_N_C[sl].double(), self.h_N_E[sl].double()
 
     def first(self) -> ShardBest:
         """Reset; answer the largest squared norm (the first center)."""
         self.chosen_N.zero_()
-        self.d2_N = torch.full_like(self.d2_N, math.inf)
-        norm_N = self.gg_N * self.hh_N
-        self.first_range = score_range(norm_N, ~self.chosen_N)
-        return self._answer(norm_N)
+        self.d2_N.fill_(math.inf)
+
+        def block(sl: slice) -> tuple[Tensor, Tensor]:
+            return self.gg_N[sl] * self.hh_N[sl], self.eligible_N[sl]
+
+        pos, score, self.first_range = blockwise_best(block, self.index_N, self.rows, ranged=True)
+        return self._answer(pos, score)
 
     def step(self, chosen: tuple[int, Tensor], seed: int, step_index: int) -> ShardBest:
         """Add the previous center ``(global index, cat(g, h, |g|^2, |h|^2))``; answer this shard's race winner.
@@ -99,21 +129,27 @@ class KMeansPPState:
         """
         index, gh = chosen
         C = self.g_N_C.shape[1]
-        gh = gh.to(self.g_N_C)
+        gh = gh.to(device=self.d2_N.device, dtype=torch.float64)
         g_C, h_E, gg, hh = gh[:C], gh[C:-2], gh[-2], gh[-1]  # the owner's norms: D^2 to itself is exactly 0
-        self.chosen_N |= self.index_N == index
-        new_N = kron_sq_dist(self.g_N_C, self.h_N_E, self.gg_N, self.hh_N, g_C, h_E, gg, hh)
-        self.d2_N = torch.minimum(self.d2_N, new_N)
-        expo_N = -torch.log(hash_uniform(seed, step_index, self.index_N)).to(self.d2_N)
-        score_N = -expo_N / self.d2_N  # D^2 = 0 -> -inf: only drawn when nothing else is
-        return self._answer(score_N)
 
-    def _answer(self, score_N: Tensor) -> ShardBest:
-        pos = local_best(score_N, ~self.chosen_N, self.index_N)
+        def block(sl: slice) -> tuple[Tensor, Tensor]:
+            self.chosen_N[sl] |= self.index_N[sl] == index
+            g, h = self._factors(sl)
+            new_b = kron_sq_dist(g, h, self.gg_N[sl], self.hh_N[sl], g_C, h_E, gg, hh)
+            d2_b = torch.minimum(self.d2_N[sl], new_b, out=self.d2_N[sl])
+            expo_b = -torch.log(hash_uniform(seed, step_index, self.index_N[sl])).to(d2_b)
+            score_b = -expo_b / d2_b  # D^2 = 0 -> -inf: only drawn when nothing else is
+            return score_b, self.eligible_N[sl] & ~self.chosen_N[sl]
+
+        pos, score, _ = blockwise_best(block, self.index_N, self.rows)
+        return self._answer(pos, score)
+
+    def _answer(self, pos: int, score: float) -> ShardBest:
         if pos < 0:
             return ShardBest(-math.inf, -1)
-        center = torch.cat([self.g_N_C[pos], self.h_N_E[pos], self.gg_N[pos, None], self.hh_N[pos, None]])
-        return ShardBest(float(score_N[pos]), int(self.index_N[pos]), center)
+        g, h = self._factors(slice(pos, pos + 1))
+        center = torch.cat([g[0], h[0], self.gg_N[pos, None], self.hh_N[pos, None]])
+        return ShardBest(score, int(self.index_N[pos]), center)
 
 
 def badge_select(call: StateCall[KMeansPPState], K: int, seed: int, progress: Progress = no_progress) -> list[int]:

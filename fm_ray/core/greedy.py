@@ -113,6 +113,42 @@ def score_range(score_N: Tensor, eligible_N: Tensor) -> tuple[float, float]:
     return float(s_N.min()), float(s_N.max())
 
 
+Block = Callable[[slice], tuple[Tensor, Tensor]]  # rows -> (their scores, which of them are eligible)
+
+
+def blockwise_best(
+    block: Block, index_N: Tensor, rows: int, ranged: bool = False
+) -> tuple[int, float, tuple[float, float]]:
+    """``local_best`` (and, with ``ranged``, ``score_range``) of scores made ``rows`` at a time by
+    ``block``, which may update those rows' state first: the same position and range as on the
+    whole, with temporaries of one block. Returns (position or -1, its score, range; (inf, -inf)
+    when not ``ranged``)."""
+    best: tuple[float, int, int, float] | None = None  # (-score with NaN as -inf, global index, position, score)
+    lo_all, hi_all = math.inf, -math.inf
+    for lo in range(0, len(index_N), rows):
+        sl = slice(lo, lo + rows)
+        score_b, eligible_b = block(sl)
+        if ranged:
+            lo_b, hi_b = score_range(score_b, eligible_b)
+            lo_all, hi_all = (
+                (math.nan, math.nan)
+                if math.isnan(lo_b) or math.isnan(lo_all)
+                else (
+                    min(lo_all, lo_b),
+                    max(hi_all, hi_b),
+                )
+            )
+        pos = local_best(score_b, eligible_b, index_N[sl])
+        if pos < 0:
+            continue
+        value = float(score_b[pos])
+        key = (math.inf if math.isnan(value) else -value, int(index_N[lo + pos]), lo + pos, value)
+        best = key if best is None or key[:2] < best[:2] else best
+    if best is None:
+        return -1, -math.inf, (lo_all, hi_all)
+    return best[2], best[3], (lo_all, hi_all)
+
+
 def trace_solve(A_S_C_C: Tensor, N_S_C_C: Tensor) -> Tensor:
     """``tr(A^-1 N)`` per candidate (= ``tr(N A^-1)``), NaN -> -inf; singular ``A`` via pinv."""
     X_S_C_C, info_S = torch.linalg.solve_ex(A_S_C_C, N_S_C_C)

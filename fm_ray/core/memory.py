@@ -10,9 +10,10 @@ their formulas follow what ``core.greedy`` and ``strategies.fisher`` allocate:
 - on the driver: ``F`` and ``M^-1`` (``d x d`` float64), and a Cholesky factor while ``M_0^-1`` is
   computed without Woodbury (when the labeled rows ``n_L c`` are not below ``d``).
 
-An item lives in some phases only (``embed``: the shards compute embeddings and sums; ``init``:
-``M_0^-1`` and the shard states; ``select``: the greedy steps); a process's peak is the largest sum
-over one phase. With the local backend the shards run inside the driver's process, so their items
+An item lives in some phases only (``predict``: the shards' forward pass over their members, which
+every strategy that needs the model caches; ``embed``: the shards compute embeddings and sums;
+``init``: ``M_0^-1`` and the shard states; ``select``: the greedy steps); a process's peak is the
+largest sum over one phase. With the local backend the shards run inside the driver's process, so their items
 add to the driver's (a partial sum becomes ``F`` in place: it is counted once, in its phase).
 """
 
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 
 from fm_ray.core.greedy import COLUMN_BLOCK, chunk_samples
 
-PHASES = ("embed", "init", "select")
+SELECTION = ("embed", "init", "select")  # a strategy's own phases (an item's default)
+PHASES = ("predict", *SELECTION)
 _BLOCK = 256  # pool.shard.BLOCK: samples per embedding block
 
 FIX_EMBED = "store them in bfloat16 (--embed-dtype bfloat16), use more --shards, --candidates N or --top-classes c"
@@ -39,7 +41,7 @@ class Item:
     name: str
     nbytes: int
     formula: str
-    phases: tuple[str, ...] = PHASES
+    phases: tuple[str, ...] = SELECTION
     fix: str = ""
 
 
@@ -65,9 +67,12 @@ class Plan:
             best = max(best, total)
         return best
 
-    def peak_ram(self) -> int:
-        """The largest process's peak RAM: what must fit on one machine's share (the figure runs record)."""
-        return max(self.peak(process, "ram") for process in ("driver", "shard"))
+    def largest_process(self) -> tuple[str, str, int]:
+        """(process, memory, peak) of the largest peak of any process (the driver's includes the
+        shards' items with the local backend)."""
+        peaks = [(self.peak(p, d), p, d) for p in ("driver", "shard") for d in ("ram", "gpu")]
+        peak, process, device = max(peaks, key=lambda t: t[0])
+        return process, device, peak
 
     def largest(self, process: str, device: str) -> Item:
         mine = [it for it in self.items if it.device == device and (it.process == process or self.local)]

@@ -7,13 +7,14 @@ import numpy as np
 import torch
 
 from fm_ray.config import RunConfig, initial_size, resolve_backend
+from fm_ray.core.memory import human
 from fm_ray.data.registry import open_source
 from fm_ray.data.settings import initial_labeled, sample_pool
 from fm_ray.errors import UserError
 from fm_ray.model.train import resolve_device
 from fm_ray.model.zoo import build_model
 from fm_ray.run.validate import check, planned_rounds
-from fm_ray.strategies.memory import check_plan, plan_inputs, query_plan
+from fm_ray.strategies.memory import check_plan, pixels_of, plan_inputs, query_plan
 
 
 def dry_run(cfg: RunConfig) -> str:
@@ -49,17 +50,22 @@ def dry_run(cfg: RunConfig) -> str:
             shard_device,
             local,
             device,
+            pixels=pixels_of(data.train.images),  # its shape and kind: no pixel is read
         )
         plan = query_plan(x)
         if plan is None:
-            return f"{cfg.strategy.name} holds nothing pool-sized beyond predictions: no memory plan"
+            return f"{cfg.strategy.name}: no memory plan"
         total = plan.peak("driver", "ram") + plan.peak("shard", "ram") + plan.peak("driver", "gpu")
         if best is None or total > best[0]:
             best = (total, plan, x)
     assert best is not None
     _, plan, x = best
-    text = f"memory plan of the largest query ({cfg.strategy.name}, {x.n_labeled} labeled, K = {cfg.batch}):\n"
-    text += plan.text()
+    text = f"memory plan of the largest query ({cfg.strategy.name}, {T} pool samples on {len(x.shard_members)} "
+    text += f"shard(s), {x.n_labeled} labeled, K = {cfg.batch}):\n"
+    process, memory, peak = plan.largest_process()
+    text += (
+        plan.text() + f"\nlargest process: the {process}, {human(peak)} of {'GPU memory' if memory == 'gpu' else 'RAM'}"
+    )
     try:
         check_plan(plan, x, device)
     except UserError as e:

@@ -54,7 +54,7 @@ ROUND_SCHEMA = pa.schema(
         ("driver_peak_rss_mb", pa.float64()),
         ("shard_peak_rss_mb", pa.float64()),
         ("shard_peak_gpu_mb", pa.float64()),  # null when the shards run on CPU
-        ("plan_peak_mb", pa.float64()),  # the query's memory plan for its largest process (null: no plan)
+        ("plan_peak_mb", pa.float64()),  # the query's memory plan: its largest process's peak (null: no plan)
         ("driver_read_bytes", pa.int64()),  # of pool files, read by the driver's process so far
         # the stopping criteria on the stop set after the round (core.stopping): value and verdict
         *[(f"stop_{c}{part}", kind) for c in CRITERIA for part, kind in (("", pa.float64()), ("_holds", pa.bool_()))],

@@ -77,6 +77,17 @@ def all_equal(score_range: tuple[float, float]) -> bool:
 
 
 @dataclass(frozen=True)
+class Pixels:
+    """How the shards read the pool's images, for the plan: one image's shape, bytes per value, and
+    whether they are streamed (a packed pool: read row group by row group, never all held) or held
+    in RAM (a tensor: each shard holds its members')."""
+
+    shape: tuple[int, ...]
+    itemsize: int = 1
+    streamed: bool = True
+
+
+@dataclass(frozen=True)
 class PlanInputs:
     """What a strategy's memory plan is computed from, before any work (strategies.memory)."""
 
@@ -92,6 +103,8 @@ class PlanInputs:
     shard_gpu: bool
     driver_gpu: bool
     local: bool  # the shards run in the driver's process
+    pixels: Pixels | None = None  # None: the pixels are not planned
+    largest_output: int = 0  # the largest leaf module's output for one sample (0: not planned)
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,7 @@ class Strategy:
     select: Callable[[ShardedPool, QueryContext], Selection]
     needs_model: bool = True  # False: shards need no weights this round (random)
     doc: str = ""
-    # its large items (None, or a plan answering None: nothing pool-sized beyond predictions)
+    # its own large items, beside what every shard holds (strategies.memory.pool_items); None: none
     plan: Callable[[PlanInputs], Plan | None] | None = None
     stochastic: bool = False  # ranks by a score, so --stochastic can draw its batch instead
     cold_start: bool = False  # picks well with no labels (an --init-strategy)

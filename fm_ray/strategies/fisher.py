@@ -19,15 +19,14 @@ import torch
 from fm_ray._internal.log import log, progress
 from fm_ray.core import fisher
 from fm_ray.core import mask as fmask
-from fm_ray.core.approx import candidate_keys, fisher_pool_keys, projection, projection_seed, top_class_rows
+from fm_ray.core.approx import projection, projection_seed, top_class_rows
 from fm_ray.core.greedy import GreedyState, greedy_select, initial_inverse
 from fm_ray.core.memory import GreedySizes, Plan, fisher_workspace, greedy_plan
-from fm_ray.core.scores import top_k
-from fm_ray.errors import UserError
 from fm_ray.pool import ShardedPool, state_call
 from fm_ray.pool.shard import BLOCK, DTYPES, PoolShard, first_score_range, read_only
 from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, merge_ranges, register
 from fm_ray.strategies.memory import head_shape
+from fm_ray.strategies.subsets import candidates, subset
 
 
 @read_only
@@ -148,20 +147,6 @@ def labeled_embeddings(shard: PoolShard) -> torch.Tensor:
     return state.labeled_emb_L_C_D
 
 
-@read_only
-def subset_keys_top(shard: PoolShard, rule: str, seed: int, round: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This shard's `n` highest keys among its unlabeled members, with their global indices (ties
-    to the lower index), for the driver to merge: `rule` "fisher_pool" (core.approx.fisher_pool_keys)
-    or a candidate rule (core.approx.candidate_keys)."""
-    free = ~shard.labeled_N
-    index = shard.index_N[free]
-    if rule == "fisher_pool":
-        keys = fisher_pool_keys(seed, round, index)
-    else:
-        keys = candidate_keys(rule, seed, round, index, None if rule == "uniform" else shard.predictions()[0][free])
-    return top_k(keys.cpu(), index, n)
-
-
 def _fisher_mask(pool: ShardedPool, ctx: QueryContext) -> tuple[torch.Tensor, dict]:
     cfg = ctx.cfg
     n = ctx.pool_size if cfg.fisher_samples is None else min(cfg.fisher_samples, ctx.pool_size)
@@ -176,33 +161,18 @@ def _fisher_mask(pool: ShardedPool, ctx: QueryContext) -> tuple[torch.Tensor, di
     return mask_idx, {"mask_size": int(mask_idx.numel()), "mask_profile": profile}
 
 
-def _subset(pool: ShardedPool, ctx: QueryContext, rule: str, n: int | None) -> torch.Tensor | None:
-    """The `n` unlabeled pool positions with the highest keys under `rule`, chosen over all shards
-    (sorted); None where `n` is None or covers every unlabeled sample (exact)."""
-    if n is None or n >= ctx.pool_size - len(ctx.labeled):
-        return None
-    answers = pool.map(subset_keys_top, rule, ctx.seed, ctx.round, n)
-    _, chosen = top_k(torch.cat([k for k, _ in answers]), torch.cat([i for _, i in answers]), n)
-    return chosen.sort().values
-
-
 def _approx(pool: ShardedPool, ctx: QueryContext) -> Approx:
     """The configured approximations for this round; the subsets chosen over all shards."""
     cfg = ctx.cfg
-    candidates = _subset(pool, ctx, cfg.candidate_rule, cfg.candidates)
-    fisher_pool = _subset(pool, ctx, "fisher_pool", cfg.fisher_pool)
+    chosen = candidates(pool, ctx, ctx.k * (1 + cfg.backward_steps))
+    fisher_pool = subset(pool, ctx, "fisher_pool", cfg.fisher_pool)
     project = None if cfg.project is None else (cfg.project, projection_seed(ctx.seed, ctx.round))
-    return Approx(candidates, cfg.top_classes, project, fisher_pool)
+    return Approx(chosen, cfg.top_classes, project, fisher_pool)
 
 
 def _greedy(pool: ShardedPool, ctx: QueryContext, mask_idx: torch.Tensor | None) -> tuple[list[int], dict[str, float]]:
     cfg = ctx.cfg
     driver = next(ctx.model.parameters()).device  # M^-1 and F live where the driver trains
-    if cfg.candidates is not None and cfg.candidates < ctx.k * (1 + cfg.backward_steps):
-        raise UserError(
-            f"--candidates {cfg.candidates} is below the {ctx.k * (1 + cfg.backward_steps)} picks this round "
-            "needs: raise --candidates or lower --batch"
-        )
     start = time.perf_counter()
     approx = _approx(pool, ctx)
     C, E = head_shape(ctx.model)

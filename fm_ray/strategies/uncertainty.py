@@ -103,18 +103,52 @@ def _score_strategy(score: str) -> Callable[[ShardedPool, QueryContext], Selecti
     return select
 
 
+def random_plan(x: PlanInputs) -> Plan:
+    """The driver's unlabeled positions and their draw (`random_select`)."""
+    n = sum(x.shard_free)
+    return Plan(
+        (
+            Item(
+                "driver",
+                "ram",
+                "unlabeled positions and their draw",
+                n * 16,
+                f"unlabeled x 16 B = {n} x 16 B",
+                fix="use a smaller pool",
+            ),
+        ),
+        len(x.shard_free),
+        x.local,
+    )
+
+
 def score_plan(x: PlanInputs) -> Plan | None:
-    """BALD's MC draws of a block on each shard; softrank's gathered (score, index) on the driver."""
-    items = mc_items(x, "gpu" if x.shard_gpu else "ram") if x.cfg.name == "bald" else []
+    """Each shard's scores of its unlabeled members and their sort (`top_scores`); BALD's MC draws
+    of a block; softrank's gathered (score, index) on the driver."""
+    free, C = max(x.shard_free), x.n_classes
+    items = [
+        Item(
+            "shard",
+            "ram",
+            "unlabeled members' probabilities, scores and their sort",
+            free * (4 * C + 36),
+            f"unlabeled x (C x 4 + 36) B = {free} x ({C} x 4 + 36) B",
+            ("select",),
+            "use more --shards",
+        )
+    ]
+    items += mc_items(x, "gpu" if x.shard_gpu else "ram") if x.cfg.name == "bald" else []
     if x.cfg.stochastic == "softrank":
         n = sum(x.shard_free)
         items.append(Item("driver", "ram", "softrank's (score, index) of every candidate", n * 16, f"{n} x 16 B"))
-    return Plan(tuple(items), len(x.shard_free), x.local) if items else None
+    return Plan(tuple(items), len(x.shard_free), x.local)
 
 
 register(
     "random",
-    Strategy(random_select, needs_model=False, doc="uniform over the unlabeled pool", cold_start=True),
+    Strategy(
+        random_select, needs_model=False, doc="uniform over the unlabeled pool", cold_start=True, plan=random_plan
+    ),
 )
 for _name in SCORES:
     register(
