@@ -83,13 +83,16 @@ class PoolShard:
     def predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(probs_N_C, feats_N_E) of every member under this round's weights, cached, on the CPU."""
         if self._preds is None:
-            parts = [predict(self.model, x_u8, self.spec.norm, self.device, batch=BLOCK) for _, x_u8 in self.stream()]
-            if parts:
-                self._preds = torch.cat([p for p, _ in parts]), torch.cat([f for _, f in parts])
-            else:  # an empty shard: the model's output widths from one dummy input
-                C, H, W = self.images.shape
-                p, f = predict(self.model, torch.zeros(1, C, H, W, dtype=torch.uint8), self.spec.norm, self.device)
-                self._preds = p[:0], f[:0]
+            # written block by block into tensors made once: a list of per-block results, kept while
+            # each block's larger activations come and go, fragmented the heap (a shard of 500k
+            # samples grew by GBs; benchmarks.million) and needed a second copy to concatenate
+            C, H, W = self.images.shape
+            p, f = predict(self.model, torch.zeros(1, C, H, W, dtype=torch.uint8), self.spec.norm, self.device)
+            N = len(self.index_N)
+            probs_N_C, feats_N_E = p.new_empty(N, p.shape[1]), f.new_empty(N, f.shape[1])
+            for pos, x_u8 in self.stream():
+                probs_N_C[pos], feats_N_E[pos] = predict(self.model, x_u8, self.spec.norm, self.device, batch=BLOCK)
+            self._preds = probs_N_C, feats_N_E
         return self._preds
 
     def stream(self, blocks: list[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -85,15 +85,6 @@ def pool_items(x: PlanInputs, needs_model: bool) -> list[Item]:
                 PHASES,
                 FIX_SHARD,
             ),
-            Item(
-                "shard",
-                "ram",
-                "predictions' blocks while concatenated",
-                N * (C + E) * 4,
-                f"members x (C + E) x 4 B = {N} x ({C} + {E}) x 4 B",
-                ("predict",),
-                FIX_SHARD,
-            ),
         ]
         if x.largest_output:  # without autograd a layer's input and output are alive at once
             b = min(BLOCK, N)
