@@ -1,7 +1,8 @@
 """`--dataset parquet:<pool>`: a packed FashionMNIST gives bit-identical inputs and the same picks as the
-in-RAM dataset for 1, 2 (Ray) and 3 shards; the driver reads only labeled and test pixels; bad pools
-fail with one line; the large-pool benchmark runs at tiny n."""
+in-RAM dataset for 1, 2 (Ray) and 3 shards, streamed or held; the driver reads labels and the test
+split, never the pool's pixels; bad or changed pools fail with one line, at opening or at the read."""
 
+import dataclasses
 import json
 import shutil
 
@@ -486,3 +487,22 @@ def test_dry_run_on_a_packed_pool_plans_streaming_and_reads_no_pixels(packed, tm
     assert READ_BYTES["image"] == 0  # sizes, labels and the model only
     assert "one decoded row group (1024 x 784 B (streamed))" in out and "pixels held" not in out
     assert "pool samples on 2 shard(s)" in out and "largest process: the shard" in out
+
+
+@pytest.mark.slow
+def test_part_files_renamed_between_rounds_of_a_run_stop_it_with_one_line(small_pool, tmp_path, capsys):
+    """The issue's case: a run reads the pool again each round; files renamed in a cycle after
+    round 0 (same row counts) stop it at round 1 with one line, round 0 kept, never other pixels."""
+    names = [small_pool / "train" / f"part-0000{i}.parquet" for i in range(3)]
+
+    def cycle(row):
+        if row["round"] == 0:
+            names[0].rename(small_pool / "x")
+            names[1].rename(names[0])
+            names[2].rename(names[1])
+            (small_pool / "x").rename(names[2])
+
+    cfg = dataclasses.replace(small_cfg(f"parquet:{small_pool}", backend="local", shards=1), rounds=2)
+    with pytest.raises(UserError, match=r"is not the file that was packed \(the images of rows"):
+        run_experiment(cfg, tmp_path / "r", on_round=cycle)
+    assert pq.read_table(tmp_path / "r" / "rounds.parquet").column("round").to_pylist() == [0]
