@@ -118,9 +118,10 @@ def test_sigterm_is_143_and_ctrl_c_130_with_the_commands_resume_line(cache, tmp_
         raise AssertionError("SIGTERM did not interrupt")
 
     monkeypatch.setattr(cli, "_run", terminated)
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's where an earlier test started Ray here
     assert main([*RUN, "--out", str(tmp_path / "r")]) == 143
     assert "continue with --resume" in one_line(capsys)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
     fail_with(monkeypatch, "run", SystemExit(signal.SIGTERM))  # what Ray's driver handler raises
     assert main([*RUN, "--out", str(tmp_path / "r")]) == 143
     assert "continue with --resume" in one_line(capsys)

@@ -193,7 +193,7 @@ def _tiny_cifar(root: Path) -> Path:
 def test_cli_runs_a_torchvision_model_then_freezes_it_from_its_checkpoint(tmp_path):
     data = _tiny_cifar(tmp_path / "data")
     base = ["run", "--dataset", f"imagefolder:{data}", "--setting", "balanced", "--init", "20", "--batch", "10"]
-    base += ["--rounds", "1", "--epochs", "1", "--strategy", "bait", "--backend", "local", "--device", "cpu"]
+    base += ["--rounds", "1", "--epochs", "1", "--strategy", "random", "--backend", "local", "--device", "cpu"]
     base += ["--model", f"torchvision:{SMALL}"]
     first = tmp_path / "first"
     assert main([*base, "--out", str(first)]) == 0

@@ -194,7 +194,8 @@ def test_a_small_pool_on_more_ray_shards_than_blocks_picks_like_one_local_shard(
 
     def context(name):
         ctx = trained["context"](name)
-        return type(ctx)(ctx.round, ctx.k, ctx.seed, labeled, 300, ctx.cfg, ctx.model)
+        labels = None if ctx.labels is None else ctx.labels[trained["labeled"] < 300]
+        return type(ctx)(ctx.round, ctx.k, ctx.seed, labeled, 300, ctx.cfg, ctx.model, labels)
 
     def picks(pool):
         out = {}

@@ -86,8 +86,8 @@ class PoolShard:
             # written block by block into tensors made once: a list of per-block results, kept while
             # each block's larger activations come and go, fragmented the heap (a shard of 500k
             # samples grew by GBs; benchmarks.million) and needed a second copy to concatenate
-            C, H, W = self.images.shape
-            p, f = predict(self.model, torch.zeros(1, C, H, W, dtype=torch.uint8), self.spec.norm, self.device)
+            probe = torch.zeros(1, *self.images.shape, dtype=torch.uint8)  # (C, H, W), or (F,) for feature rows
+            p, f = predict(self.model, probe, self.spec.norm, self.device)
             N = len(self.index_N)
             probs_N_C, feats_N_E = p.new_empty(N, p.shape[1]), f.new_empty(N, f.shape[1])
             for pos, x_u8 in self.stream():

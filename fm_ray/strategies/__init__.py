@@ -65,6 +65,17 @@ def merge_ranges(ranges: list[tuple[float, float] | None]) -> tuple[float, float
     return min(lo for lo, _ in known), max(hi for _, hi in known)
 
 
+def spread_range(rows_N_D: torch.Tensor) -> tuple[float, float] | None:
+    """(min, max) of each candidate's squared distance to the candidates' mean row: the score range
+    of a strategy that ranks by where its candidates lie (features, probabilities) rather than by
+    one score (TypiClust, ProbCover, GALAXY). Identical candidates give (0, 0): nothing to rank."""
+    if not len(rows_N_D):
+        return None
+    rows = rows_N_D.double()
+    dist_N = ((rows - rows.mean(0)) ** 2).sum(1)
+    return float(dist_N.min()), float(dist_N.max())
+
+
 def all_equal(score_range: tuple[float, float]) -> bool:
     """True when the candidates' scores cannot tell them apart: NaN, all the same infinity, or
     ``max - min <= SCORE_RTOL * max(|min|, |max|)`` (so also exactly equal, e.g. all 0)."""

@@ -23,7 +23,7 @@ from fm_ray.model.train import predict
 from fm_ray.model.zoo import build_model, features_model
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import BLOCK, PoolShard, ShardSpec, read_only
-from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, by_position, register
+from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, by_position, register, spread_range
 
 
 @read_only
@@ -85,7 +85,8 @@ def _timed(
         embed_s = time.perf_counter() - start
         start = time.perf_counter()
         picks = pick(feats_N_E, labeled_N, ctx)
-        return Selection(picks, {"embed_seconds": embed_s, "select_seconds": time.perf_counter() - start})
+        timings = {"embed_seconds": embed_s, "select_seconds": time.perf_counter() - start}
+        return Selection(picks, timings, score_range=spread_range(feats_N_E[~labeled_N]))
 
     return select
 

@@ -14,7 +14,7 @@ from fm_ray.core.random import hash_uniform
 from fm_ray.errors import UserError
 from fm_ray.pool import ShardedPool
 from fm_ray.pool.shard import member_probs
-from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, by_position, register
+from fm_ray.strategies import PlanInputs, QueryContext, Selection, Strategy, by_position, register, spread_range
 
 
 def galaxy_strategy(pool: ShardedPool, ctx: QueryContext) -> Selection:
@@ -34,7 +34,8 @@ def galaxy_strategy(pool: ShardedPool, ctx: QueryContext) -> Selection:
     classes_k = np.random.default_rng([ctx.seed, 4, ctx.round]).integers(n_classes, size=ctx.k)
     tiebreak_N = hash_uniform(ctx.seed, ctx.round, torch.arange(ctx.pool_size))
     picks = galaxy_select(probs_N_C, labels_N, ctx.k, classes_k, tiebreak_N)
-    return Selection(picks, {"embed_seconds": embed_s, "select_seconds": time.perf_counter() - start})
+    timings = {"embed_seconds": embed_s, "select_seconds": time.perf_counter() - start}
+    return Selection(picks, timings, score_range=spread_range(probs_N_C[torch.from_numpy(labels_N == UNLABELED)]))
 
 
 def galaxy_plan(x: PlanInputs) -> Plan:
