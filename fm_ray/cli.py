@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -237,12 +238,22 @@ def _sweep(args: argparse.Namespace) -> int:
     from fm_ray.sweep.tune import run_sweep
 
     configs, opts = sweep_from_args(args)
+    # Ctrl+C is the command's: Tune's own handler would end fit() "gracefully" (exit 0, trials unfinished)
+    # with its Tuner.restore hint; as a KeyboardInterrupt it reaches the boundary: exit 130 and the
+    # `fm-ray sweep --resume` line (every finished round is in --out already, see the killed-sweep test).
+    # Only for the command: a Python caller of run_sweep keeps Tune's graceful stop and can resume in-process.
     callbacks = []
     if args.mlflow:
         from fm_ray.sweep.tracking import tune_callback
 
         callbacks.append(tune_callback(args.mlflow, args.mlflow_experiment))
-    results = run_sweep(configs, opts, callbacks=callbacks, ray_address=args.ray_address)
+    before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    try:
+        results = run_sweep(configs, opts, callbacks=callbacks, ray_address=args.ray_address)
+    finally:
+        if before is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
     if args.mlflow and "://" not in str(opts.out):  # the report reads local folders
         from fm_ray.sweep.tracking import log_sweep_report
 

@@ -265,10 +265,6 @@ def run_sweep(
     # Tune's console output (its experiment banner and tables, printed even at verbose=0 by its new
     # output engine) gives way to fm_ray's progress lines (_progress_callback)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Ctrl+C is fm_ray's: Tune's own handler would end fit() "gracefully" (exit 0, trials unfinished) with
-    # its Tuner.restore hint; as a KeyboardInterrupt it reaches the CLI's boundary: exit 130 and the
-    # `fm-ray sweep --resume` line (every finished round is in --out already, see the killed-sweep test)
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     configs = [with_resolved_backend(c) for c in configs]  # here, not in each trial's worker
     root = storage_root(opts.out)
     started = ensure_ray(ray_address, log_to_driver=False)  # trials report through the callback
