@@ -67,7 +67,7 @@ def test_shard_state_applies_top_classes_and_projection_like_brute_force(trained
     mask = fisher_mask(torch.arange(sum(p.numel() for p in shard.model.parameters()), dtype=torch.float64), 120)
     approx = Approx(candidates=torch.arange(0, 560, 7), top_classes=3, project=(16, 11))
     pool_sum, lab_sum, n = build_greedy_state(shard, mask, "fast", 64, "float64", "float32", False, approx)
-    x = shard.inputs(torch.arange(560), torch.float64)
+    x = shard.normalized(shard.images.read(np.arange(560)), torch.float64)
     full = fisher.fisher_embeddings(shard.model_in(torch.float64), x, mask, chunk_size=64)
     with torch.no_grad():
         probs = torch.softmax(shard.model_in(torch.float64)(x), 1)

@@ -137,14 +137,12 @@ class ParquetImages:
     Small and picklable (root, split, row numbers, row-group table); it opens files only in `read`,
     reads only the row groups that hold the asked rows, checks each against its digest as it is
     decoded, and keeps at most one decoded row group (and one open file) between reads, so a pass
-    over sorted rows decodes each row group once. `reads` records every read position, so a test
-    can check what a process (the driver) read.
+    over sorted rows decodes each row group once.
     """
 
     def __init__(self, root: str, split: str, files: SplitFiles, shape: tuple[int, int, int], rows: np.ndarray):
         self.root, self.split, self.files, self.shape = root, split, files, shape
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.reads: list[np.ndarray] = []
         self._open: tuple[int, pq.ParquetFile] | None = None  # (file index, the file), one at a time
         self._group: tuple[int, np.ndarray] | None = None  # (row group, its images), one at a time
 
@@ -152,14 +150,13 @@ class ParquetImages:
         return len(self.rows)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "reads": [], "_open": None, "_group": None}
+        return {**self.__dict__, "_open": None, "_group": None}
 
     def subset(self, positions: np.ndarray) -> ParquetImages:
         return ParquetImages(self.root, self.split, self.files, self.shape, self.rows[np.asarray(positions)])
 
     def read(self, positions: np.ndarray) -> torch.Tensor:
         positions = np.asarray(positions, dtype=np.int64)
-        self.reads.append(positions.copy())
         want = self.rows[positions]
         out = np.empty((len(want), *self.shape), dtype=np.uint8)
         group_of = np.searchsorted(self.files.group_start, want, side="right") - 1

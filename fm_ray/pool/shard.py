@@ -108,11 +108,6 @@ class PoolShard:
         """A block of `stream`'s pixels as model inputs: normalized, on the shard's device in `dtype`."""
         return self.spec.norm(x_u8).to(self.device, dtype)
 
-    def inputs(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The members at `rows` (one block), normalized, on the shard's device in `dtype`."""
-        (_, x_u8), *_ = self.stream([rows])
-        return self.normalized(x_u8, dtype)
-
     def model_in(self, dtype: torch.dtype) -> torch.nn.Module:
         """The model in the Fisher compute dtype (float64 on request: a copy)."""
         return self.model if dtype == torch.float32 else copy.deepcopy(self.model).to(dtype)
