@@ -17,6 +17,7 @@ from fm_ray.config import from_dict
 from fm_ray.errors import UserError
 from fm_ray.run.recipe import run_experiment
 from fm_ray.run.rundir import TIMING_COLUMNS, run_id
+from fm_ray.strategies import STRATEGIES
 from fm_ray.sweep.grid import SWEEP_PRESETS, SweepOptions, sweep_from_args
 from fm_ray.sweep.report import load_queries, load_rounds
 from fm_ray.sweep.tune import run_sweep, trial_resources
@@ -216,6 +217,14 @@ def test_presets_expand():
     assert len(configs) == 7 * 3 and {c.model.name for c in configs} == {"resnet18"}
     assert {(c.data.dataset, c.data.setting, c.init, c.batch, c.budget) for c in configs} == {
         ("cifar10", "setting2", 500, 500, 6500)
+    }
+    # the baselines grid: every registered strategy, both settings, three seeds
+    configs, _ = sweep_from_args(build_parser().parse_args(["sweep", "--out", "o", "--preset", "cpu-baselines-fmnist"]))
+    assert {c.strategy.name for c in configs} == set(STRATEGIES)
+    assert len(configs) == len(STRATEGIES) * 2 * 3 and len({run_id(c) for c in configs}) == len(configs)
+    assert {(c.data.dataset, c.data.setting, c.model.name) for c in configs} == {
+        ("fashion_mnist", "setting1", "cnn"),
+        ("fashion_mnist", "setting2", "cnn"),
     }
 
 

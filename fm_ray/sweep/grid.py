@@ -93,11 +93,20 @@ def _cpu(spec: dict[str, Any]) -> dict[str, Any]:
     return {"base": {**spec["base"], **CPU_BASE}, "grid": {**spec["grid"], **CPU_GRID}}
 
 
+# The baselines users compare against (Baal, small-text, scikit-activeml, dal-toolbox, LabelBench):
+# the paper's seven plus the Bayesian, cold-start and imbalance-aware strategies.
+BASELINE_STRATEGIES = [*PAPER_STRATEGIES, "least_confidence", "bald", "batchbald", "typiclust", "probcover", "galaxy"]
+
 SWEEP_PRESETS: dict[str, dict[str, Any]] = {}
 for _ds, _short in (("cifar10", "cifar10"), ("fashion_mnist", "fmnist")):
     for _regime in PRESETS:
         SWEEP_PRESETS[f"paper-{_short}-{_regime}"] = _paper(_ds, _regime)
         SWEEP_PRESETS[f"cpu-paper-{_short}-{_regime}"] = _cpu(_paper(_ds, _regime))
+    # every strategy in both imbalanced settings, CPU-sized: the README's baselines grid
+    SWEEP_PRESETS[f"cpu-baselines-{_short}"] = {
+        "base": {"dataset": _ds, **CPU_BASE},
+        "grid": {"strategies": BASELINE_STRATEGIES, "seeds": [0, 1, 2], "settings": ["setting1", "setting2"]},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
