@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data = open_source(DataConfig(dataset="fashion_mnist"))
     norm = Normalizer((0.2860,), (0.3530,))
     x_pool, y_pool = data.train_x[: a.n], data.train_y[: a.n]
+    if a.n > len(x_pool):  # beyond the real train split: benchmarks.million's seeded variants of it
+        from benchmarks.million import pool_source
+
+        chunk = pool_source(a.n, "fashion_mnist", None, a.seed).splits["train"].read(0, a.n)
+        x_pool, y_pool = torch.from_numpy(chunk.images), torch.tensor(chunk.labels)
     x_test, y_test = data.test_x[: a.test], data.test_y[: a.test].numpy()
     labeled = np.sort(np.random.default_rng(a.seed).choice(a.n, a.init, replace=False))
     model = trained_cnn(x_pool[labeled], y_pool[labeled], norm, a.epochs, a.seed)
