@@ -6,6 +6,7 @@ import pytest
 
 from fm_ray.cli import main
 from fm_ray.config import DataConfig, PoolConfig, RunConfig, StrategyConfig, TrainConfig
+from fm_ray.core.stopping import CRITERIA
 from fm_ray.run.recipe import run_experiment
 from fm_ray.sweep.report import (
     _markdown,
@@ -17,6 +18,7 @@ from fm_ray.sweep.report import (
     method_labels,
     plot_class_histogram,
     seeds_note,
+    stopping,
     summarize,
 )
 from fm_ray.sweep.tune import publish
@@ -54,6 +56,29 @@ def test_summary_numbers_by_hand():
     assert pd.isna(table.loc["a", "mask_s"]) and (table["seeds"] == 2).all() and (table["rounds"] == 2).all()
     hist = class_histogram(synthetic_rounds()).set_index(["method", "cls"])["count"]
     assert hist.to_dict() == {("a", 0): 6, ("a", 1): 14, ("b", 0): 6, ("b", 1): 14}
+
+
+def test_stopping_gives_each_criterions_first_round_and_the_accuracy_given_up():
+    acc = {0: [0.5, 0.7, 0.8], 1: [0.4, 0.6, 0.9]}
+    kappa = {0: [False, True, True], 1: [False, False, True]}
+    change = {0: [None, False, True], 1: [None, None, None]}  # null: not yet computable, never held
+    rows = [
+        {"run_id": f"a{seed}", "dataset": "d", "setting": "s", "method": "a", "seed": seed, "round": r,
+         "n_labeled": 10 * (r + 1), "accuracy": acc[seed][r], "stop_kappa_average_holds": kappa[seed][r],
+         "stop_classification_change_holds": change[seed][r], "stop_overall_uncertainty_holds": False}
+        for seed in (0, 1) for r in range(3)
+    ]  # fmt: skip
+    stops = stopping(pd.DataFrame(rows[::-1])).set_index("criterion")  # row order does not matter
+    k = stops.loc["kappa_average"]
+    assert (k["seeds"], k["fired"]) == (2, 2) and k["round"] == 1.5 and k["n_labeled"] == 25
+    assert k["given_up"] == pytest.approx((0.1 + 0.0) / 2) and k["given_up_std"] == pytest.approx(0.05)
+    c = stops.loc["classification_change"]
+    assert (c["fired"], c["round"], c["given_up"], c["given_up_std"]) == (1, 2, 0.0, 0.0)
+    for never in ("overall_uncertainty", "budget"):  # budget's column is absent: older runs
+        assert stops.loc[never, "fired"] == 0 and pd.isna(stops.loc[never, "round"])
+    md = _markdown(summarize(synthetic_rounds()), [], "x", stopping(pd.DataFrame(rows)))
+    assert "| d | s | a | round 1.5 (2/2), gives up +0.0500 ± 0.0500 | round 2.0 (1/2), gives up +0.0000 |" in md
+    assert "overall_uncertainty" not in md.split("## Stopping criteria")[1].splitlines()[2]  # never fired: no column
 
 
 def test_method_labels_name_what_varies():
@@ -127,6 +152,12 @@ def test_report_writes_figures_and_tables(runs, tmp_path):
         assert png_size(tmp_path / name) == ONE_PANEL, name
     table = pd.read_csv(tmp_path / "summary.csv").set_index("method")
     rounds = [r for name in ("random", "fishermask") for r in pq.read_table(runs / name / "rounds.parquet").to_pylist()]
+    stops = pd.read_csv(tmp_path / "stopping.csv").set_index(["method", "criterion"])
+    for method in ("random", "fishermask"):  # every criterion's first round, from the runs' own verdicts
+        for c in CRITERIA:
+            held = [r["round"] for r in rounds if r["strategy"] == method and r[f"stop_{c}_holds"]]
+            assert stops.loc[(method, c), "fired"] == bool(held), (method, c)
+            assert (stops.loc[(method, c), "round"] == held[0]) if held else pd.isna(stops.loc[(method, c), "round"])
     assert sorted(table.index) == ["fishermask", "random"]
     md = (tmp_path / "summary.md").read_text()
     for method in ("random", "fishermask"):

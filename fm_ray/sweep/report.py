@@ -2,8 +2,9 @@
 
 Learning curves, mean +- std over seeds (a single seed's titled as one seed, without a band), one
 line per method and one panel per (dataset, setting) (the paper's Figs. 4-5); the FisherMask mask
-profile across layers (Fig. 2); the class histogram of queried samples, by class name; and a table of final accuracy, area under the learning curve, mean rank and seconds
-per round per phase. A "method" is the strategy plus any hyper-parameter that varies in the sweep
+profile across layers (Fig. 2); the class histogram of queried samples, by class name; a table of
+final accuracy, area under the learning curve, mean rank and seconds per round per phase; and where
+each stopping criterion first held, with the accuracy given up by stopping there. A "method" is the strategy plus any hyper-parameter that varies in the sweep
 (e.g. `fishermask sparsity=0.01`). Stds are population stds (ddof=0) over seeds.
 """
 
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from fm_ray.core.stopping import CRITERIA
 from fm_ray.errors import UserError
 from fm_ray.run.rundir import PARTITIONS, ROUND_SCHEMA, SWEEP_QUERY_SCHEMA, flat_config
 
@@ -175,6 +177,44 @@ def summarize(rounds: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def stopping(rounds: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, setting, method, criterion): where each stopping criterion first held
+    (core.stopping, evaluated after every round whether or not --stop ended the run) and what stopping
+    there costs: `given_up` is the run's final accuracy minus its accuracy at that round.
+
+    Means and stds (ddof=0) are over the seeds where it fired (`fired` of `seeds`); a criterion that
+    never fired, or runs recorded before the criteria existed, leave NaN.
+    """
+    keys = [*PANEL, "method"]
+    out = []
+    for key, g in rounds.sort_values("round").groupby(keys, sort=True):
+        for criterion in CRITERIA:
+            col = f"stop_{criterion}_holds"
+            fired: list[tuple[int, float, float]] = []  # (round, n_labeled, given up) per seed that fired
+            runs = list(g.groupby("run_id", sort=True))
+            for _, run in runs:
+                holds = run[col].fillna(False).astype(bool).to_numpy() if col in run else np.zeros(len(run), bool)
+                if holds.any():
+                    at = int(np.argmax(holds))
+                    acc = run["accuracy"].to_numpy()
+                    fired.append((int(run["round"].iloc[at]), float(run["n_labeled"].iloc[at]), acc[-1] - acc[at]))
+            f = np.array(fired, float).reshape(-1, 3)
+            nan = float("nan")
+            out.append(
+                dict(zip(keys, key, strict=True))
+                | {
+                    "criterion": criterion,
+                    "seeds": len(runs),
+                    "fired": len(fired),
+                    "round": f[:, 0].mean() if len(f) else nan,
+                    "n_labeled": f[:, 1].mean() if len(f) else nan,
+                    "given_up": f[:, 2].mean() if len(f) else nan,
+                    "given_up_std": f[:, 2].std() if len(f) else nan,
+                }
+            )
+    return pd.DataFrame(out)
+
+
 def seeds_note(df: pd.DataFrame) -> str:
     """How a figure aggregates seeds: "one seed (0)" when there is one, so no spread is claimed."""
     seeds = sorted(df["seed"].unique())
@@ -317,7 +357,36 @@ def plot_mask_profile(profile: pd.DataFrame, path: Path) -> Path:
 # The report.
 
 
-def _markdown(table: pd.DataFrame, figures: list[str], source: str) -> str:
+def _stopping_markdown(stops: pd.DataFrame) -> list[str]:
+    """The stopping section: per method, each criterion's round (fired/seeds) and accuracy given up."""
+    if stops.empty or not stops["fired"].any():
+        return []
+    shown = [c for c in CRITERIA if stops.loc[stops["criterion"] == c, "fired"].any()]
+    head = ["dataset", "setting", "method", *shown]
+    lines = ["## Stopping criteria", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, g in stops.groupby([*PANEL, "method"], sort=True):
+        by = g.set_index("criterion")
+        cells = []
+        for c in shown:
+            r = by.loc[c]
+            cells.append(
+                "never"
+                if r["fired"] == 0
+                else f"round {r['round']:.1f} ({r['fired']}/{r['seeds']}), gives up {r['given_up']:+.4f}"
+                + ("" if r["fired"] == 1 else f" ± {r['given_up_std']:.4f}")
+            )
+        lines.append("| " + " | ".join([*map(str, key), *cells]) + " |")
+    return [
+        *lines,
+        "",
+        "Each criterion is evaluated on the stop set after every round (fm_ray.core.stopping). A cell gives "
+        "the mean round where it first held over the seeds where it did (fired/seeds), and the accuracy "
+        "given up by stopping there: the run's final accuracy minus its accuracy at that round.",
+        "",
+    ]
+
+
+def _markdown(table: pd.DataFrame, figures: list[str], source: str, stops: pd.DataFrame | None = None) -> str:
     one_seed = bool((table["seeds"] == 1).all())
 
     def pm(m: float, s: float) -> str:
@@ -341,6 +410,7 @@ def _markdown(table: pd.DataFrame, figures: list[str], source: str) -> str:
         + ("One seed: no spread over seeds to show. " if one_seed else "± is the std over seeds (ddof=0). ")
         + "Query-phase seconds average the rounds that queried.",
         "",
+        *_stopping_markdown(stops if stops is not None else pd.DataFrame()),
         *(f"![{f}]({f})" for f in figures),
         "",
     ]
@@ -348,7 +418,8 @@ def _markdown(table: pd.DataFrame, figures: list[str], source: str) -> str:
 
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:
-    """Write PNGs, summary.md and summary.csv for a run or sweep directory; returns the output dir."""
+    """Write PNGs, summary.md, summary.csv and stopping.csv for a run or sweep directory; returns the
+    output dir."""
     rounds = load_rounds(path)
     if rounds.empty:
         raise UserError(f"{path} has no finished rounds yet: run or resume it first")
@@ -364,5 +435,7 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
     profile = mask_profile(rounds)
     if not profile.empty:
         figures.append(plot_mask_profile(profile, out / "mask_profile.png").name)
-    (out / "summary.md").write_text(_markdown(table, figures, str(path)))
+    stops = stopping(rounds)
+    stops.to_csv(out / "stopping.csv", index=False)
+    (out / "summary.md").write_text(_markdown(table, figures, str(path), stops))
     return out
