@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fm_ray._internal import boundary
+from fm_ray._internal import boundary, watch
 from fm_ray._internal.log import cli_level, configure_cli_logging
 from fm_ray.config import to_dict
 from fm_ray.config.flags import RUN_EXAMPLES, HelpFormatter, add_run_flags, config_from_args, epilog
@@ -286,19 +286,21 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupted(args: argparse.Namespace | None) -> str:
-    """The line after Ctrl+C or SIGTERM: what is kept and how to go on, per command."""
+def _how_to_go_on(args: argparse.Namespace | None) -> str:
+    """After an interruption or an abrupt end: what is kept and how to go on, per command."""
     command = getattr(args, "command", None)
     if command == "run":
-        return "interrupted; finished rounds are saved, continue with --resume"
+        return "finished rounds are saved, continue with --resume"
     if command == "sweep":
-        return (
-            "interrupted; finished trials and rounds are saved, continue with "
-            f"`fm-ray sweep --out {args.out} --resume`"  # type: ignore[union-attr]
-        )
+        return f"finished trials and rounds are saved, continue with `fm-ray sweep --out {args.out} --resume`"  # type: ignore[union-attr]
     if command == "pack":
-        return "interrupted; run the same command again to continue the pack"
-    return "interrupted; nothing half-written is kept: run the command again"
+        return "run the same command again to continue the pack"
+    return "nothing half-written is kept: run the command again"
+
+
+def _interrupted(args: argparse.Namespace | None) -> str:
+    """The line after Ctrl+C or SIGTERM."""
+    return f"interrupted; {_how_to_go_on(args)}"
 
 
 def _log_dir(args: argparse.Namespace | None) -> Path | None:
@@ -318,11 +320,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with boundary.sigterm_raises():
         try:
             args = build_parser().parse_args(argv)
+            watch.say("next", _how_to_go_on(args))  # for the watcher's line, should this process die abruptly
             configure_cli_logging(cli_level(getattr(args, "verbose", 0), getattr(args, "quiet", 0)))
             return int(args.func(args))
         except (Exception, KeyboardInterrupt, SystemExit) as e:
             if boundary.debug() or (isinstance(e, SystemExit) and not boundary.terminated(e)):
                 raise  # --help's exit 0
+            if boundary.stdout_gone(e):
+                return boundary.EXIT_PIPE  # the reader has what it wanted: nothing to say
             out = boundary.outcome(e, argv, _log_dir(args), _interrupted(args))
             if out.log is not None and getattr(args, "verbose", None):
                 traceback.print_exception(e, file=sys.stderr)
@@ -331,4 +336,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    watch.child(main)

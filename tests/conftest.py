@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -56,6 +62,37 @@ def trained(fmnist):
         return QueryContext(1, k, 0, labeled, 560, StrategyConfig(name=strategy, **kw), model, labels)
 
     return {"spec": spec, "x_pool": x_pool, "weights": weights, "labeled": labeled, "context": context}
+
+
+def _fm_ray_until(
+    argv: Sequence[str], ready: Callable[[], bool], act: Callable[[subprocess.Popen], None], wait_s: float = 300
+) -> tuple[int, str, str]:
+    """Start the console command `fm-ray argv` as users do (the watched child under its watcher), wait
+    for the state `ready()` (files on disk, never a time: the ceiling only stops a hang), `act(proc)`
+    on it (a signal, a kill), and return its (exit code, stdout, stderr) once it ended."""
+    command = Path(sys.executable).with_name("fm-ray")
+    command = command if command.exists() else Path(shutil.which("fm-ray") or "fm-ray")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # no pipe to fill up
+        proc = subprocess.Popen([str(command), *argv], stdout=out, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + wait_s
+            while not ready() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert proc.poll() is None, (proc.returncode, err.seek(0), err.read())
+            act(proc)
+            proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read()
+
+
+@pytest.fixture
+def fm_ray_until() -> Callable[..., tuple[int, str, str]]:
+    """The console command, run until a state, acted on, and ended (see `_fm_ray_until`)."""
+    return _fm_ray_until
 
 
 @pytest.fixture(autouse=True)

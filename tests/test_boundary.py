@@ -345,31 +345,62 @@ def test_ray_cluster_failures_are_environment_failures():
         assert out.code == 1 and out.log is None and "the Ray cluster failed" in out.line, out
 
 
+TINY_RAY_RUN = ["run", "--class-counts", "0:60,1:60,2:60", "--model", "cnn", "--epochs", "1", "--init", "10"]
+TINY_RAY_RUN += ["--batch", "5", "--rounds", "40", "--backend", "ray", "--shards", "2", "--device", "cpu"]
+TINY_RAY_RUN += ["--strategy", "entropy"]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_sigterm_to_a_ray_run_is_143_with_the_resume_line(tmp_path):
-    """SIGTERM once round 0 is on disk (a state, not a time): Ray's own driver handler (sys.exit)
-    or fm_ray's, the run ends 143 with the resume line and no traceback; --out keeps round 0."""
-    import subprocess
-    import sys
-
+def test_sigterm_to_a_ray_run_is_143_with_the_resume_line(tmp_path, fm_ray_until):
+    """SIGTERM to `fm-ray` (the watcher, which forwards it) once round 0 is on disk (a state, not a
+    time): Ray's own driver handler (sys.exit) or fm_ray's, the run ends 143 with the resume line and
+    no traceback; --out keeps round 0."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fm_ray.cli", "run", "--class-counts", "0:60,1:60,2:60", "--model", "cnn"]
-    cmd += ["--epochs", "1", "--init", "10", "--batch", "5", "--rounds", "40", "--backend", "ray", "--shards", "2"]
-    cmd += ["--device", "cpu", "--strategy", "entropy", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (out / "rounds.parquet").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err
+    code, _, err = fm_ray_until(
+        [*TINY_RAY_RUN, "--out", str(out)], (out / "rounds.parquet").exists, lambda p: p.send_signal(signal.SIGTERM)
+    )
+    assert code == 143, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
         "fm-ray: interrupted; finished rounds are saved, continue with --resume"
     ), err
+    assert pq.read_table(out / "rounds.parquet").num_rows >= 1
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, name) of every process under `pid`, from /proc."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        children.setdefault(int(rest[1]), []).append((int(entry), name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_killed_raylet_ends_a_run_in_one_line_keeping_its_rounds(tmp_path, fm_ray_until):
+    """SIGKILL to the run's raylet once round 0 is on disk: Ray's core worker ends the driver with
+    _Exit(1), where no Python runs; the `fm-ray` watcher gives the line, and the rounds stay."""
+    out = tmp_path / "run"
+
+    def kill_raylet(proc):
+        raylets = [pid for pid, name in descendants(proc.pid) if name == "raylet"]
+        assert len(raylets) == 1, descendants(proc.pid)
+        os.kill(raylets[0], signal.SIGKILL)
+
+    code, _, err = fm_ray_until([*TINY_RAY_RUN, "--out", str(out)], (out / "rounds.parquet").exists, kill_raylet)
+    assert code == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fm-ray: error: the process doing the work ended abruptly (exit code 1)"), err
+    assert "a dead Ray raylet" in last and last.endswith("finished rounds are saved, continue with --resume"), last
+    assert "Traceback" not in err
     assert pq.read_table(out / "rounds.parquet").num_rows >= 1

@@ -4,9 +4,6 @@ whose rows sit in two files, naming both."""
 
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,26 +66,19 @@ def test_one_file_per_run_is_read(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ctrl_c_during_a_sweep_is_130_with_the_fm_ray_resume_line(tmp_path):
-    """SIGINT once a first trial's rows are in --out (a state, not a time)."""
+def test_ctrl_c_during_a_sweep_is_130_with_the_fm_ray_resume_line(tmp_path, fm_ray_until):
+    """SIGINT to `fm-ray` (the watcher forwards it) once a first trial's rows are in --out (a state,
+    not a time)."""
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "fm_ray.cli", "sweep", "--out", str(out), "--strategies", "random,entropy"]
-    cmd += ["--seeds", "0,1,2", "--class-counts", "0:60,1:60,2:60", "--init", "10", "--batch", "5", "--rounds", "30"]
-    cmd += ["--epochs", "1", "--model", "cnn", "--device", "cpu", "--backend", "local", "--cpus-per-trial", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            if list((out / "results" / "rounds").rglob("*.parquet")) if (out / "results").exists() else []:
-                break
-            time.sleep(0.3)
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr
+    argv = ["sweep", "--out", str(out), "--strategies", "random,entropy", "--seeds", "0,1,2"]
+    argv += ["--class-counts", "0:60,1:60,2:60", "--init", "10", "--batch", "5", "--rounds", "30", "--epochs", "1"]
+    argv += ["--model", "cnn", "--device", "cpu", "--backend", "local", "--cpus-per-trial", "1"]
+
+    def published() -> bool:
+        return (out / "results").exists() and bool(list((out / "results" / "rounds").rglob("*.parquet")))
+
+    code, stdout, stderr = fm_ray_until(argv, published, lambda p: p.send_signal(signal.SIGINT))
+    assert code == 130, stderr
     assert stderr.strip().splitlines()[-1] == (
         f"fm-ray: interrupted; finished trials and rounds are saved, continue with `fm-ray sweep --out {out} --resume`"
     ), stderr

@@ -22,6 +22,7 @@ import functools
 import os
 import platform
 import re
+import select
 import signal
 import sys
 import threading
@@ -63,6 +64,25 @@ _RAY_ENV = {
     "WorkerCrashedError",
 }
 _ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)  # Arrow's OSErrors carry errno in the text
+
+
+EXIT_PIPE = 128 + signal.SIGPIPE  # 141: as a command killed by SIGPIPE, the shell's usual pipe end
+
+
+def stdout_gone(exc: BaseException) -> bool:
+    """`exc` is stdout's reader going away (`fm-ray strategies | head -1`), not a Ray socket's: then
+    stdout is pointed at /dev/null, so the interpreter's last flush says nothing either."""
+    if not isinstance(exc, BrokenPipeError):
+        return False
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real stdout (a test's capture)
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return gone
 
 
 class Terminated(KeyboardInterrupt):
