@@ -166,3 +166,25 @@ def tiny_project(tmp_path):
     proj = tmp_path / "proj"
     assert main(["project", "init", str(proj), "--pool", f"folder:{imgs}", "--classes", "cat,dog"]) == 0
     return proj
+
+
+TRACEBACK = "Traceback (most recent call last)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """No test prints a traceback unless it says it may (`@pytest.mark.traceback`: an internal
+    error's -v, FM_RAY_DEBUG, a fault injected into Ray's own workers): a user error, an environment
+    failure or an interruption reaching the user as a traceback fails the test that saw it. Checks
+    what pytest captured from this process (fm_ray's lines, logging, Ray's forwarded worker output)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.passed or item.get_closest_marker("traceback"):
+        return
+    printed = "\n".join(text for name, text in report.sections if name.startswith("Captured"))
+    if TRACEBACK in printed:
+        at = printed.index(TRACEBACK)
+        report.outcome = "failed"
+        report.longrepr = (
+            f"the test passed but printed a traceback (mark it `traceback` if it must):\n{printed[at : at + 3000]}"
+        )
