@@ -79,6 +79,7 @@ def test_stopping_gives_each_criterions_first_round_and_the_accuracy_given_up():
     md = _markdown(summarize(synthetic_rounds()), [], "x", stopping(pd.DataFrame(rows)))
     assert "| d | s | a | round 1.5 (2/2), gives up +0.0500 ± 0.0500 | round 2.0 (1/2), gives up +0.0000 |" in md
     assert "overall_uncertainty" not in md.split("## Stopping criteria")[1].splitlines()[2]  # never fired: no column
+    assert "Never held in any run: overall_uncertainty, budget." in md
 
 
 def test_method_labels_name_what_varies():

@@ -362,6 +362,7 @@ def _stopping_markdown(stops: pd.DataFrame) -> list[str]:
     if stops.empty or not stops["fired"].any():
         return []
     shown = [c for c in CRITERIA if stops.loc[stops["criterion"] == c, "fired"].any()]
+    never = [c for c in CRITERIA if c not in shown]
     head = ["dataset", "setting", "method", *shown]
     lines = ["## Stopping criteria", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, g in stops.groupby([*PANEL, "method"], sort=True):
@@ -381,7 +382,8 @@ def _stopping_markdown(stops: pd.DataFrame) -> list[str]:
         "",
         "Each criterion is evaluated on the stop set after every round (fm_ray.core.stopping). A cell gives "
         "the mean round where it first held over the seeds where it did (fired/seeds), and the accuracy "
-        "given up by stopping there: the run's final accuracy minus its accuracy at that round.",
+        "given up by stopping there: the run's final accuracy minus its accuracy at that round."
+        + (f" Never held in any run: {', '.join(never)}." if never else ""),
         "",
     ]
 
