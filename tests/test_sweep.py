@@ -310,3 +310,9 @@ def test_a_degenerate_trial_errors_with_its_line_while_the_others_finish(tmp_pat
         r"DegenerateModelError: round 0: (the model's outputs on the pool are not finite|every candidate)"
     )
     assert errors and all(line.search(e) for e in errors), errors
+    # on the console: fm_ray's one line with the cause and the error file, not Tune's traceback
+    printed = capsys.readouterr()
+    failed = [x for x in (printed.out + printed.err).splitlines() if "failed: " in x]
+    assert len(failed) == 1 and line.search(failed[0]) and "details in " in failed[0], failed
+    assert failed[0].endswith("(resume with --resume)") and "fm_ray.errors." not in failed[0]
+    assert "Traceback" not in printed.out + printed.err

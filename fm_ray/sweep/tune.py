@@ -29,11 +29,13 @@ dirs and a restored trial rebuilds its run dir from its latest Tune checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -230,6 +232,19 @@ class Progress:
         return f"{head} | {name} {event}"
 
 
+def trial_error(trial: Any) -> str:
+    """A failed trial's cause in one line: the last line of the error Tune stored (`DegenerateModelError:
+    round 0: ...`), and where its whole traceback is; Tune's own traceback print is off (run_sweep)."""
+    text, where = "", getattr(trial, "error_file", None)  # written here before Tune calls back; synced later
+    if where:
+        with contextlib.suppress(OSError):
+            text = Path(where).read_text(errors="replace")
+    last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+    last = re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=\w+:)", "", last)  # fm_ray.errors.UserError: -> UserError:
+    last = last if len(last) <= 300 else last[:297] + "..."
+    return "; ".join(part for part in (last, f"details in {where}" if where else "") if part) or "no error recorded"
+
+
 def _progress_callback(total: int) -> Any:
     from ray import tune
 
@@ -243,7 +258,10 @@ def _progress_callback(total: int) -> Any:
             log(progress.line(trials, trial, None, "finished"))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            log(progress.line(trials, trial, None, "failed (resume with --resume)"), logging.ERROR)
+            log(
+                progress.line(trials, trial, None, f"failed: {trial_error(trial)} (resume with --resume)"),
+                logging.ERROR,
+            )
 
     return _Callback()
 
@@ -265,6 +283,9 @@ def run_sweep(
     # Tune's console output (its experiment banner and tables, printed even at verbose=0 by its new
     # output engine) gives way to fm_ray's progress lines (_progress_callback)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # a failed trial is one fm_ray line naming its cause and its error file (trial_error), not Tune's
+    # traceback on stderr: a trial's DegenerateModelError is the user's run, not a bug
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     configs = [with_resolved_backend(c) for c in configs]  # here, not in each trial's worker
     root = storage_root(opts.out)
     started = ensure_ray(ray_address, log_to_driver=False)  # trials report through the callback
