@@ -18,6 +18,7 @@ from fm_ray.config.flags import config_from_args
 from fm_ray.errors import UserError
 from fm_ray.run.recipe import run_experiment
 from fm_ray.run.rundir import EXACT, IDENTITY_FREE, TIMING_COLUMNS, RunDir, identity, run_id
+from fm_ray.strategies import STRATEGIES
 
 BASE = ["run", "--out", "o", "--dataset", "fashion_mnist", "--strategy", "fishermask", "--seed", "3"]
 
@@ -75,10 +76,30 @@ def test_every_field_is_digested_unless_the_rule_leaves_it_out(key):
     cfg = RunConfig()
     changed = with_field(cfg, key, other(key, flat(to_dict(cfg))[key]))
     assert changed != cfg
+    owners = [n for n, s in STRATEGIES.items() if key.removeprefix("strategy.") in s.own_options]
     if key in IDENTITY_FREE:
         assert run_id(changed) == run_id(cfg), key
+    elif owners and cfg.strategy.name not in owners:  # another strategy's own option: digested for it only
+        assert run_id(changed) == run_id(cfg), key
+        for owner in owners:
+            theirs = with_field(cfg, "strategy.name", owner)
+            assert run_id(with_field(theirs, key, other(key, flat(to_dict(cfg))[key]))) != run_id(theirs), (key, owner)
     else:
         assert run_id(changed) != run_id(cfg), key
+
+
+def test_a_strategys_own_option_counts_for_it_as_the_run_or_the_init_strategy():
+    """--batchbald-samples renames a batchbald run only; --probcover-delta a probcover run, or any run
+    whose --init-strategy is probcover."""
+    for strategy, flag, value in (
+        ("batchbald", "--batchbald-samples", "500"),
+        ("probcover", "--probcover-delta", "0.5"),
+    ):
+        for name in ("margin", "fishermask", strategy):
+            base = ["--strategy", name]
+            assert (run_id(cfg_of(*base, flag, value)) != run_id(cfg_of(*base))) == (name == strategy), (flag, name)
+    cold = ["--strategy", "margin", "--init-strategy", "probcover"]
+    assert run_id(cfg_of(*cold, "--probcover-delta", "0.5")) != run_id(cfg_of(*cold))
 
 
 def test_a_preset_and_the_same_explicit_flags_are_one_run():

@@ -222,6 +222,7 @@ def test_presets_expand():
     configs, _ = sweep_from_args(build_parser().parse_args(["sweep", "--out", "o", "--preset", "cpu-baselines-fmnist"]))
     assert {c.strategy.name for c in configs} == set(STRATEGIES)
     assert len(configs) == len(STRATEGIES) * 2 * 3 and len({run_id(c) for c in configs}) == len(configs)
+    assert {c.strategy.batchbald_samples for c in configs} == {500}
     assert {(c.data.dataset, c.data.setting, c.model.name) for c in configs} == {
         ("fashion_mnist", "setting1", "cnn"),
         ("fashion_mnist", "setting2", "cnn"),

@@ -135,9 +135,24 @@ def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def identity(cfg: RunConfig) -> dict[str, Any]:
-    """The fields that make a run what it is: every RunConfig field but those in IDENTITY_FREE."""
+    """The fields that make a run what it is: every RunConfig field but those in IDENTITY_FREE, those
+    at their EXACT defaults, and the options of strategies the run does not use (`Strategy.own_options`:
+    a grid may set BatchBALD's joint size without renaming its other trials)."""
     flat = flat_config(to_dict(cfg))
-    return {k: v for k, v in flat.items() if k not in IDENTITY_FREE and not (k in EXACT and EXACT[k] == v)}
+    unread = _unread_options(cfg)
+    return {
+        k: v
+        for k, v in flat.items()
+        if k not in IDENTITY_FREE and k not in unread and not (k in EXACT and EXACT[k] == v)
+    }
+
+
+def _unread_options(cfg: RunConfig) -> set[str]:
+    from fm_ray.strategies import STRATEGIES
+
+    used = [STRATEGIES[n] for n in (cfg.strategy.name, cfg.init_strategy) if n in STRATEGIES]
+    owned = {f for s in STRATEGIES.values() for f in s.own_options}
+    return {f"strategy.{f}" for f in owned - {f for s in used for f in s.own_options}}
 
 
 def run_id(cfg: RunConfig) -> str:

@@ -127,6 +127,9 @@ class Strategy:
     plan: Callable[[PlanInputs], Plan | None] | None = None
     stochastic: bool = False  # ranks by a score, so --stochastic can draw its batch instead
     cold_start: bool = False  # picks well with no labels (an --init-strategy)
+    # StrategyConfig fields that only the strategies listing them read: a run of any other strategy
+    # computes the same whatever their value, so its identity (run/rundir.py) leaves them out
+    own_options: tuple[str, ...] = ()
 
 
 STRATEGIES: dict[str, Strategy] = {}

@@ -111,5 +111,6 @@ register(
         batchbald_strategy,
         doc="greedy joint mutual information of MC-dropout draws (BatchBALD: Kirsch et al. 2019, arXiv 1906.08158)",
         plan=batchbald_plan,
+        own_options=("mc_samples", "mc_dropout", "batchbald_samples"),
     ),
 )

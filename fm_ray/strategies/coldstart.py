@@ -130,5 +130,6 @@ register(
         doc="greedy max coverage of delta-balls on normalized features (Yehuda et al. 2022, arXiv 2205.11320)",
         plan=coldstart_plan,
         cold_start=True,
+        own_options=("probcover_delta",),
     ),
 )

@@ -165,5 +165,6 @@ register(
         "arXiv 1112.5745; Gal et al. 2017, arXiv 1703.02910)",
         plan=score_plan,
         stochastic=True,
+        own_options=("mc_samples", "mc_dropout"),
     ),
 )
