@@ -16,6 +16,7 @@ from fm_ray.sweep.report import (
     load_queries,
     load_rounds,
     method_labels,
+    method_styles,
     plot_class_histogram,
     seeds_note,
     stopping,
@@ -80,6 +81,13 @@ def test_stopping_gives_each_criterions_first_round_and_the_accuracy_given_up():
     assert "| d | s | a | round 1.5 (2/2), gives up +0.0500 ± 0.0500 | round 2.0 (1/2), gives up +0.0000 |" in md
     assert "overall_uncertainty" not in md.split("## Stopping criteria")[1].splitlines()[2]  # never fired: no column
     assert "Never held in any run: overall_uncertainty, budget." in md
+
+
+def test_every_method_of_a_large_grid_looks_different():
+    """The baselines grid has 13 methods: no two may share a color (tab10 repeats after ten)."""
+    styles = method_styles([f"m{i}" for i in range(20)])
+    assert len({s["color"] for s in styles.values()}) == 20
+    assert len({(s["color"], s["marker"], s["linestyle"]) for s in styles.values()}) == 20
 
 
 def test_method_labels_name_what_varies():

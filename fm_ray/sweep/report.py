@@ -305,18 +305,39 @@ def _save(fig: Any, path: Path) -> Path:
 
 def plot_learning_curves(rounds: pd.DataFrame, path: Path) -> Path:
     fig, panels = _panels(rounds, f"Test accuracy vs. labeled samples ({seeds_note(rounds)})")
+    styles = method_styles(sorted(rounds["method"].unique()))
     for (d, s), ax, sub in panels:
         for method, g in sub.groupby("method"):
             curve = g.groupby("round").agg(
                 n=("n_labeled", "mean"), mean=("accuracy", "mean"), std=("accuracy", lambda x: x.std(ddof=0))
             )
-            ax.plot(curve["n"], curve["mean"], marker="o", ms=3, label=method)
+            ax.plot(curve["n"], curve["mean"], ms=3, label=method, **styles[method])
             if g["seed"].nunique() > 1:  # a band only where there is a spread to show
-                ax.fill_between(curve["n"], curve["mean"] - curve["std"], curve["mean"] + curve["std"], alpha=0.2)
+                ax.fill_between(
+                    curve["n"],
+                    curve["mean"] - curve["std"],
+                    curve["mean"] + curve["std"],
+                    color=styles[method]["color"],
+                    alpha=0.12,
+                )
         ax.set(title=f"{d} / {s}", xlabel="labeled samples", ylabel="test accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2 if len(styles) > 8 else 1)
     return _save(fig, path)
+
+
+def method_styles(methods: list[str]) -> dict[str, dict[str, Any]]:
+    """One look per method, the same in every panel and no two alike: tab10's colors, then tab20's
+    other shades, each with its own marker and, past ten methods, a dashed line."""
+    import matplotlib
+
+    tab10, tab20 = matplotlib.colormaps["tab10"], matplotlib.colormaps["tab20"]
+    colors = [tab10(i) for i in range(10)] + [tab20(i) for i in range(1, 20, 2)]
+    markers = "osD^vP*Xhp<>d"
+    return {
+        m: {"color": colors[i % len(colors)], "marker": markers[i % len(markers)], "linestyle": "-" if i < 10 else "--"}
+        for i, m in enumerate(methods)
+    }
 
 
 def _grouped_bars(
