@@ -3,10 +3,10 @@
 Some ends leave no room for the boundary's one line: Ray's core worker ends a driver with `_Exit(1)`
 when its local raylet dies (killed by a user or by the out-of-memory killer), and a SIGKILL ends any
 process at once. The command would stop with Ray's log dump, or with nothing at all. So the console
-command `fm-ray` runs `cli.main` in a child process and waits for it. The
-child tells the watcher over a pipe how its command goes on after an interruption and, from a
-`finally`, that it ended by itself; a child that ends without saying so ended abruptly, and the
-watcher prints the one line and exits 1.
+command `fm-ray` runs `cli.main` in a child process and waits for it. The child tells the watcher
+over a pipe how its command goes on after an interruption and, from a `finally`, that it ended by
+itself; a child that ends without saying so ended abruptly, and the watcher prints the one line and
+exits 1.
 
 The child runs in its own session, so a terminal's Ctrl+C or a process-group signal reaches it once,
 forwarded by the watcher; it dies with the watcher (PR_SET_PDEATHSIG, on Linux). FM_RAY_DEBUG=1,
