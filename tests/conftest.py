@@ -176,14 +176,18 @@ def pytest_runtest_makereport(item, call):
     """No test prints a traceback unless it says it may (`@pytest.mark.traceback`: an internal
     error's -v, FM_RAY_DEBUG, a fault injected into Ray's own workers): a user error, an environment
     failure or an interruption reaching the user as a traceback fails the test that saw it. Checks
-    what pytest captured from this process (fm_ray's lines, logging, Ray's forwarded worker output)."""
+    what pytest captured from this process (fm_ray's lines, logging, Tune's), not Ray's forwarded
+    worker output."""
     outcome = yield
     report = outcome.get_result()
     if report.when != "call" or not report.passed or item.get_closest_marker("traceback"):
         return
     printed = "\n".join(text for name, text in report.sections if name.startswith("Captured"))
-    if TRACEBACK in printed:
-        at = printed.index(TRACEBACK)
+    # this process's own tracebacks: lines Ray forwards from its workers start "(trial pid=...)" (a
+    # worker torn down at shutdown may print one; fm-ray's commands do not forward worker output)
+    own = [line for line in printed.splitlines() if line.lstrip().startswith(TRACEBACK)]
+    if own:
+        at = printed.index(own[0])
         report.outcome = "failed"
         report.longrepr = (
             f"the test passed but printed a traceback (mark it `traceback` if it must):\n{printed[at : at + 3000]}"
