@@ -212,3 +212,39 @@ def test_a_million_sample_plan_item_by_item():
     approx, items, _ = million_plan("fishermask", fisher_pool=20_000, candidates=20_000)
     assert items["Fisher embeddings"] == 20_000 * C * d * 4  # the F sample is summed, never stored
     assert approx.peak("shard", "ram") < exact.peak("shard", "ram") < 24e9  # both fit a 24 GB machine
+
+
+# the finite check over a shard's cached predictions (every strategy that uses the model runs it):
+# its growth beyond the predictions themselves, VmHWM reset after they are made. Over the whole
+# shard at once, isfinite's temporaries (abs among them) were ~2x the features: at 1M samples on
+# 2 shards that was the shard's peak, 0.5 GB above its plan (benchmarks.million).
+CHECK_CHILD = r"""
+import json
+import numpy as np, torch
+from fm_ray.config import ModelConfig
+from fm_ray.data.normalize import Normalizer
+from fm_ray.pool.shard import PoolShard, ShardSpec, nonfinite_outputs
+
+torch.manual_seed(0)
+torch.set_num_threads(1)
+n = 20000
+pool = torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+shard = PoolShard(ShardSpec(ModelConfig("cnn"), 1, 28, 10, Normalizer((0.5,), (0.25,)), "cpu"), pool, np.arange(n))
+probs, feats = shard.predictions()
+nonfinite_outputs(shard)  # warm-up: lazily loaded code is not growth
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := RSS now
+rss = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+start = rss("VmRSS:")
+bad = nonfinite_outputs(shard)
+print(json.dumps({"bad": bad, "grew": rss("VmHWM:") - start, "preds": (probs.numel() + feats.numel()) * 4}))
+"""
+
+
+def test_the_finite_check_over_a_shards_predictions_holds_no_copy_of_them():
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # growth = what is alive (see above)
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK_CHILD], capture_output=True, text=True, check=True, cwd=ROOT, timeout=600, env=env
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["bad"] == 0 and got["preds"] > 10e6, got
+    assert got["grew"] < 0.25 * got["preds"], got
