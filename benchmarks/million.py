@@ -28,6 +28,10 @@ in a fresh child process so each row's driver peak belongs to it alone. One JSON
   plan_mb            the memory plan's figure for the largest process (the run refuses a plan that does not fit)
   load_avg           the machine's 1-minute load average when the row finished (these machines are shared)
 
+With `--repeat R` each row is R runs: its times are their minimum, its peaks their maximum, and
+`round_s_runs` lists every run's round time. The driver runs with glibc's mmap threshold fixed
+(`fixed_mmap_threshold`), so its peak is what it holds, not what the heap kept of earlier frees.
+
 then one line `{"bench": "million_scaling", ...}`: per strategy and measure, the log-log slope
 against n over all n (`slope`) and between the two largest (`slope_last`), and the ratios the
 targets are stated in (largest n over smallest).
@@ -159,7 +163,22 @@ def strategy_config(spec: str) -> Any:
     return StrategyConfig(name=name, **fields)
 
 
+def fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """glibc's mmap threshold fixed in this process (Linux; elsewhere nothing): left dynamic, it
+    rises after large frees and the heap then keeps freed blocks, so the peak RSS of the driver
+    (whose largest transient is the test split's evaluation) varied by ~200 MB between identical
+    runs, depending on the order of frees rather than on what is alive."""
+    import ctypes
+    import ctypes.util
+
+    if sys.platform != "linux" or not (name := ctypes.util.find_library("c")):
+        return
+    M_MMAP_THRESHOLD = -3
+    ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, nbytes)
+
+
 def child_run(a: argparse.Namespace) -> dict[str, Any]:
+    fixed_mmap_threshold()  # the driver only: shards and Ray's own processes keep glibc's default
     import ray
 
     from fm_ray.config import DataConfig, ModelConfig, PoolConfig, RunConfig, TrainConfig
@@ -211,6 +230,19 @@ def _child(kind: str, argv: list[str]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def repeated(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of identical runs: each time (`*_s`) their minimum, the least disturbed by the other
+    work of a shared machine, each peak their maximum, and every run's round time."""
+    row = dict(runs[0])
+    for key in row:
+        values = [r[key] for r in runs]
+        if key.endswith("_s"):
+            row[key] = min(values)
+        elif key.endswith("_mb") and None not in values:
+            row[key] = max(values)
+    return row | ({"round_s_runs": [r["round_s"] for r in runs]} if len(runs) > 1 else {})
+
+
 # -- the scaling summary ------------------------------------------------------------------------------
 def loglog_slope(n: list[float], y: list[float]) -> float | None:
     """Least-squares slope of log y against log n (None where a value is not positive)."""
@@ -257,6 +289,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pools", help="where the packed pools are built and reused")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per row: times are their minimum, peaks their maximum")
     ap.add_argument("--child", choices=["pack", "run"], help=argparse.SUPPRESS)
     ap.add_argument("--pool", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -275,7 +308,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         shape = open_pool(str(pool)).shape
         for spec in a.strategies.split(","):
             row = {"bench": "million", "n": n, "strategy": spec, "source": a.source, "size": shape[-1], **packed}
-            row |= _child("run", [*common, "--n", str(n), "--strategies", spec, "--pool", str(pool)])
+            runs = [_child("run", [*common, "--n", str(n), "--strategies", spec, "--pool", str(pool)])
+                    for _ in range(a.repeat)]  # fmt: skip
+            row |= repeated(runs)
             row |= {"pool_pixel_bytes": n * math.prod(shape), "load_avg": round(os.getloadavg()[0], 2)}
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -97,6 +97,19 @@ def test_million_variants_are_seeded_distinct_and_keep_the_image():
     assert any(np.abs(v[0, 4:8, 4:8].astype(int) - centre).max() <= 4 for v in a)
 
 
+def test_million_repeated_rows_take_the_least_time_and_the_largest_peak():
+    from benchmarks.million import repeated
+
+    runs = [
+        {"round_s": 9.0, "forward_s": 5.0, "shard_peak_rss_mb": 900.0, "plan_mb": None, "driver_read_bytes": 7},
+        {"round_s": 8.0, "forward_s": 6.0, "shard_peak_rss_mb": 950.0, "plan_mb": None, "driver_read_bytes": 7},
+    ]
+    row = repeated(runs)
+    assert row == {"round_s": 8.0, "forward_s": 5.0, "shard_peak_rss_mb": 950.0, "plan_mb": None,
+                   "driver_read_bytes": 7, "round_s_runs": [9.0, 8.0]}  # fmt: skip
+    assert repeated(runs[:1]) == runs[0]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_million_benchmark_smoke(capsys, tmp_path):
