@@ -130,6 +130,32 @@ def test_partition_invariance(method: str, b: int) -> None:
     assert run(p, 12, method, True, b, parts) == want
 
 
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_fast_steps_in_blocks_pick_and_keep_what_one_block_does(rows: int, monkeypatch) -> None:
+    """A fast step updates and ranks ``STEP_ROWS`` candidates at a time (its temporaries are one
+    block's): the same picks, backward steps and ties across blocks included, on 1 and 3 shards, the
+    same C x C state after the selection and the same first score range as one block of all."""
+    p = make_problem(11, 150, 5, 32, n_L=20)
+    p["V"][100:110] = p["V"][0:10]  # exact ties, in other blocks than their twins
+    p["V"][140:] = 0.0
+
+    def select(b: int) -> tuple[list[int], GreedyState]:
+        state = GreedyState(p["V"], torch.arange(150), method="fast")
+        picks = greedy_select(local_call([state]), p["F"], 12, n_labeled=20, labeled_sum_D_D=p["S_L"], backward_steps=b)
+        return picks, state
+
+    want = {b: select(b) for b in (0, 1)}
+    parts = np.array_split(np.random.default_rng(0).permutation(150), 3)
+    monkeypatch.setattr(greedy, "STEP_ROWS", rows)
+    for b, (picks, one) in want.items():
+        got, state = select(b)
+        assert got == picks and run(p, 12, "fast", True, b, parts) == picks
+        torch.testing.assert_close(state.A_N_C_C, one.A_N_C_C, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state.N_N_C_C, one.N_N_C_C, rtol=1e-12, atol=1e-12)
+        assert state.first_range == pytest.approx(one.first_range, rel=1e-12)
+    assert want[0][0] == brute_greedy(p, 12, True, 1.0, 0)
+
+
 def test_pool_smaller_than_batch() -> None:
     p = make_problem(5, 6, 3, 8, n_L=4)
     picks = run(p, 10, "fast", True, 1)

@@ -248,3 +248,40 @@ def test_the_finite_check_over_a_shards_predictions_holds_no_copy_of_them():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["bad"] == 0 and got["preds"] > 10e6, got
     assert got["grew"] < 0.25 * got["preds"], got
+
+
+# one fast greedy step (a Woodbury update and the ranking) on a state of 100,000 candidates: its
+# growth beyond the state, against the plan's "greedy step temporaries" item. Over all candidates
+# at once a step made ~6 temporaries of the state's size (2.4 GB on a 1M pool's shard).
+STEP_CHILD = r"""
+import json
+import torch
+from fm_ray.core.greedy import GreedyState, GreedyUpdate
+from fm_ray.core.memory import GreedySizes, greedy_plan
+
+torch.manual_seed(0)
+torch.set_num_threads(1)
+S, C, d = 100000, 10, 8
+state = GreedyState(torch.randn(S, C, d), torch.arange(S))
+state.init(torch.eye(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64), 0.5)
+update = GreedyUpdate(7, 1.0, torch.randn(d, C) * 0.1, torch.randn(d, C) * 0.1, torch.eye(C) * 0.5, torch.eye(C) * 0.1)
+state.step(update, False)  # warm-up: lazily loaded code is not growth
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := RSS now
+rss = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+start = rss("VmRSS:")
+state.step(update, False)
+state.step(update, True)
+plan = greedy_plan(GreedySizes(d=d, C=C, shard_free=S, n_labeled=0, k=5, rows=C, width=d), 1, False)
+item = next(it.nbytes for it in plan.items if it.name.startswith("greedy step temporaries"))
+print(json.dumps({"grew": rss("VmHWM:") - start, "item": item, "state": 2 * S * C * C * 8}))
+"""
+
+
+def test_a_fast_greedy_step_grows_by_its_planned_block_not_by_the_state():
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # growth = what is alive (see above)
+    out = subprocess.run(
+        [sys.executable, "-c", STEP_CHILD], capture_output=True, text=True, check=True, cwd=ROOT, timeout=600, env=env
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["item"] < got["state"] / 2, got  # one block of candidates, not all of them
+    assert 0.5 * got["item"] <= got["grew"] <= 1.25 * got["item"], got

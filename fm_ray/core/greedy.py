@@ -44,6 +44,10 @@ S_co = TypeVar("S_co", covariant=True)
 _CHUNK_ROWS = 1 << 16  # rows of V (candidates x C) multiplied by a d x d matrix at once, at most
 CHUNK_BYTES = 1 << 28  # and at most this many bytes per chunk-sized temporary (V, V B, V B F)
 COLUMN_BLOCK = 2048  # columns of a d x d matrix converted to the shard's dtype/device at once
+# candidates a fast greedy step updates and ranks at once (its temporaries' rows); a power of two, so
+# its GEMMs see whole kernel panels as one block of all does (duplicates keep tying exactly)
+STEP_ROWS = 1 << 13
+STEP_TEMPORARIES = 8  # C x C float64 arrays per candidate alive at once in a fast step's block, at most
 
 
 class StateCall(Protocol[S_co]):
@@ -271,70 +275,84 @@ class GreedyState:
         """Apply the previous pick's ``update`` (if any), then answer this shard's best candidate.
 
         Forward steps rank not-yet-chosen candidates; backward steps rank chosen ones for removal.
+        The fast state updates and ranks ``STEP_ROWS`` candidates at a time: a step over all of
+        them at once made ~6 temporaries of the state's size at once (2.4 GB on a shard of 500,000
+        candidates with C = 10), above what the memory plan counted.
         """
+        fast = self.method == "fast"
         if update is not None:
-            self._apply(update)
-        score_N = self.scores(backward)
+            self.status_N[self.index_N == update.index] = 1 if update.sign > 0 else 2
+            if not fast:
+                assert update.inverse_D_D is not None, "reference states need the full inverse"
+                self.B_D_D = update.inverse_D_D.to(self.B_D_D)
+        factors = self._factors(update) if fast and update is not None else None
         eligible_N = self.status_N == (1 if backward else 0)
-        if self.first_range is None and not backward:
-            self.first_range = score_range(score_N, eligible_N)
-        pos = local_best(score_N, eligible_N, self.index_N)
+
+        def block(rows: slice) -> tuple[Tensor, Tensor]:
+            if factors is not None:
+                self._apply(factors, rows)
+            return self.scores(backward, rows), eligible_N[rows]
+
+        ranged = self.first_range is None and not backward
+        rows = STEP_ROWS if fast else max(len(self.index_N), 1)
+        pos, score, first = blockwise_best(block, self.index_N, rows, ranged)
+        if ranged:
+            self.first_range = first
         if pos < 0:
             return ShardBest(-math.inf, -1)
-        return ShardBest(
-            float(score_N[pos]), int(self.index_N[pos]), self.emb_N_C_D[pos].to(self.compute_dtype) * self.scale
-        )
+        return ShardBest(score, int(self.index_N[pos]), self.emb_N_C_D[pos].to(self.compute_dtype) * self.scale)
 
-    def scores(self, backward: bool = False) -> Tensor:
-        """Current eq. 12 score of every local candidate (chosen ones included), shape (N,)."""
+    def scores(self, backward: bool = False, rows: slice = slice(None)) -> Tensor:
+        """Current eq. 12 score of the local candidates ``rows`` (chosen ones included)."""
         if self.method == "reference":
-            A_N_C_C, N_N_C_C = literal_state(self.emb_N_C_D, self.B_D_D, self.F_D_D, self.scale)
+            A_N_C_C, N_N_C_C = literal_state(self.emb_N_C_D[rows], self.B_D_D, self.F_D_D, self.scale)
         else:
-            A_N_C_C, N_N_C_C = self.A_N_C_C, self.N_N_C_C
+            A_N_C_C, N_N_C_C = self.A_N_C_C[rows], self.N_N_C_C[rows]
         if backward:  # -I + V B V^T = A - 2I
             eye = torch.eye(A_N_C_C.shape[-1], dtype=A_N_C_C.dtype, device=A_N_C_C.device)
             A_N_C_C = A_N_C_C - 2 * eye
         return trace_solve(A_N_C_C, N_N_C_C)
 
-    def _apply(self, update: GreedyUpdate) -> None:
-        mine_N = self.index_N == update.index
-        self.status_N[mine_N] = 1 if update.sign > 0 else 2
-        if self.method == "reference":
-            assert update.inverse_D_D is not None, "reference states need the full inverse"
-            self.B_D_D = update.inverse_D_D.to(self.B_D_D)
-            return
-        N, C, _ = self.emb_N_C_D.shape
+    def _factors(self, update: GreedyUpdate) -> tuple[Tensor, Tensor, Tensor]:
+        """(``[W, Z]`` scaled, ``G``, ``W^T F W``) on this state's device: what every block's update uses."""
         WZ_D_2C = self._here(torch.cat([update.W_D_C, update.Z_D_C], dim=1)) * self.scale
-        G, WFW = update.G_C_C.to(self.A_N_C_C), update.WFW_C_C.to(self.A_N_C_C)
-        PQ_NC_2C = self._times(WZ_D_2C).to(self.A_N_C_C)
-        P_NC_C, Q_NC_C = PQ_NC_2C[:, :C], PQ_NC_2C[:, C:]
-        PG_NC_C = P_NC_C @ G
+        return WZ_D_2C, update.G_C_C.to(self.A_N_C_C), update.WFW_C_C.to(self.A_N_C_C)
+
+    def _apply(self, factors: tuple[Tensor, Tensor, Tensor], rows: slice) -> None:
+        """The Woodbury update of the fast state's candidates ``rows``, in place."""
+        WZ_D_2C, G, WFW = factors
+        A_n_C_C, N_n_C_C = self.A_N_C_C[rows], self.N_N_C_C[rows]  # views: updated in place
+        n, C, _ = A_n_C_C.shape
+        PQ_nC_2C = self._times(WZ_D_2C, rows).to(A_n_C_C)
+        P_nC_C, Q_nC_C = PQ_nC_2C[:, :C], PQ_nC_2C[:, C:]
+        PG_nC_C = P_nC_C @ G
         # N' = N + PG Y^T + Y PG^T with Y = PG (W^T F W) / 2 - Q  (= N - PG Q^T - Q PG^T + PG WFW PG^T)
-        Y_NC_C = PG_NC_C @ (WFW / 2) - Q_NC_C
-        PG = PG_NC_C.reshape(N, C, C)
-        self.A_N_C_C -= torch.bmm(PG, P_NC_C.reshape(N, C, C).transpose(1, 2))
-        X = torch.bmm(PG, Y_NC_C.reshape(N, C, C).transpose(1, 2))
-        self.N_N_C_C += X + X.transpose(1, 2)
+        Y_nC_C = PG_nC_C @ (WFW / 2) - Q_nC_C
+        PG = PG_nC_C.reshape(n, C, C)
+        A_n_C_C -= torch.bmm(PG, P_nC_C.reshape(n, C, C).transpose(1, 2))
+        X = torch.bmm(PG, Y_nC_C.reshape(n, C, C).transpose(1, 2))
+        N_n_C_C += X + X.transpose(1, 2)
 
     def _here(self, t: Tensor) -> Tensor:
         """A factor from the driver, on this state's device in its compute dtype."""
         return t.to(device=self.emb_N_C_D.device, dtype=self.compute_dtype)
 
-    def _times(self, WZ_D_2C: Tensor) -> Tensor:
-        """``emb @ WZ`` as (N C, 2C): the only O(C^2 d) work of a step (P = V W, Q = V Z).
+    def _times(self, WZ_D_2C: Tensor, rows: slice) -> Tensor:
+        """``emb[rows] @ WZ`` as (n C, 2C): the only O(C^2 d) work of a step (P = V W, Q = V Z).
 
-        One (2C x d)(d x NC) GEMM over embeddings stored in the compute dtype; embeddings stored
+        One (2C x d)(d x nC) GEMM over embeddings stored in the compute dtype; embeddings stored
         narrower are widened chunk by chunk, so no full-precision copy of them is ever made.
         """
-        N, C, D = self.emb_N_C_D.shape
-        if self.emb_N_C_D.dtype == self.compute_dtype:
-            return (WZ_D_2C.T @ self.emb_N_C_D.reshape(N * C, D).T).T
-        out_NC_2C = WZ_D_2C.new_empty(N * C, WZ_D_2C.shape[1])
+        emb_n_C_D = self.emb_N_C_D[rows]
+        n, C, D = emb_n_C_D.shape
+        if emb_n_C_D.dtype == self.compute_dtype:
+            return (WZ_D_2C.T @ emb_n_C_D.reshape(n * C, D).T).T
+        out_nC_2C = WZ_D_2C.new_empty(n * C, WZ_D_2C.shape[1])
         step = chunk_samples(C, D, WZ_D_2C.element_size())
-        for lo in range(0, N, step):
-            rows = self.emb_N_C_D[lo : lo + step]
-            out_NC_2C[lo * C : lo * C + rows.shape[0] * C] = (WZ_D_2C.T @ rows.reshape(-1, D).to(WZ_D_2C).T).T
-        return out_NC_2C
+        for lo in range(0, n, step):
+            part = emb_n_C_D[lo : lo + step]
+            out_nC_2C[lo * C : lo * C + part.shape[0] * C] = (WZ_D_2C.T @ part.reshape(-1, D).to(WZ_D_2C).T).T
+        return out_nC_2C
 
 
 def woodbury_update(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fm_ray.core.greedy import COLUMN_BLOCK, chunk_samples
+from fm_ray.core.greedy import COLUMN_BLOCK, STEP_ROWS, STEP_TEMPORARIES, chunk_samples
 
 SELECTION = ("embed", "init", "select")  # a strategy's own phases (an item's default)
 PHASES = ("predict", *SELECTION)
@@ -218,7 +218,17 @@ def greedy_plan(z: GreedySizes, n_shards: int, local: bool) -> Plan:
                 FIX_EMBED,
             )
         )
-        items.append(Item("shard", sh, "greedy step temporaries", S * c * c * 32, "S x c^2 x 32 B", ("select",)))
+        rows = min(S, STEP_ROWS)
+        items.append(
+            Item(
+                "shard",
+                sh,
+                "greedy step temporaries (one block of candidates)",
+                rows * c * c * 8 * STEP_TEMPORARIES,
+                f"{rows} x c^2 x 8 B x {STEP_TEMPORARIES}",
+                ("select",),
+            )
+        )
     else:
         items.append(
             Item(
