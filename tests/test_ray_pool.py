@@ -3,6 +3,7 @@ restarted and replayed; unsatisfiable resources fail fast; a run end to end unde
 
 import logging
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -87,6 +88,26 @@ def test_killed_shard_is_restarted_and_round_completes(trained, local_picks):
         assert original(pid)[1] != pids[1]  # really a new process
     finally:
         pool.close()
+
+
+def process_env(pid_: int) -> dict[str, str]:
+    """The environment a process started with (Linux)."""
+    raw = Path(f"/proc/{pid_}/environ").read_bytes().decode(errors="replace")
+    return dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc/<pid>/environ")
+def test_shard_actors_start_with_the_compute_environment_the_users_value_kept(trained, monkeypatch):
+    """torch reads THP_MEM_ALLOC_ENABLE at a process's first allocation: the shard actors (this
+    module's Ray was started by ray.init itself, not by fm_ray) start with it, or with the user's."""
+    for preset, want in ((None, "1"), ("0", "0")):
+        if preset is not None:
+            monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", preset)
+        pool = RayPool(PoolConfig(backend="ray", shards=2), trained["spec"], trained["x_pool"])
+        try:
+            assert [process_env(p).get("THP_MEM_ALLOC_ENABLE") for p in pool.map(pid)] == [want, want]
+        finally:
+            pool.close()
 
 
 def test_unsatisfiable_resources_fail_fast(trained):

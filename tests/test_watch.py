@@ -92,3 +92,16 @@ def test_a_closed_stdout_ends_quietly(tmp_path):
     fm_ray.stdout.close()  # the reader is gone before the first line
     _, err = fm_ray.communicate(timeout=120)
     assert err.decode().strip() == "" and fm_ray.returncode == 141
+
+
+@pytest.mark.parametrize("preset, want", [(None, "1"), ("0", "0")])
+def test_the_watched_child_starts_with_the_compute_environment_the_users_value_kept(preset, want):
+    """torch reads THP_MEM_ALLOC_ENABLE at its first allocation: the run process (whose local-backend
+    shards hold the pool-sized tensors) must start with it; a value the user set stands."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env |= {} if preset is None else {"THP_MEM_ALLOC_ENABLE": preset}
+    body = f"    return 0 if os.environ.get('THP_MEM_ALLOC_ENABLE') == {want!r} else 3"
+    got, err = ended(watched(body, env=env))
+    assert got == 0, err

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from fm_ray._internal.boundary import keep_sigterm
+from fm_ray._internal.procenv import compute_env
 from fm_ray.errors import UserError
 
 CONNECT_WAIT_S = float(os.environ.get("FM_RAY_CONNECT_WAIT_S", "30"))  # Ray itself retries forever
@@ -100,10 +101,11 @@ def ensure_ray(address: str | None, log_to_driver: bool = True) -> bool:
     if ray.is_initialized():
         return False
     reachable_or_die(address)
-    # Workers on a cluster do not share this shell's environment: forward FM_RAY_* (data root, cache).
+    # Workers on a cluster do not share this shell's environment: forward FM_RAY_* (data root, cache),
+    # and start every worker (Tune trials, their shards) with the compute environment (procenv).
     # Inside `ray job submit` the job's own runtime env governs, and Ray refuses a second one.
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("FM_RAY_")}
+    env = {} if in_job else {k: v for k, v in os.environ.items() if k.startswith("FM_RAY_")} | compute_env()
     runtime_env = {"env_vars": env} if env else None
     init_ray(
         address=address,

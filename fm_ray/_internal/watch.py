@@ -23,6 +23,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from fm_ray._internal.procenv import compute_env
+
 WATCH_FD = "FM_RAY_WATCH_FD"  # the pipe's write end, passed to a watched child
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
@@ -64,7 +66,10 @@ def watch(cmd: list[str]) -> int:
     try:
         started.append(
             subprocess.Popen(
-                cmd, env={**os.environ, WATCH_FD: str(write_fd)}, pass_fds=(write_fd,), start_new_session=True
+                cmd,
+                env={**os.environ, **compute_env(), WATCH_FD: str(write_fd)},
+                pass_fds=(write_fd,),
+                start_new_session=True,
             )
         )
         os.close(write_fd)

@@ -31,6 +31,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from fm_ray._internal.procenv import compute_env
 from fm_ray._internal.ray_session import init_kwargs, init_ray, ray_log_level, reachable_or_die
 from fm_ray.config import PoolConfig
 from fm_ray.data.source import ImageSource, as_source
@@ -205,7 +206,10 @@ class RayPool:
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i) if self._pg else None
             # one small plain value: a restart needs nothing from the object store (ray-project/ray#53727)
             actor = ShardActor.options(  # type: ignore[attr-defined]
-                num_cpus=cfg.cpus_per_shard, num_gpus=cfg.gpus_per_shard, scheduling_strategy=strategy
+                num_cpus=cfg.cpus_per_shard,
+                num_gpus=cfg.gpus_per_shard,
+                scheduling_strategy=strategy,
+                runtime_env={"env_vars": compute_env()},  # merged with the job's (FM_RAY_*)
             ).remote(threads)
             self.actors.append(actor)
         self.n_shards = len(self.actors)
