@@ -294,8 +294,8 @@ class GreedyState:
             return self.scores(backward, rows), eligible_N[rows]
 
         ranged = self.first_range is None and not backward
-        rows = STEP_ROWS if fast else max(len(self.index_N), 1)
-        pos, score, first = blockwise_best(block, self.index_N, rows, ranged)
+        per_block = STEP_ROWS if fast else max(len(self.index_N), 1)  # reference: one literal state
+        pos, score, first = blockwise_best(block, self.index_N, per_block, ranged)
         if ranged:
             self.first_range = first
         if pos < 0:

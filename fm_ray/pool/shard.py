@@ -163,7 +163,7 @@ def member_pixels(shard: PoolShard, positions: np.ndarray) -> tuple[np.ndarray, 
 @read_only
 def nonfinite_outputs(shard: PoolShard) -> int:
     """How many of this shard's model outputs (probabilities and penultimate features) are NaN or inf."""
-    # a few thousand rows at a time: isfinite over a whole shard's features makes several
+    # CHECK_ROWS rows at a time: isfinite over a whole shard's features makes several
     # temporaries of their size (abs among them), a transient of ~2x the cached predictions that
     # was a 1M pool's shard peak, above its memory plan (benchmarks.million)
     return sum(int((~rows.isfinite()).sum()) for t in shard.predictions() for rows in t.split(CHECK_ROWS))
