@@ -100,6 +100,7 @@ def process_env(pid_: int) -> dict[str, str]:
 def test_shard_actors_start_with_the_compute_environment_the_users_value_kept(trained, monkeypatch):
     """torch reads THP_MEM_ALLOC_ENABLE at a process's first allocation: the shard actors (this
     module's Ray was started by ray.init itself, not by fm_ray) start with it, or with the user's."""
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)  # the machine's own setting aside
     for preset, want in ((None, "1"), ("0", "0")):
         if preset is not None:
             monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", preset)
