@@ -48,16 +48,28 @@ print(json.dumps({"plan": plan, "grew": peak - start, "start": start, "peak": pe
 """
 
 
-def measure(n: int, k: int, **opts) -> dict:
+# glibc's mmap threshold fixed in a child: left dynamic, it rises after large frees and the heap
+# then keeps freed blocks, so the growth would depend on the order of frees rather than on what is alive
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def child_json(code: str, *argv: str, fixed_mmap: bool = False, timeout: int = 900) -> dict:
+    """Run `code` in a fresh interpreter (with `FIXED_MMAP` if asked); the JSON of its last stdout line."""
+    env = {**os.environ, **FIXED_MMAP} if fixed_mmap else None
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(n), str(k), json.dumps(opts)],
+        [sys.executable, "-c", code, *argv],
         capture_output=True,
         text=True,
         check=True,
         cwd=ROOT,
-        timeout=900,
+        timeout=timeout,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(n: int, k: int, **opts) -> dict:
+    return child_json(CHILD, str(n), str(k), json.dumps(opts))
 
 
 @pytest.mark.parametrize(
@@ -74,9 +86,8 @@ def test_plan_is_within_25_percent_of_the_measured_peak(n, k, opts):
 
 # kcenter and BADGE through fm_ray.select on a seeded CNN and uint8 pool: the plan's driver peak
 # (the local shard's items: pixels, cached predictions, the forward pass, the state) against the
-# RSS growth of each query, VmHWM reset before it (clear_refs). glibc's mmap threshold is fixed:
-# left dynamic, it rises after large frees and the heap then keeps freed blocks, so the growth
-# would depend on the order of frees rather than on what is alive (10 s of CPU).
+# RSS growth of each query, VmHWM reset before it (clear_refs), glibc's mmap threshold fixed
+# (`FIXED_MMAP`) (10 s of CPU).
 DIVERSITY_CHILD = r"""
 import json, resource, sys
 import numpy as np, torch
@@ -106,10 +117,7 @@ print(json.dumps(out))
 
 
 def test_diversity_plans_are_within_25_percent_of_the_measured_peak():
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    argv = [sys.executable, "-c", DIVERSITY_CHILD, "8192", "10"]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT, timeout=900, env=env)
-    for name, got in json.loads(out.stdout.strip().splitlines()[-1]).items():
+    for name, got in child_json(DIVERSITY_CHILD, "8192", "10", fixed_mmap=True).items():
         assert 0.75 * got["grew"] <= got["plan"] <= 1.25 * got["grew"], (name, got)
 
 
@@ -241,11 +249,7 @@ print(json.dumps({"bad": bad, "grew": rss("VmHWM:") - start, "preds": (probs.num
 
 
 def test_the_finite_check_over_a_shards_predictions_holds_no_copy_of_them():
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # growth = what is alive (see above)
-    out = subprocess.run(
-        [sys.executable, "-c", CHECK_CHILD], capture_output=True, text=True, check=True, cwd=ROOT, timeout=600, env=env
-    )
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = child_json(CHECK_CHILD, fixed_mmap=True, timeout=600)  # growth = what is alive
     assert got["bad"] == 0 and got["preds"] > 10e6, got
     assert got["grew"] < 0.25 * got["preds"], got
 
@@ -278,10 +282,6 @@ print(json.dumps({"grew": rss("VmHWM:") - start, "item": item, "state": 2 * S * 
 
 
 def test_a_fast_greedy_step_grows_by_its_planned_block_not_by_the_state():
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # growth = what is alive (see above)
-    out = subprocess.run(
-        [sys.executable, "-c", STEP_CHILD], capture_output=True, text=True, check=True, cwd=ROOT, timeout=600, env=env
-    )
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = child_json(STEP_CHILD, fixed_mmap=True, timeout=600)  # growth = what is alive
     assert got["item"] < got["state"] / 2, got  # one block of candidates, not all of them
     assert 0.5 * got["item"] <= got["grew"] <= 1.25 * got["item"], got
